@@ -1,0 +1,1 @@
+"""Baseline interventions (pure torch). The unintervened baseline is ``bench``'s ``none`` method."""

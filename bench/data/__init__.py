@@ -1,0 +1,1 @@
+"""Benchmark data: typed records, loaders that look in a data directory first, and folds."""

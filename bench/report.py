@@ -1,0 +1,27 @@
+"""Markdown tables of results."""
+
+from __future__ import annotations
+
+import math
+
+
+def fmt(metric: dict, digits: int = 3) -> str:
+    mean, se = metric["mean"], metric.get("se", float("nan"))
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{mean:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2", "mc3")) -> str:
+    """One row per run (model, method, layer), mean ± standard error over folds."""
+    header = ["model", "method", "layer", *[m.upper() for m in metrics], "folds", "questions"]
+    rows = []
+    for r in results:
+        cfg = r["config"]
+        rows.append([cfg["model"], cfg["method"], str(cfg.get("layer", "")),
+                     *[fmt(r["metrics"][m]) for m in metrics], str(len(r["folds"])), str(r["metrics"][metrics[0]]["n"])])
+    return markdown_table(header, rows)

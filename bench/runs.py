@@ -1,0 +1,97 @@
+"""Run directories and the one results schema: config, environment, per-fold and mean metrics, timings.
+
+Files are written atomically (temp file + rename), so an interrupted run never leaves a half-written
+``results.json``. Completed folds are saved as they finish, so ``--resume`` continues a run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from bench.paths import repo_root
+
+SCHEMA_VERSION = 1
+PACKAGES = ("torch", "transformers", "numpy", "scipy", "scikit-learn", "safetensors", "florain-bench")
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Atomically write ``obj`` as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(device: str) -> dict:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine(),
+            "cpu_count": os.cpu_count(), "device": device, "packages": versions, "git": git_commit()}
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarise(values: list[float]) -> dict:
+    """Mean and standard error (``scipy.stats.sem``) of per-question values."""
+    arr = np.asarray(values, float)
+    se = float(stats.sem(arr)) if len(arr) > 1 else float("nan")
+    return {"mean": float(arr.mean()), "se": se, "n": int(len(arr))}
+
+
+def combine_folds(per_fold: list[dict]) -> dict:
+    """Mean of the fold means (ITI's convention) and its standard error sqrt(Σ se²)/F."""
+    means = [f["mean"] for f in per_fold]
+    ses = [f["se"] for f in per_fold]
+    se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(math.isfinite(s) for s in ses) else float("nan")
+    return {"mean": float(np.mean(means)), "se": se, "n": int(sum(f["n"] for f in per_fold))}
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def new_run_id(model: str, method: str, task: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = model.replace("/", "_")
+    return f"{stamp}-{safe}-{method}-{task}"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,100 @@
+"""Where interventions read and write activations, which positions they touch, and the hook that always removes itself.
+
+Sites (both viewed per head as ``[batch, seq, heads, dim]``):
+
+* ``heads`` – the input of the attention output projection: the concatenated per-head outputs (ITI's and
+  the FLORAIN paper's site).
+* ``attn-out`` – the output of that projection split into equal chunks (what the released FLORAIN code used).
+
+Positions: ``"all"`` (KL/CE), ``"last"`` (the last position of every forward call: with a KV cache during
+generation that is the last prompt token and then every generated token), or a boolean ``[batch, seq]``
+mask (MC scoring: the answer tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+from bench.spec import ModelSpec
+
+SITES = ("heads", "attn-out")
+Positions = Union[Literal["all", "last"], torch.Tensor]
+Edit = Callable[[torch.Tensor], torch.Tensor]  # [n, heads, dim] -> [n, heads, dim]
+
+
+def position_mask(positions: Positions, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean ``[batch, seq]`` mask of the positions to edit (``None`` = all)."""
+    if isinstance(positions, str):
+        if positions == "all":
+            return None
+        if positions == "last":
+            mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+            mask[:, -1] = True
+            return mask
+        raise ValueError(f"unknown position policy {positions!r}; valid: 'all', 'last' or a [batch, seq] mask")
+    if positions.shape != (batch, seq):
+        raise ValueError(f"position mask has shape {tuple(positions.shape)}, the forward call has {(batch, seq)}")
+    return positions.to(device=device, dtype=torch.bool)
+
+
+def edit_tensor(x: torch.Tensor, edit: Edit, n_heads: int, positions: Positions) -> torch.Tensor:
+    """Apply ``edit`` to each selected position's own per-head activation; ``x: [batch, seq, heads*dim]``."""
+    b, t, width = x.shape
+    view = x.reshape(b, t, n_heads, width // n_heads)
+    mask = position_mask(positions, b, t, x.device)
+    if mask is None:
+        return edit(view).reshape(b, t, width).to(x.dtype)
+    out = view.clone()
+    out[mask] = edit(view[mask]).to(x.dtype)
+    return out.reshape(b, t, width)
+
+
+@contextmanager
+def hooked(model: nn.Module, spec: ModelSpec, layer: int, site: str, edit: Edit,
+           positions: Positions = "all") -> Iterator[None]:
+    """Install ``edit`` at ``site`` of ``layer`` for the duration of the block; always removed, even on errors."""
+    module = spec.o_proj(model, layer)
+    n_heads = spec.n_heads
+    if site == "heads":
+        def pre_hook(_mod: nn.Module, args: tuple) -> tuple:
+            return (edit_tensor(args[0], edit, n_heads, positions), *args[1:])
+
+        handle = module.register_forward_pre_hook(pre_hook)
+    elif site == "attn-out":
+        def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return edit_tensor(output, edit, n_heads, positions)
+
+        handle = module.register_forward_hook(hook)
+    else:
+        raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def recorded(model: nn.Module, spec: ModelSpec, layers: list[int], site: str) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the site's activation ``[batch, seq, heads*dim]`` at each layer during the block's forward calls."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        module = spec.o_proj(model, layer)
+        if site == "heads":
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, layer=layer: store.__setitem__(layer, args[0].detach())))
+        elif site == "attn-out":
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, layer=layer: store.__setitem__(layer, out.detach())))
+        else:
+            raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

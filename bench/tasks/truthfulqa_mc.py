@@ -1,0 +1,34 @@
+"""TruthfulQA MC1/MC2/MC3: score every answer of each test question, with the intervention on the answer tokens."""
+
+from __future__ import annotations
+
+from bench.data.truthfulqa import Question
+from bench.metrics.mc import mc_metrics
+from bench.models import LoadedModel
+from bench.prompts import mc_context
+from bench.scoring import answer_logprobs, encode
+
+
+def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, mode: str = "iti",
+                batch_size: int = 16, prefix_cache: bool = True, fewshot: str = "",
+                label: str = "MC scoring") -> list[dict]:
+    """Per-question records: index, mc1, mc2, mc3 and the answer log-probs."""
+    seqs, slots = [], []
+    for q in questions:
+        context, sep = mc_context(q.question, mode, fewshot)
+        answers = list(dict.fromkeys([q.best_answer, *q.correct, *q.incorrect]))
+        for a in answers:
+            text = context + sep + a
+            seqs.append(encode(lm, text, len(context) + len(sep)))
+            slots.append((q.index, a))
+    scores = answer_logprobs(lm, seqs, intervention, batch_size=batch_size, prefix_cache=prefix_cache,
+                             progress=f"{label} ({len(questions)} questions, {len(seqs)} answers)")
+    by_q: dict[int, dict[str, float]] = {}
+    for (qi, a), s in zip(slots, scores):
+        by_q.setdefault(qi, {})[a] = s
+    records = []
+    for q in questions:
+        s = by_q[q.index]
+        m = mc_metrics(s[q.best_answer], [s[a] for a in q.correct], [s[a] for a in q.incorrect])
+        records.append({"index": q.index, **m, "logprobs": s})
+    return records
