@@ -8,6 +8,7 @@ reuses its keys and values. Answer spans come from the tokenizer's character off
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,10 @@ def common_prefix(seqs: list[Encoded]) -> int:
     return max(n, 0)
 
 
+def _cache_kwarg(model) -> str:  # transformers ≥ 5.24 renamed past_key_values to cache
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, batch_size: int = 16,
                     prefix_cache: bool = True, progress: str | None = None) -> list[float]:
@@ -56,7 +61,8 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
     cache = None
     if p > 0:
         prefix = torch.tensor([seqs[0].ids[:p]], device=device)
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        out_prefix = model(input_ids=prefix, use_cache=True)
+        cache = getattr(out_prefix, "cache", None) or out_prefix.past_key_values
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
     out = [0.0] * len(seqs)
     with Progress(transient=True, disable=progress is None) as bar:
@@ -80,7 +86,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             if cache is not None:
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(rows))
-                kwargs["past_key_values"] = batch_cache
+                kwargs[_cache_kwarg(model)] = batch_cache
             if intervention is not None:
                 with intervention.applied(lm, positions=mask):
                     logits = model(**kwargs).logits

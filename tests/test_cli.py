@@ -1,0 +1,105 @@
+"""End-to-end runs of the ``bench`` CLI on a tiny model saved to a local directory and a small CSV."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from bench.models import tiny_model
+
+    lm = tiny_model("llama", seed=0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def _run(*args):
+    result = runner.invoke(app, ["run", *args])
+    result.text = " ".join(result.output.split())  # rich wraps long lines
+    return result
+
+
+def test_florain_and_none_runs_write_results(tiny_dir, tqa_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--layer", "1", "--limit", "12"]
+    r_none = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
+    assert r_none.exit_code == 0, r_none.output
+    r_fl = _run("--method", "florain", *common, "--epochs", "3", "--rank", "2", "--lam", "5", "--no-compile",
+                "--output", str(tmp_path / "fl"))
+    assert r_fl.exit_code == 0, r_fl.output
+    res_none = json.loads((tmp_path / "none" / "results.json").read_text())
+    res_fl = json.loads((tmp_path / "fl" / "results.json").read_text())
+    for res in (res_none, res_fl):
+        assert set(res["metrics"]) == {"mc1", "mc2", "mc3"} and len(res["folds"]) == 2
+        assert res["data"]["n_questions"] == 12 and res["environment"]["packages"]["torch"]
+        assert res["metrics"]["mc2"]["n"] == 12
+    assert res_fl["config"]["options"]["lam"] == 5.0
+    assert res_fl["metrics"]["mc2"]["mean"] != res_none["metrics"]["mc2"]["mean"]
+    assert (tmp_path / "fl" / "intervention_fold0" / "intervention.safetensors").exists()
+    assert "| MC1 |" in r_fl.stdout or "MC1" in r_fl.output
+    # a finished run is never overwritten
+    again = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
+    assert again.exit_code == 2 and "already holds a finished run" in again.text
+
+
+def test_resume_reuses_finished_folds(tiny_dir, tqa_dir, tmp_path):
+    common = ["--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
+    out = tmp_path / "run"
+    assert _run(*common, "--output", str(out)).exit_code == 0
+    first = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()  # as if the run had been killed after its folds
+    (out / "fold_1.json").unlink()
+    r = _run(*common, "--output", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    assert "already done" in r.text
+    second = json.loads((out / "results.json").read_text())
+    assert second["metrics"] == first["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-model"], "known aliases"),
+        (["--method", "magic"], "known methods"),
+        (["--layer", "99"], "out of range"),
+        (["--task", "nope"], "unknown task"),
+    ],
+)
+def test_bad_input_gives_clear_errors(tiny_dir, tqa_dir, args, message):
+    base = {"--model": str(tiny_dir), "--method": "florain", "--layer": "1"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    r = _run(*flat, "--data-dir", str(tqa_dir), "--limit", "12")
+    assert r.exit_code == 2
+    assert message in r.text
+
+
+def test_limit_larger_than_data_uses_all(tiny_dir, tqa_dir, tmp_path):
+    r = _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "500",
+             "--output", str(tmp_path / "r"))
+    assert r.exit_code == 0, r.output
+    assert "larger than the data" in r.text
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["data"]["n_questions"] == 12
+
+
+def test_missing_data_error(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    r = _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "nowhere"))
+    assert r.exit_code == 2 and "TruthfulQA not found" in r.text
+
+
+def test_help_lists_every_flag():
+    r = runner.invoke(app, ["run", "--help"])
+    for flag in ("--method", "--model", "--layer", "--rank", "--alpha", "--lam", "--beta", "--epochs", "--folds",
+                 "--seed", "--limit", "--data-dir", "--output", "--site", "--drop-identity"):
+        assert flag in r.output

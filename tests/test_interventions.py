@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.interventions import Intervention, get_method
+from florain import LowRankHeadMap
+
+
+def _iv(lm, drop_identity=False):
+    heads, dim = lm.spec.site_shape("heads")
+    m = LowRankHeadMap(heads, dim, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m.B.normal_()
+        m.s.normal_()
+    m.drop_identity = drop_identity
+    return Intervention("florain", 1, "heads", m, {"heads": heads, "head_dim": dim, "drop_identity": drop_identity})
+
+
+def _logits(lm, iv):
+    enc = lm.tokenizer(["Q: Why? A: Because.", "Q: Where is Paris? A: France."], return_tensors="pt", padding=True)
+    with torch.no_grad(), iv.applied(lm):
+        return lm.model(**enc).logits
+
+
+@pytest.mark.parametrize("drop_identity", [False, True])
+def test_save_load_gives_identical_outputs(tiny_llama, tmp_path, drop_identity):
+    iv = _iv(tiny_llama, drop_identity)
+    iv.save_pretrained(tmp_path / "iv")
+    loaded = Intervention.from_pretrained(tmp_path / "iv")
+    assert loaded.method == "florain" and loaded.layer == 1 and loaded.module.drop_identity == drop_identity
+    assert torch.equal(_logits(tiny_llama, iv), _logits(tiny_llama, loaded))
+
+
+def test_saved_intervention_applies_in_another_process(tiny_llama, tmp_path):
+    iv = _iv(tiny_llama)
+    iv.save_pretrained(tmp_path / "iv")
+    expected = _logits(tiny_llama, iv)
+    torch.save(expected, tmp_path / "expected.pt")
+    code = f"""
+import torch
+from bench.models import tiny_model
+from bench.interventions import Intervention
+lm = tiny_model("llama", seed=0)
+iv = Intervention.from_pretrained({str(tmp_path / "iv")!r})
+iv.check_model(lm)
+enc = lm.tokenizer(["Q: Why? A: Because.", "Q: Where is Paris? A: France."], return_tensors="pt", padding=True)
+with torch.no_grad(), iv.applied(lm):
+    got = lm.model(**enc).logits
+assert torch.equal(got, torch.load({str(tmp_path / "expected.pt")!r})), "outputs differ across processes"
+print("same")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "same" in proc.stdout
+
+
+def test_loading_a_non_intervention_dir_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Intervention.from_pretrained(tmp_path)
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ValueError, match="known methods: .*florain.*none"):
+        get_method("magic")
+
+
+def test_intervention_shape_is_checked(tiny_llama, tiny_gemma):
+    iv = _iv(tiny_llama)
+    iv.config["head_dim"] = 99
+    with pytest.raises(ValueError, match="expects"):
+        iv.check_model(tiny_llama)

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from bench.interventions import Intervention
+from bench.scoring import answer_logprobs, encode
+from bench.sites import edit_tensor, hooked
+from florain import LowRankHeadMap
+
+
+def _florain(lm, layer=1, seed=0):
+    heads, dim = lm.spec.site_shape("heads")
+    m = LowRankHeadMap(heads, dim, 4, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        m.s.normal_(0, 2.0)
+    return Intervention("florain", layer, "heads", m, {"heads": heads, "head_dim": dim})
+
+
+def _logits(lm, text="Q: What is the capital of France? A: Paris."):
+    enc = lm.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return lm.model(**enc).logits
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma"])
+def test_hook_changes_output_and_removal_restores_logits(family, request):
+    lm = request.getfixturevalue(family)
+    base = _logits(lm)
+    iv = _florain(lm)
+    with iv.applied(lm):
+        assert not torch.equal(_logits(lm), base)
+    assert torch.equal(_logits(lm), base)
+    with pytest.raises(RuntimeError, match="boom"):
+        with iv.applied(lm):
+            raise RuntimeError("boom")
+    assert torch.equal(_logits(lm), base)
+    assert not lm.spec.o_proj(lm.model, 1)._forward_pre_hooks
+
+
+def test_every_row_and_each_positions_own_activation_is_edited():
+    x = torch.randn(4, 5, 6)
+    calls = []
+
+    def edit(a):
+        calls.append(a.shape)
+        return a * 2
+
+    out = edit_tensor(x, edit, 2, "last")
+    assert torch.equal(out[:, -1], 2 * x[:, -1]) and torch.equal(out[:, :-1], x[:, :-1])
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[:, 2:] = True
+    out = edit_tensor(x, edit, 2, mask)
+    assert torch.equal(out[:, 2:], 2 * x[:, 2:]) and torch.equal(out[:, :2], x[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        edit_tensor(x, edit, 2, torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_attn_out_site_edits_the_projection_output(tiny_llama):
+    lm = tiny_llama
+    seen = {}
+
+    def edit(a):
+        seen["shape"] = a.shape
+        return a
+
+    with hooked(lm.model, lm.spec, 0, "attn-out", edit):
+        _logits(lm)
+    assert seen["shape"][-2:] == lm.spec.site_shape("attn-out")
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma"])
+@pytest.mark.parametrize("with_intervention", [False, True])
+def test_prefix_cache_matches_plain_scoring(family, with_intervention, request):
+    lm = request.getfixturevalue(family)
+    context = "Interpret each question literally. Q: What is the capital of France?\nA: "
+    answers = ["Paris.", "It is Lyon, I think.", "I have no comment.", "Barcelona, Spain.", "No."]
+    seqs = [encode(lm, context + a, len(context)) for a in answers]
+    iv = _florain(lm) if with_intervention else None
+    cached = answer_logprobs(lm, seqs, iv, batch_size=2, prefix_cache=True)
+    plain = answer_logprobs(lm, seqs, iv, batch_size=3, prefix_cache=False)
+    assert max(abs(a - b) for a, b in zip(cached, plain)) <= 1e-4
+    if with_intervention:
+        none = answer_logprobs(lm, seqs, None, prefix_cache=False)
+        assert max(abs(a - b) for a, b in zip(plain, none)) > 1e-3
+
+
+def test_answer_logprob_equals_direct_computation(tiny_llama):
+    lm = tiny_llama
+    context, answer = "Q: Where were the Olympics?\nA: ", "Barcelona, Spain."
+    enc = encode(lm, context + answer, len(context))
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(ids).logits[0], -1)
+    direct = sum(float(logp[p - 1, enc.ids[p]]) for p in enc.answer)
+    (got,) = answer_logprobs(lm, [enc], prefix_cache=False)
+    assert got == pytest.approx(direct, abs=1e-5)
