@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,13 +14,29 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from bench.models import LoadedModel
-from bench.paths import cache_dir
+from bench.paths import activation_cache_dir
 from bench.sites import recorded
 
 
 def cache_key(identity: str, site: str, layer: int, texts: list[str]) -> str:
     payload = json.dumps({"model": identity, "site": site, "layer": layer, "texts": texts})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest requested layer is recorded: later layers and the LM head are skipped."""
+
+
+@contextmanager
+def _stop_after(module: torch.nn.Module) -> Iterator[None]:
+    def hook(*_args: object) -> None:
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -35,8 +53,11 @@ def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, ba
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right")
             enc = {k: v.to(device) for k, v in enc.items()}
             last = enc["attention_mask"].sum(1) - 1
-            with recorded(model, spec, layers, site) as store:
-                model(**enc, use_cache=False)
+            with recorded(model, spec, layers, site) as store, _stop_after(spec.o_proj(model, max(layers))):
+                try:
+                    model.model(**enc, use_cache=False)
+                except _StopForward:
+                    pass
             for layer in layers:
                 acts = store[layer][torch.arange(len(idx), device=device), last].float().cpu()
                 if not torch.isfinite(acts).all():
@@ -54,7 +75,7 @@ def capture(lm: LoadedModel, texts: list[str], layers: list[int], site: str = "h
     """Activation at the last token of every text, per layer: ``{layer: [n_texts, heads, dim]}`` (float32)."""
     for layer in layers:
         lm.spec.check_layer(layer)
-    root = cache_dir() / "activations"
+    root = activation_cache_dir()
     paths = {layer: root / f"{cache_key(lm.identity, site, layer, texts)}.safetensors" for layer in layers}
     result = {}
     if use_cache:
@@ -79,4 +100,4 @@ def qa_text(question: str, answer: str) -> str:
 
 
 def cached_paths(root: Path | None = None) -> list[Path]:
-    return sorted((root or cache_dir() / "activations").glob("*.safetensors"))
+    return sorted((root or activation_cache_dir()).glob("*.safetensors"))

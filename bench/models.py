@@ -302,7 +302,7 @@ def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3) -> Loade
 
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "gemma":
-        from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=16, query_pre_attn_scalar=8))
     else:

@@ -13,3 +13,9 @@ def cache_dir() -> Path:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def activation_cache_dir() -> Path:
+    """``$BENCH_ACTIVATION_CACHE``, else ``<cache_dir>/activations``."""
+    env = os.environ.get("BENCH_ACTIVATION_CACHE")
+    return Path(env) if env else cache_dir() / "activations"

@@ -18,7 +18,7 @@ import torch
 
 from florain.mapping import LowRankHeadMap
 from florain.projection import hinge_loss, mahalanobis, project, projection_distance
-from florain.region import Regions, build_regions, pooled_covariance, shrink
+from florain.region import Regions, build_regions
 from florain.train import TrainConfig, TrainResult, fit_map, training_pairs
 
 __all__ = [

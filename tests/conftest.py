@@ -12,9 +12,9 @@ SHARED_DATA = Path(os.environ.get("BENCH_DATA_DIR") or Path(__file__).resolve().
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _isolated_activation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Activation caches of tests go to a temp dir; pulled models stay in the user cache (they are expensive)."""
-    os.environ.setdefault("BENCH_MODEL_CACHE_DIR", str(Path.home() / ".cache" / "bench"))
+    os.environ["BENCH_ACTIVATION_CACHE"] = str(tmp_path_factory.mktemp("activations"))
 
 
 @pytest.fixture(scope="session")
