@@ -40,7 +40,7 @@ def run(
     rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
     alpha: Optional[float] = typer.Option(None, help="FLORAIN α: weight of the question direction vs the global one [0.2]."),
     lam: Optional[float] = typer.Option(None, help="FLORAIN λ in activation units (overrides --lam-scale)."),
-    lam_scale: Optional[float] = typer.Option(None, help="FLORAIN λ as a multiple of the mean head-activation norm [30/1.8]."),
+    lam_scale: Optional[float] = typer.Option(None, help="FLORAIN λ as a multiple of the mean head-activation norm [8; the released λ=30 on Llama-7B ≈ 16.7]."),
     beta: Optional[float] = typer.Option(None, help="FLORAIN covariance shrinkage toward its diagonal, 1 = none [1.0]."),
     shrinking: Optional[float] = typer.Option(None, help="FLORAIN ρ divisor [1.0]."),
     epochs: Optional[int] = typer.Option(None, help="FLORAIN training epochs [1000]."),
