@@ -1,7 +1,7 @@
 """The one intervention interface: fit on a training fold, apply over a model as a context manager, save/load.
 
 An :class:`Intervention` is an edit of per-head activations ``[n, heads, dim] -> [n, heads, dim]`` at one
-site of one layer. Methods register a ``fit`` function (training fold → Intervention) and a ``build``
+site of one or more layers. Methods register a ``fit`` function (training fold → Intervention) and a ``build``
 function (saved config + tensors → edit module); the pure maths lives in ``florain/`` and ``baselines/``.
 """
 
@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,26 +28,38 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Intervention:
-    """A fitted edit at ``site`` of ``layer``. ``config`` holds everything needed to rebuild and reproduce it."""
+    """A fitted edit at ``site`` of one or more layers (``modules``: layer → edit module).
+
+    ``config`` holds everything needed to rebuild and reproduce it.
+    """
 
     method: str
-    layer: int
     site: str
-    module: nn.Module
+    modules: dict[int, nn.Module]
     config: dict = field(default_factory=dict)
 
-    def edit(self, acts: torch.Tensor) -> torch.Tensor:
-        """Transform activations ``[..., heads, dim]``."""
-        return self.module(acts)
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.modules)
+
+    def edit(self, acts: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Transform activations ``[..., heads, dim]`` at ``layer`` (the only layer if there is one)."""
+        if layer is None:
+            if len(self.modules) != 1:
+                raise ValueError(f"this intervention spans layers {self.layers}; say which one")
+            layer = self.layers[0]
+        return self.modules[layer](acts)
 
     @contextmanager
     def applied(self, lm: LoadedModel, positions: Positions = "all") -> Iterator[None]:
         """Active on ``lm`` for the duration of the block, at ``positions``; hooks are always removed."""
-        param = next(self.module.parameters(), None)
         device = next(lm.model.parameters()).device
-        if param is not None and param.device != device:
-            self.module.to(device)
-        with hooked(lm.model, lm.spec, self.layer, self.site, self.edit, positions):
+        with ExitStack() as stack:
+            for layer, module in self.modules.items():
+                param = next(module.parameters(), None)
+                if param is not None and param.device != device:
+                    module.to(device)
+                stack.enter_context(hooked(lm.model, lm.spec, layer, self.site, module, positions))
             yield
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -56,10 +68,11 @@ class Intervention:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+            tensors = {f"{layer}.{k}": v.detach().cpu().contiguous()
+                       for layer, module in self.modules.items() for k, v in module.state_dict().items()}
             save_file(tensors, str(tmp / "intervention.safetensors"))
-            meta = {"format_version": FORMAT_VERSION, "method": self.method, "layer": self.layer, "site": self.site,
-                    **self.config}
+            meta = {"format_version": FORMAT_VERSION, "method": self.method, "site": self.site,
+                    "layers": self.layers, **self.config}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=str))
             if directory.exists():
                 shutil.rmtree(directory)
@@ -75,17 +88,22 @@ class Intervention:
         if not cfg_path.is_file() or not weights.is_file():
             raise FileNotFoundError(f"{directory} is not a saved intervention (needs config.json and intervention.safetensors)")
         config = json.loads(cfg_path.read_text())
-        method = config.pop("method")
-        layer, site = config.pop("layer"), config.pop("site")
+        method, site, layers = config.pop("method"), config.pop("site"), config.pop("layers")
         config.pop("format_version", None)
         tensors = load_file(str(weights))
-        module = get_method(method).build(config, tensors)
-        module.load_state_dict(tensors)
-        return cls(method, layer, site, module, config)
+        build = get_method(method).build
+        modules = {}
+        for layer in layers:
+            own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(layer)}
+            module = build(config, own)
+            module.load_state_dict(own)
+            modules[int(layer)] = module
+        return cls(method, site, modules, config)
 
     def check_model(self, lm: LoadedModel) -> None:
-        """Raise if this intervention does not fit ``lm``'s shape at its site and layer."""
-        lm.spec.check_layer(self.layer)
+        """Raise if this intervention does not fit ``lm``'s shape at its site and layers."""
+        for layer in self.layers:
+            lm.spec.check_layer(layer)
         heads, dim = lm.spec.site_shape(self.site)
         want = self.config.get("heads"), self.config.get("head_dim")
         if want != (heads, dim):

@@ -73,7 +73,7 @@ def _fit_florain(ctx: FitContext) -> Intervention:
     heads, dim = acts.shape[1:]
     best = [fitted.train.val_loss[e][h] for h, e in enumerate(fitted.train.best_epoch)]
     return Intervention(
-        "florain", ctx.layer, ctx.site, fitted.mapping,
+        "florain", ctx.site, {ctx.layer: fitted.mapping},
         {"heads": heads, "head_dim": dim, "hyperparameters": config.to_dict(), "lam_resolved": fitted.lam,
          "drop_identity": fitted.mapping.drop_identity, "model": ctx.lm.identity, "data_checksum": ctx.data_checksum,
          "fold": ctx.fold.fold, "n_train_samples": fitted.n_train, "n_val_samples": fitted.n_val,

@@ -15,7 +15,7 @@ def _iv(lm, drop_identity=False):
         m.B.normal_()
         m.s.normal_()
     m.drop_identity = drop_identity
-    return Intervention("florain", 1, "heads", m, {"heads": heads, "head_dim": dim, "drop_identity": drop_identity})
+    return Intervention("florain", "heads", {1: m}, {"heads": heads, "head_dim": dim, "drop_identity": drop_identity})
 
 
 def _logits(lm, iv):
@@ -29,7 +29,7 @@ def test_save_load_gives_identical_outputs(tiny_llama, tmp_path, drop_identity):
     iv = _iv(tiny_llama, drop_identity)
     iv.save_pretrained(tmp_path / "iv")
     loaded = Intervention.from_pretrained(tmp_path / "iv")
-    assert loaded.method == "florain" and loaded.layer == 1 and loaded.module.drop_identity == drop_identity
+    assert loaded.method == "florain" and loaded.layers == [1] and loaded.modules[1].drop_identity == drop_identity
     assert torch.equal(_logits(tiny_llama, iv), _logits(tiny_llama, loaded))
 
 

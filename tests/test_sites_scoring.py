@@ -12,7 +12,7 @@ def _florain(lm, layer=1, seed=0):
     m = LowRankHeadMap(heads, dim, 4, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         m.s.normal_(0, 2.0)
-    return Intervention("florain", layer, "heads", m, {"heads": heads, "head_dim": dim})
+    return Intervention("florain", "heads", {layer: m}, {"heads": heads, "head_dim": dim})
 
 
 def _logits(lm, text="Q: What is the capital of France? A: Paris."):
