@@ -39,6 +39,10 @@ def _stop_after(module: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def _last_module(spec, model, layer: int, site: str) -> torch.nn.Module:
+    return spec.decoder_layer(model, layer) if site == "residual" else spec.o_proj(model, layer)
+
+
 @torch.no_grad()
 def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, batch_size: int) -> dict[int, torch.Tensor]:
     tok, model, spec = lm.tokenizer, lm.model, lm.spec
@@ -53,7 +57,7 @@ def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, ba
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right")
             enc = {k: v.to(device) for k, v in enc.items()}
             last = enc["attention_mask"].sum(1) - 1
-            with recorded(model, spec, layers, site) as store, _stop_after(spec.o_proj(model, max(layers))):
+            with recorded(model, spec, layers, site) as store, _stop_after(_last_module(spec, model, max(layers), site)):
                 try:
                     model.model(**enc, use_cache=False)
                 except _StopForward:

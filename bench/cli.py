@@ -32,7 +32,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 @app.command()
 def run(
-    method: str = typer.Option("florain", help="Method: none, florain."),
+    method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, few-shot."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
@@ -48,6 +48,11 @@ def run(
     fit_batch_size: Optional[int] = typer.Option(None, help="FLORAIN training batch size [100]."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the FLORAIN training step."),
     drop_identity: bool = typer.Option(False, help="Reproduce the released code's inference bug (apply f(a) − a)."),
+    iti_alpha: Optional[float] = typer.Option(None, help="ITI strength α (shift = α σ θ̂) [15, ITI paper]."),
+    iti_k: Optional[int] = typer.Option(None, help="ITI number of heads K [48/1024 of all heads, at least 1]."),
+    caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean residual difference [1.0]."),
+    shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
+    shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),
     folds: int = typer.Option(2, help="Cross-validation folds (ITI: contiguous blocks)."),
     val_ratio: float = typer.Option(0.2, help="Share of each training fold held out for validation."),
     seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
@@ -70,10 +75,11 @@ def run(
 
     options = {"rank": rank, "alpha": alpha, "lam": lam, "lam_scale": lam_scale, "beta": beta,
                "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
-               "seed": seed, "compile": compile, "drop_identity": drop_identity}
+               "seed": seed, "compile": compile, "drop_identity": drop_identity, "iti_alpha": iti_alpha,
+               "iti_k": iti_k, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots}
     options = {k: v for k, v in options.items() if v is not None}
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
-                    seed=seed, limit=limit, prompt_mode=prompt_mode, options=options if method != "none" else {},
+                    seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype)
     if output is not None and resume is False and (output / "results.json").exists():
         _fail(f"{output} already holds a finished run; choose another --output or pass --resume")

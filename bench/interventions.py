@@ -37,6 +37,7 @@ class Intervention:
     site: str
     modules: dict[int, nn.Module]
     config: dict = field(default_factory=dict)
+    prompt_prefix: str = ""  # a prompt transform (few-shot examples) prepended before the task's prompt
 
     @property
     def layers(self) -> list[int]:
@@ -72,7 +73,7 @@ class Intervention:
                        for layer, module in self.modules.items() for k, v in module.state_dict().items()}
             save_file(tensors, str(tmp / "intervention.safetensors"))
             meta = {"format_version": FORMAT_VERSION, "method": self.method, "site": self.site,
-                    "layers": self.layers, **self.config}
+                    "layers": self.layers, "prompt_prefix": self.prompt_prefix, **self.config}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=str))
             if directory.exists():
                 shutil.rmtree(directory)
@@ -89,6 +90,7 @@ class Intervention:
             raise FileNotFoundError(f"{directory} is not a saved intervention (needs config.json and intervention.safetensors)")
         config = json.loads(cfg_path.read_text())
         method, site, layers = config.pop("method"), config.pop("site"), config.pop("layers")
+        prefix = config.pop("prompt_prefix", "")
         config.pop("format_version", None)
         tensors = load_file(str(weights))
         build = get_method(method).build
@@ -98,10 +100,12 @@ class Intervention:
             module = build(config, own)
             module.load_state_dict(own)
             modules[int(layer)] = module
-        return cls(method, site, modules, config)
+        return cls(method, site, modules, config, prefix)
 
     def check_model(self, lm: LoadedModel) -> None:
         """Raise if this intervention does not fit ``lm``'s shape at its site and layers."""
+        if not self.modules:
+            return
         for layer in self.layers:
             lm.spec.check_layer(layer)
         heads, dim = lm.spec.site_shape(self.site)
@@ -120,6 +124,7 @@ class Method:
     fit: Callable[..., Intervention | None]
     build: Callable[[dict, dict[str, torch.Tensor]], nn.Module]
     needs_layer: bool = True
+    options: tuple[str, ...] = ()  # the hyper-parameter names it reads from the run's options
 
 
 METHODS: dict[str, Method] = {}

@@ -67,6 +67,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     """Execute a run and return its results dict (also written to ``<output>/results.json``)."""
     t0 = time.perf_counter()
     method = get_method(cfg.method)
+    cfg.options = {k: v for k, v in cfg.options.items() if k in method.options}
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(TASKS)}")
     if cfg.site not in SITES:
@@ -116,11 +117,12 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         int_dir = None
         if intervention is not None:
             int_dir = intervention.save_pretrained(out / f"intervention_fold{fold.fold}")
-            echo(f"fold {fold.fold}: fitted {cfg.method} at layer {cfg.layer} in {fit_s:.1f} s → {int_dir}")
+            where = f"layer(s) {intervention.layers}" if intervention.layers else "the prompt"
+            echo(f"fold {fold.fold}: fitted {cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
         te = time.perf_counter()
         test_qs = [questions[i] for i in fold.test]
         records = evaluate_mc(lm, test_qs, intervention, cfg.prompt_mode, cfg.eval_batch_size, cfg.prefix_cache,
-                              label=f"fold {fold.fold} MC")
+                              fewshot=intervention.prompt_prefix if intervention else "", label=f"fold {fold.fold} MC")
         eval_s = time.perf_counter() - te
         fr = {
             "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),

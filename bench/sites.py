@@ -5,6 +5,7 @@ Sites (both viewed per head as ``[batch, seq, heads, dim]``):
 * ``heads`` – the input of the attention output projection: the concatenated per-head outputs (ITI's and
   the FLORAIN paper's site).
 * ``attn-out`` – the output of that projection split into equal chunks (what the released FLORAIN code used).
+* ``residual`` – the residual stream after the decoder layer (CAA's site), one "head" of the hidden size.
 
 Positions: ``"all"`` (KL/CE), ``"last"`` (the last position of every forward call: with a KV cache during
 generation that is the last prompt token and then every generated token), or a boolean ``[batch, seq]``
@@ -22,7 +23,7 @@ from torch import nn
 
 from bench.spec import ModelSpec
 
-SITES = ("heads", "attn-out")
+SITES = ("heads", "attn-out", "residual")
 Positions = Union[Literal["all", "last"], torch.Tensor]
 Edit = Callable[[torch.Tensor], torch.Tensor]  # [n, heads, dim] -> [n, heads, dim]
 
@@ -58,20 +59,20 @@ def edit_tensor(x: torch.Tensor, edit: Edit, n_heads: int, positions: Positions)
 def hooked(model: nn.Module, spec: ModelSpec, layer: int, site: str, edit: Edit,
            positions: Positions = "all") -> Iterator[None]:
     """Install ``edit`` at ``site`` of ``layer`` for the duration of the block; always removed, even on errors."""
-    module = spec.o_proj(model, layer)
-    n_heads = spec.n_heads
+    n_heads = spec.site_shape(site)[0]
     if site == "heads":
         def pre_hook(_mod: nn.Module, args: tuple) -> tuple:
             return (edit_tensor(args[0], edit, n_heads, positions), *args[1:])
 
-        handle = module.register_forward_pre_hook(pre_hook)
-    elif site == "attn-out":
-        def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        handle = spec.o_proj(model, layer).register_forward_pre_hook(pre_hook)
+    else:
+        def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+            if isinstance(output, tuple):
+                return (edit_tensor(output[0], edit, n_heads, positions), *output[1:])
             return edit_tensor(output, edit, n_heads, positions)
 
+        module = spec.o_proj(model, layer) if site == "attn-out" else spec.decoder_layer(model, layer)
         handle = module.register_forward_hook(hook)
-    else:
-        raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
     try:
         yield
     finally:
@@ -83,16 +84,16 @@ def recorded(model: nn.Module, spec: ModelSpec, layers: list[int], site: str) ->
     """Record the site's activation ``[batch, seq, heads*dim]`` at each layer during the block's forward calls."""
     store: dict[int, torch.Tensor] = {}
     handles = []
+    spec.site_shape(site)  # validates the site name
     for layer in layers:
-        module = spec.o_proj(model, layer)
         if site == "heads":
-            handles.append(module.register_forward_pre_hook(
+            handles.append(spec.o_proj(model, layer).register_forward_pre_hook(
                 lambda _m, args, layer=layer: store.__setitem__(layer, args[0].detach())))
-        elif site == "attn-out":
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, out, layer=layer: store.__setitem__(layer, out.detach())))
         else:
-            raise ValueError(f"unknown site {site!r}; valid: {', '.join(SITES)}")
+            module = spec.o_proj(model, layer) if site == "attn-out" else spec.decoder_layer(model, layer)
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, layer=layer: store.__setitem__(
+                    layer, (out[0] if isinstance(out, tuple) else out).detach())))
     try:
         yield store
     finally:

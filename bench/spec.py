@@ -65,12 +65,19 @@ class ModelSpec:
         """The attention output projection of ``layer``."""
         return model.get_submodule(self.o_proj_name(layer))
 
+    def decoder_layer(self, model: nn.Module, layer: int) -> nn.Module:
+        """The decoder block of ``layer`` (its output is the residual stream after the layer)."""
+        return model.get_submodule(f"{self.layers_path}.{self.check_layer(layer)}")
+
     def site_shape(self, site: str) -> tuple[int, int]:
-        """(heads, dim) of the per-head view at ``site``: ``heads`` = o_proj input, ``attn-out`` = its output."""
+        """(heads, dim) of the per-head view at ``site``: ``heads`` = o_proj input, ``attn-out`` = its output,
+        ``residual`` = the decoder layer's output as one "head" of the hidden size."""
+        if site == "residual":
+            return 1, self.hidden_size
         if site == "heads":
             return self.n_heads, self.head_dim
         if site == "attn-out":
             if self.hidden_size % self.n_heads:
                 raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.n_heads} heads")
             return self.n_heads, self.hidden_size // self.n_heads
-        raise ValueError(f"unknown site {site!r}; valid: heads, attn-out")
+        raise ValueError(f"unknown site {site!r}; valid: heads, attn-out, residual")
