@@ -32,7 +32,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 @app.command()
 def run(
-    method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, few-shot."),
+    method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, lofit, few-shot."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
@@ -53,6 +53,9 @@ def run(
     caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean residual difference [1.0]."),
     shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
     shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),
+    lofit_k: Optional[int] = typer.Option(None, help="LoFiT: heads kept after stage 1 [10% of all heads]."),
+    lofit_l1: Optional[float] = typer.Option(None, help="LoFiT: L1 weight on the stage-1 scalings [1e-3]."),
+    lofit_lr: Optional[float] = typer.Option(None, help="LoFiT: Adam learning rate [5e-3]."),
     folds: int = typer.Option(2, help="Cross-validation folds (ITI: contiguous blocks)."),
     val_ratio: float = typer.Option(0.2, help="Share of each training fold held out for validation."),
     seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
@@ -76,7 +79,8 @@ def run(
     options = {"rank": rank, "alpha": alpha, "lam": lam, "lam_scale": lam_scale, "beta": beta,
                "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
                "seed": seed, "compile": compile, "drop_identity": drop_identity, "iti_alpha": iti_alpha,
-               "iti_k": iti_k, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots}
+               "iti_k": iti_k, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
+               "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr}
     options = {k: v for k, v in options.items() if v is not None}
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,

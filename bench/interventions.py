@@ -38,6 +38,7 @@ class Intervention:
     modules: dict[int, nn.Module]
     config: dict = field(default_factory=dict)
     prompt_prefix: str = ""  # a prompt transform (few-shot examples) prepended before the task's prompt
+    position_policy: str = "task"  # "task": the positions the task asks for; "all": every token (weight-like edits)
 
     @property
     def layers(self) -> list[int]:
@@ -60,7 +61,8 @@ class Intervention:
                 param = next(module.parameters(), None)
                 if param is not None and param.device != device:
                     module.to(device)
-                stack.enter_context(hooked(lm.model, lm.spec, layer, self.site, module, positions))
+                where = "all" if self.position_policy == "all" else positions
+                stack.enter_context(hooked(lm.model, lm.spec, layer, self.site, module, where))
             yield
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -73,7 +75,8 @@ class Intervention:
                        for layer, module in self.modules.items() for k, v in module.state_dict().items()}
             save_file(tensors, str(tmp / "intervention.safetensors"))
             meta = {"format_version": FORMAT_VERSION, "method": self.method, "site": self.site,
-                    "layers": self.layers, "prompt_prefix": self.prompt_prefix, **self.config}
+                    "layers": self.layers, "prompt_prefix": self.prompt_prefix,
+                    "position_policy": self.position_policy, **self.config}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=str))
             if directory.exists():
                 shutil.rmtree(directory)
@@ -91,6 +94,7 @@ class Intervention:
         config = json.loads(cfg_path.read_text())
         method, site, layers = config.pop("method"), config.pop("site"), config.pop("layers")
         prefix = config.pop("prompt_prefix", "")
+        policy = config.pop("position_policy", "task")
         config.pop("format_version", None)
         tensors = load_file(str(weights))
         build = get_method(method).build
@@ -100,7 +104,7 @@ class Intervention:
             module = build(config, own)
             module.load_state_dict(own)
             modules[int(layer)] = module
-        return cls(method, site, modules, config, prefix)
+        return cls(method, site, modules, config, prefix, policy)
 
     def check_model(self, lm: LoadedModel) -> None:
         """Raise if this intervention does not fit ``lm``'s shape at its site and layers."""

@@ -15,12 +15,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from baselines.few_shot import DEFAULT_SHOTS, few_shot_prefix
 from baselines.iti import DEFAULT_ALPHA, default_k, iti_shift, top_heads
+from baselines.lofit import DEFAULT_BATCH as LOFIT_BATCH
+from baselines.lofit import DEFAULT_EPOCHS as LOFIT_EPOCHS
+from baselines.lofit import DEFAULT_K_FRACTION as LOFIT_K_FRACTION
+from baselines.lofit import DEFAULT_L1 as LOFIT_L1
+from baselines.lofit import DEFAULT_LR as LOFIT_LR
+from baselines.lofit import HeadScaleBias, l1_penalty, select_heads
 from baselines.shift import AdditiveShift, mean_difference
 from bench.capture import capture, qa_text
 from bench.data.truthfulqa import Fold, Question
 from bench.interventions import Intervention, Method, register
 from bench.models import LoadedModel
 from bench.probes import head_probe_accuracies
+from bench.scoring import encode
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,106 @@ def _fit_few_shot(ctx: FitContext) -> Intervention:
                                                    "example_questions": [q.index for q in train[:shots]]}, prefix)
 
 
+def _lofit_batches(ctx: FitContext, rows: list[tuple[str, str]], batch: int, gen: torch.Generator):
+    """Right-padded (input_ids, attention_mask, labels) batches; labels are -100 except on the answer tokens."""
+    tok = ctx.lm.tokenizer
+    encoded = []
+    for q, a in rows:
+        context = f"Q: {q}\nA: "
+        enc = encode(ctx.lm, context + a, len(context))
+        encoded.append(enc)
+    order = torch.randperm(len(encoded), generator=gen).tolist()
+    for start in range(0, len(order), batch):
+        chunk = [encoded[i] for i in order[start : start + batch]]
+        t = max(len(e.ids) for e in chunk)
+        ids = torch.full((len(chunk), t), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros(len(chunk), t, dtype=torch.long)
+        labels = torch.full((len(chunk), t), -100, dtype=torch.long)
+        for b, e in enumerate(chunk):
+            ids[b, : len(e.ids)] = torch.tensor(e.ids)
+            attn[b, : len(e.ids)] = 1
+            labels[b, e.answer] = torch.tensor([e.ids[i] for i in e.answer])
+        yield ids, attn, labels
+
+
+def _lofit_train(ctx: FitContext, modules: dict, params: list, epochs: int, l1: float, lr: float, batch: int,
+                 rows: list[tuple[str, str]], gen: torch.Generator, label: str) -> list[float]:
+    from contextlib import ExitStack
+
+    from bench.sites import hooked
+
+    lm = ctx.lm
+    device = next(lm.model.parameters()).device
+    for m in modules.values():
+        m.to(device)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    n_batches = epochs * ((len(rows) + batch - 1) // batch)
+    with Progress(TextColumn(f"[bold]LoFiT {label} fold {ctx.fold.fold}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} batches"), TextColumn("loss {task.fields[loss]:.4g}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("lofit", total=n_batches, loss=float("nan"))
+        for _ in range(epochs):
+            for ids, attn, labels in _lofit_batches(ctx, rows, batch, gen):
+                with ExitStack() as stack, torch.enable_grad():
+                    for layer, m in modules.items():
+                        stack.enter_context(hooked(lm.model, lm.spec, layer, "heads", m, "all"))
+                    out = lm.model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device))
+                    loss = out.loss + (l1 * l1_penalty(modules) if l1 else 0.0)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                losses.append(float(out.loss))
+                bar.update(task, advance=1, loss=float(out.loss))
+    return losses
+
+
+def _fit_lofit(ctx: FitContext) -> Intervention:
+    """LoFiT: stage 1 learns per-head scalings (L1) on every head and keeps the top K; stage 2 learns the bias
+    offsets of those heads, with the LM loss on the training questions' correct answers (``Q: {q}\nA: {a}``)."""
+    spec = ctx.lm.spec
+    if ctx.site != "heads":
+        raise ValueError("LoFiT edits attention-head outputs: use --site heads")
+    k = int(_opt(ctx, "lofit_k", max(1, round(LOFIT_K_FRACTION * spec.n_layers * spec.n_heads))))
+    l1 = float(_opt(ctx, "lofit_l1", LOFIT_L1))
+    lr = float(_opt(ctx, "lofit_lr", LOFIT_LR))
+    epochs1, epochs2 = LOFIT_EPOCHS
+    seed = int(_opt(ctx, "seed", 42))
+    gen = torch.Generator().manual_seed(seed)
+    rows = [(ctx.questions[i].question, a) for i in ctx.fold.train for a in ctx.questions[i].correct]
+    heads, dim = spec.site_shape("heads")
+    stage1 = {layer: HeadScaleBias(heads, dim) for layer in range(spec.n_layers)}
+    for m in stage1.values():
+        m.v.requires_grad_(False)
+    loss1 = _lofit_train(ctx, stage1, [m.A for m in stage1.values()], epochs1, l1, lr, LOFIT_BATCH, rows, gen,
+                         "stage 1 (scalings, L1)")
+    chosen = select_heads(stage1, k)
+    stage2 = {}
+    for layer in sorted({layer for layer, _ in chosen}):
+        m = HeadScaleBias(heads, dim)
+        m.head_mask.zero_()
+        for lay, h in chosen:
+            if lay == layer:
+                m.head_mask[h] = 1
+        m.A.requires_grad_(False)
+        stage2[layer] = m
+    loss2 = _lofit_train(ctx, stage2, [m.v for m in stage2.values()], epochs2, 0.0, lr, LOFIT_BATCH, rows, gen,
+                         "stage 2 (offsets)")
+    for m in stage2.values():
+        m.cpu()
+    iv = Intervention("lofit", "heads", stage2, {
+        "heads": heads, "head_dim": dim, "model": ctx.lm.identity, "data_checksum": ctx.data_checksum,
+        "fold": ctx.fold.fold, "k": len(chosen), "l1": l1, "lr": lr, "epochs": [epochs1, epochs2],
+        "batch_size": LOFIT_BATCH, "heads_chosen": chosen, "n_train_answers": len(rows),
+        "stage1_loss": [loss1[0], loss1[-1]], "stage2_loss": [loss2[0], loss2[-1]]})
+    iv.position_policy = "all"
+    return iv
+
+
+def _build_lofit(config: dict, tensors: dict[str, torch.Tensor]) -> HeadScaleBias:
+    return HeadScaleBias(*tensors["A"].shape)
+
+
 register(Method("none", "no intervention (the unintervened model)", _fit_none, _build_none, needs_layer=False))
 register(Method("florain", "FLORAIN: per-question ellipsoids + low-rank nonlinear map on all heads of one layer",
                 _fit_florain, _build_florain,
@@ -183,5 +290,7 @@ register(Method("mean-shift", "control: global μ⁺ − μ⁻ added at FLORAIN'
                 _build_shift, options=("shift_scale",)))
 register(Method("caa", "CAA: mean residual-stream difference added at one layer", _fit_caa, _build_shift,
                 options=("caa_multiplier",)))
+register(Method("lofit", "LoFiT: learned per-head scaling (head selection) and bias offsets, LM loss",
+                _fit_lofit, _build_lofit, needs_layer=False, options=("lofit_k", "lofit_l1", "lofit_lr", "seed")))
 register(Method("few-shot", "few-shot prompting with training-fold questions", _fit_few_shot, _build_none,
                 needs_layer=False, options=("shots",)))

@@ -57,7 +57,9 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
     """Sum of the answer tokens' log-probs for each sequence; ``intervention`` edits the answer tokens."""
     model, pad = lm.model, lm.tokenizer.pad_token_id
     device = next(model.parameters()).device
-    p = common_prefix(seqs) if prefix_cache else 0
+    # an intervention that edits every position changes the prefix too: it cannot be cached unedited
+    edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
+    p = common_prefix(seqs) if prefix_cache and not edits_all else 0
     cache = None
     if p > 0:
         prefix = torch.tensor([seqs[0].ids[:p]], device=device)

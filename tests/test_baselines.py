@@ -9,7 +9,7 @@ from bench.data.truthfulqa import load_truthfulqa, make_folds
 from bench.interventions import Intervention, get_method
 from bench.methods import FitContext
 
-FITTED = ["florain", "iti", "mean-shift", "caa", "few-shot"]
+FITTED = ["florain", "iti", "mean-shift", "caa", "lofit", "few-shot"]
 
 
 def test_iti_direction_is_the_mass_mean_difference_and_shift_is_alpha_sigma():

@@ -115,12 +115,12 @@ def test_layers_command_ranks_layers_by_probe_accuracy(tiny_dir, tqa_dir, tmp_pa
     assert res["best_layer"] == accs.index(max(accs))
 
 
-@pytest.mark.parametrize("method", ["iti", "mean-shift", "caa", "few-shot"])
+@pytest.mark.parametrize("method", ["iti", "mean-shift", "caa", "lofit", "few-shot"])
 def test_every_baseline_runs_and_differs_from_none(method, tiny_dir, tqa_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--layer", "1", "--limit", "12"]
     r0 = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
     r1 = _run("--method", method, *common, "--shots", "3", "--iti-k", "2", "--iti-alpha", "50",
-              "--caa-multiplier", "8", "--shift-scale", "8", "--output", str(tmp_path / method))
+              "--caa-multiplier", "8", "--shift-scale", "8", "--lofit-lr", "0.1", "--output", str(tmp_path / method))
     assert r0.exit_code == 0 and r1.exit_code == 0, r1.output
     a = json.loads((tmp_path / "none" / "results.json").read_text())["metrics"]["mc2"]["mean"]
     res = json.loads((tmp_path / method / "results.json").read_text())
