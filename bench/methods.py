@@ -229,8 +229,8 @@ def _lofit_train(ctx: FitContext, modules: dict, params: list, epochs: int, l1: 
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                losses.append(float(out.loss))
-                bar.update(task, advance=1, loss=float(out.loss))
+                losses.append(float(out.loss.detach()))
+                bar.update(task, advance=1, loss=losses[-1])
     return losses
 
 

@@ -7,6 +7,7 @@ reuses its keys and values. Answer spans come from the tokenizer's character off
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
@@ -57,13 +58,14 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
     """Sum of the answer tokens' log-probs for each sequence; ``intervention`` edits the answer tokens."""
     model, pad = lm.model, lm.tokenizer.pad_token_id
     device = next(model.parameters()).device
-    # an intervention that edits every position changes the prefix too: it cannot be cached unedited
-    edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
-    p = common_prefix(seqs) if prefix_cache and not edits_all else 0
+    p = common_prefix(seqs) if prefix_cache else 0
     cache = None
     if p > 0:
         prefix = torch.tensor([seqs[0].ids[:p]], device=device)
-        out_prefix = model(input_ids=prefix, use_cache=True)
+        # an intervention that edits every token (LoFiT) edits the shared prefix too: cache it edited
+        edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
+        with intervention.applied(lm, positions="all") if edits_all else contextlib.nullcontext():
+            out_prefix = model(input_ids=prefix, use_cache=True)
         cache = getattr(out_prefix, "cache", None) or out_prefix.past_key_values
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
     out = [0.0] * len(seqs)
