@@ -34,7 +34,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 def run(
     method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, lofit, few-shot."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
-    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc."),
+    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc, or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
     site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
     rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
@@ -91,7 +91,7 @@ def run(
         results = do_run(cfg, output, data_dir, resume, echo=lambda m: console.print(m))
     except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError) as err:
         _fail(str(err))
-    print(results_table([results]))
+    print(results_table([results], tuple(results["metrics"])))
     console.print(f"results: {results['run_dir']}/results.json  ({results['timings']['total_s']:.0f} s, "
                   f"peak memory {results['peak_memory_mb']:.0f} MB)")
 

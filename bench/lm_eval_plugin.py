@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 
 from bench.data.truthfulqa import Question
 from bench.interventions import Intervention
-from bench.models import load_model
+from bench.models import LoadedModel, load_model
 
 POSITIONS = ("all", "last")
 
@@ -36,13 +36,15 @@ class InterventionLM(HFLM):
     Generation requests always use the generation policy: the last prompt token and every generated token.
     """
 
-    def __init__(self, pretrained: str, intervention: str | None = None, positions: str = "all",
-                 device: str | None = None, dtype: str | None = None, **kwargs):
+    def __init__(self, pretrained: str | LoadedModel, intervention: str | Intervention | None = None,
+                 positions: str = "all", device: str | None = None, dtype: str | None = None, **kwargs):
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        lm = load_model(str(pretrained), device=device, dtype=dtype)
+        lm = pretrained if isinstance(pretrained, LoadedModel) else load_model(str(pretrained), device=device, dtype=dtype)
         self._bench_lm = lm
-        self._intervention = Intervention.from_pretrained(intervention) if intervention else None
+        if isinstance(intervention, (str, Path)):
+            intervention = Intervention.from_pretrained(intervention)
+        self._intervention = intervention
         if self._intervention is not None:
             if not self._intervention.modules:
                 raise ValueError(f"{intervention} is a prompt-only method ({self._intervention.method}); "

@@ -28,6 +28,7 @@ from bench.runs import (
     write_json,
 )
 from bench.sites import SITES
+from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
 from bench.tasks.truthfulqa_mc import evaluate_mc
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     cfg.options = {k: v for k, v in cfg.options.items() if k in method.options}
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(TASKS)}")
+    if cfg.task not in TASKS and not cfg.task.startswith("lm-eval:"):
+        raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(TASKS)}, lm-eval:TASK[,TASK]")
+    lm_eval_tasks = parse_tasks(cfg.task) if cfg.task.startswith("lm-eval:") else None
     if cfg.site not in SITES:
         raise ValueError(f"unknown site {cfg.site!r}; valid: {', '.join(SITES)}")
     if cfg.limit is not None and cfg.limit < cfg.folds:
@@ -121,12 +123,20 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             echo(f"fold {fold.fold}: fitted {cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
         te = time.perf_counter()
         test_qs = [questions[i] for i in fold.test]
-        records = evaluate_mc(lm, test_qs, intervention, cfg.prompt_mode, cfg.eval_batch_size, cfg.prefix_cache,
-                              fewshot=intervention.prompt_prefix if intervention else "", label=f"fold {fold.fold} MC")
+        if lm_eval_tasks:
+            if intervention is not None and not intervention.modules:
+                raise ValueError(f"{cfg.method} is prompt-only; lm-eval tasks take --num_fewshot instead")
+            fold_metrics = evaluate_lm_eval(lm, intervention, lm_eval_tasks, test_qs, out / f"lm_eval_fold{fold.fold}",
+                                            cfg.eval_batch_size)
+            records = []
+        else:
+            records = evaluate_mc(lm, test_qs, intervention, cfg.prompt_mode, cfg.eval_batch_size, cfg.prefix_cache,
+                                  fewshot=intervention.prompt_prefix if intervention else "", label=f"fold {fold.fold} MC")
+            fold_metrics = {m: summarise([r[m] for r in records]) for m in MC_METRICS}
         eval_s = time.perf_counter() - te
         fr = {
             "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
-            "metrics": {m: summarise([r[m] for r in records]) for m in MC_METRICS},
+            "metrics": fold_metrics,
             "timings": {"fit_s": fit_s, "eval_s": eval_s},
             "intervention": str(int_dir.relative_to(out)) if int_dir else None,
             "intervention_info": {k: v for k, v in (intervention.config if intervention else {}).items()
@@ -135,7 +145,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         }
         write_json(fold_file, fr)
         fold_results.append(fr)
-        echo(f"fold {fold.fold}: " + ", ".join(f"{m.upper()} {fr['metrics'][m]['mean']:.4f}" for m in MC_METRICS)
+        echo(f"fold {fold.fold}: " + ", ".join(f"{m.upper()} {v['mean']:.4f}" for m, v in fr["metrics"].items())
              + f" ({len(test_qs)} questions, eval {eval_s:.1f} s)")
     results = {
         "schema_version": SCHEMA_VERSION,
@@ -144,7 +154,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
         "data": {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)},
         "environment": environment(str(next(lm.model.parameters()).device)),
-        "metrics": {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in MC_METRICS},
+        "metrics": {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]},
         "folds": [{k: v for k, v in f.items() if k != "per_question"} for f in fold_results],
         "timings": {"total_s": time.perf_counter() - t0,
                     "fit_s": sum(f["timings"]["fit_s"] for f in fold_results),
@@ -158,6 +168,6 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
                 fh.write(json.dumps({"fold": f["fold"], **r}) + "\n")
     (out / ".per_question.jsonl.tmp").replace(out / "per_question.jsonl")
     write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_table([results]) + "\n")
+    (out / "results.md").write_text(results_table([results], tuple(results["metrics"])) + "\n")
     results["run_dir"] = str(out)
     return results

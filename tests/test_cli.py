@@ -126,3 +126,20 @@ def test_every_baseline_runs_and_differs_from_none(method, tiny_dir, tqa_dir, tm
     res = json.loads((tmp_path / method / "results.json").read_text())
     assert res["metrics"]["mc2"]["mean"] != a
     assert "compile" not in res["config"]["options"]  # only the method's own hyper-parameters are recorded
+
+
+def test_lm_eval_tasks_through_the_harness_match_our_lm_eval_mode(tiny_dir, tqa_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12", "--eval-batch-size", "4"]
+    r1 = _run("--method", "none", *common, "--task", "lm-eval:truthfulqa_mc1,truthfulqa_mc2", "--output", str(tmp_path / "a"))
+    assert r1.exit_code == 0, r1.output
+    r2 = _run("--method", "none", *common, "--prompt-mode", "lm-eval", "--output", str(tmp_path / "b"))
+    assert r2.exit_code == 0, r2.output
+    theirs = json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]
+    ours = json.loads((tmp_path / "b" / "results.json").read_text())["metrics"]
+    assert abs(theirs["truthfulqa_mc1/acc"]["mean"] - ours["mc1"]["mean"]) <= 1e-4
+    assert abs(theirs["truthfulqa_mc2/acc"]["mean"] - ours["mc2"]["mean"]) <= 1e-4
+    r3 = _run("--method", "florain", *common, "--layer", "1", "--epochs", "2", "--lam", "20", "--no-compile",
+              "--task", "lm-eval:truthfulqa_mc2", "--output", str(tmp_path / "c"))
+    assert r3.exit_code == 0, r3.output
+    steered = json.loads((tmp_path / "c" / "results.json").read_text())["metrics"]
+    assert steered["truthfulqa_mc2/acc"]["mean"] != theirs["truthfulqa_mc2/acc"]["mean"]
