@@ -9,7 +9,7 @@ export BENCH_DATA_DIR
 # torch is pinned so that this machine uses its local CPU wheel (an unpinned torch pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install models demo test lint clean-cache
+.PHONY: install models demo test lint clean-cache bench-perf
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,3 +39,9 @@ lint: install
 
 clean-cache:
 	rm -rf $${BENCH_CACHE_DIR:-$$HOME/.cache/bench}/activations
+
+# Performance benchmarks (not part of make test): writes results/perf.md and results/perf.json.
+PERF_ARGS ?=
+bench-perf: install
+	$(BIN)/bench models pull smollm2-135m
+	$(BIN)/python -m bench.perf $(PERF_ARGS)
