@@ -182,3 +182,20 @@ def layers(
 
         write_json(output, {"model": lm.identity, "site": site, "fold": fold, "seed": seed, "majority": majority,
                             "best_layer": best, "layers": rows})
+
+
+@app.command()
+def table(
+    paths: list[str] = typer.Argument(..., help="Run directories, results.json files or glob patterns."),
+    output: Path = typer.Option(Path("results"), help="Folder for the table files."),
+    name: str = typer.Option("table", help="Base name of the files (.md, .csv, .tex)."),
+) -> None:
+    """Build a comparison table (mean ± standard error per metric) from results files."""
+    from bench.tables import load_results, write_tables
+
+    try:
+        files = write_tables(load_results(paths), output, name)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    print(files["md"].read_text())
+    console.print("written: " + ", ".join(str(p) for p in files.values()))

@@ -1,0 +1,94 @@
+"""Comparison tables built from results files (never from in-memory state): Markdown, CSV and LaTeX, with
+reference figures from the papers shown beside ours where model, method and metric match."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report import markdown_table
+
+REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
+#: Preferred column order; any other metric follows alphabetically.
+ORDER = ("true*info", "true*info (per answer)", "true", "info", "mc1", "mc2", "mc3", "ce", "kl")
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    """``results.json`` files given directly, as run directories, or as glob patterns."""
+    found: list[Path] = []
+    for p in paths:
+        pattern = glob.has_magic(p)
+        matches = [Path(m) for m in glob.glob(p)] if pattern else [Path(p)]
+        for m in matches:
+            f = m / "results.json" if m.is_dir() else m
+            if f.is_file():
+                found.append(f)
+            elif not pattern:  # an explicit path must exist; a glob may match unfinished runs
+                raise FileNotFoundError(f"no results.json at {m}")
+    if not found:
+        raise FileNotFoundError(f"no results found for {paths}")
+    out = []
+    for f in sorted(set(found)):
+        res = json.loads(f.read_text())
+        res["_path"] = str(f)
+        out.append(res)
+    return out
+
+
+def long_table(results: list[dict]) -> pd.DataFrame:
+    """One row per (run, metric): model, method, task, layer, metric, mean, se, n, folds."""
+    rows = []
+    for r in results:
+        cfg = r["config"]
+        for metric, v in r["metrics"].items():
+            rows.append({"model": cfg["model"], "method": cfg["method"], "task": cfg["task"],
+                         "layer": cfg.get("layer"), "metric": metric, "mean": v["mean"], "se": v.get("se", math.nan),
+                         "n": v.get("n"), "folds": len(r.get("folds", [])), "run": Path(r["_path"]).parent.name,
+                         "path": r["_path"]})
+    return pd.DataFrame(rows)
+
+
+def wide_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Rows (model, method, task, layer, run); a "mean ± se" column per metric, and the number of questions."""
+    long = long.assign(
+        cell=[f"{m:.3f} ± {s:.3f}" if pd.notna(s) and math.isfinite(s) else f"{m:.3f}"
+              for m, s in zip(long["mean"], long["se"])],
+        layer=["–" if pd.isna(x) else str(int(x)) for x in long["layer"]])
+    keys = ["model", "method", "task", "layer", "run"]
+    wide = long.groupby([*keys, "metric"], sort=False)["cell"].first().unstack("metric").reset_index()
+    wide.columns.name = None
+    wide["questions"] = long.groupby(keys, sort=False)["n"].max().values
+    metrics = [c for c in wide.columns if c not in (*keys, "questions")]
+    metrics.sort(key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    return wide[["model", "method", "task", "layer", *metrics, "questions", "run"]].fillna("")
+
+
+def reference_comparison(long: pd.DataFrame, reference_file: Path = REFERENCE_FILE) -> pd.DataFrame:
+    """Our figure beside every published figure for the same model, method and metric, with the difference."""
+    ref = pd.read_csv(reference_file)
+    merged = long.merge(ref, on=["model", "method", "metric"], how="inner")
+    merged["difference"] = merged["mean"] - merged["value"]
+    return merged[["model", "method", "metric", "mean", "se", "value", "difference", "source"]].rename(
+        columns={"mean": "ours", "value": "reference"})
+
+
+def write_tables(results: list[dict], output: Path, name: str = "table") -> dict[str, Path]:
+    """Write ``{name}.md``, ``{name}.csv``, ``{name}.tex`` (and the reference comparison in the Markdown)."""
+    output.mkdir(parents=True, exist_ok=True)
+    long = long_table(results)
+    wide = wide_table(long)
+    comp = reference_comparison(long)
+    md = markdown_table([str(c) for c in wide.columns], [[str(x) for x in row] for row in wide.itertuples(index=False)])
+    if len(comp):
+        md += "\n\nReference figures for the same model, method and metric:\n\n" + markdown_table(
+            list(comp.columns), [[f"{x:.3f}" if isinstance(x, float) else str(x) for x in row]
+                                 for row in comp.itertuples(index=False)])
+    paths = {"md": output / f"{name}.md", "csv": output / f"{name}.csv", "tex": output / f"{name}.tex"}
+    paths["md"].write_text(md + "\n")
+    long.drop(columns=["path"]).to_csv(paths["csv"], index=False)
+    paths["tex"].write_text(wide.to_latex(index=False, escape=True).replace(" ± ", r" $\pm$ "))
+    return paths

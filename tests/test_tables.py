@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from bench.runs import combine_folds, summarise
+from bench.tables import load_results, long_table, reference_comparison, write_tables
+
+
+def _fake_run(tmp_path, name, model, method, mc2_values_per_fold):
+    folds = [{"fold": i, "metrics": {"mc2": summarise(v)}} for i, v in enumerate(mc2_values_per_fold)]
+    res = {"config": {"model": model, "method": method, "task": "truthfulqa-mc", "layer": None},
+           "metrics": {"mc2": combine_folds([f["metrics"]["mc2"] for f in folds])}, "folds": folds}
+    d = tmp_path / name
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def test_fold_combination_and_standard_errors():
+    s = summarise([0.0, 1.0, 1.0, 0.0])
+    assert s["mean"] == 0.5 and s["se"] == pytest.approx(0.5773502 / 2, rel=1e-5) and s["n"] == 4
+    c = combine_folds([{"mean": 0.4, "se": 0.03, "n": 10}, {"mean": 0.6, "se": 0.04, "n": 12}])
+    assert c["mean"] == pytest.approx(0.5) and c["se"] == pytest.approx(0.025) and c["n"] == 22
+
+
+def test_table_rows_reference_difference_and_files(tmp_path):
+    _fake_run(tmp_path, "a", "llama-7b", "iti", [[0.4, 0.5], [0.5, 0.6]])
+    _fake_run(tmp_path, "b", "smollm2-135m", "none", [[0.1, 0.3], [0.2, 0.2]])
+    results = load_results([str(tmp_path / "*")])
+    long = long_table(results)
+    assert set(long["method"]) == {"iti", "none"}
+    comp = reference_comparison(long)
+    row = comp[(comp["model"] == "llama-7b") & (comp["metric"] == "mc2")].iloc[0]
+    assert row["ours"] == pytest.approx(0.5) and row["reference"] == pytest.approx(0.45)
+    assert row["difference"] == pytest.approx(0.05) and "honest_llama" in row["source"]
+    paths = write_tables(results, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert "0.500 ± " in md and "Reference figures" in md
+    assert "$\\pm$" in paths["tex"].read_text()
+    assert len(paths["csv"].read_text().splitlines()) == 3
+
+
+def test_missing_results_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        load_results([str(tmp_path)])
