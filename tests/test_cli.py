@@ -143,3 +143,23 @@ def test_lm_eval_tasks_through_the_harness_match_our_lm_eval_mode(tiny_dir, tqa_
     assert r3.exit_code == 0, r3.output
     steered = json.loads((tmp_path / "c" / "results.json").read_text())["metrics"]
     assert steered["truthfulqa_mc2/acc"]["mean"] != theirs["truthfulqa_mc2/acc"]["mean"]
+
+
+def test_an_interrupted_run_leaves_no_results_json(tiny_dir, tqa_dir, tmp_path, monkeypatch):
+    import bench.runner
+
+    real = bench.runner.evaluate_mc
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "evaluate_mc", interrupted)
+    out = tmp_path / "run"
+    _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12", "--output", str(out))
+    assert (out / "fold_0.json").exists()
+    assert not (out / "results.json").exists() and not (out / "fold_1.json").exists()
+    assert not list(out.glob(".*tmp*")) and not list(out.glob(".results.json*"))
