@@ -92,3 +92,31 @@ def write_tables(results: list[dict], output: Path, name: str = "table") -> dict
     long.drop(columns=["path"]).to_csv(paths["csv"], index=False)
     paths["tex"].write_text(wide.to_latex(index=False, escape=True).replace(" ± ", r" $\pm$ "))
     return paths
+
+
+def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] = ("mc1", "mc2", "mc3"),
+                       confidence: float = 0.95) -> pd.DataFrame:
+    """Per-question paired difference B − A on the questions both runs scored: mean, t-interval, paired t-test p."""
+    from scipy import stats
+
+    def per_question(run: Path) -> dict[int, dict]:
+        f = Path(run) / "per_question.jsonl"
+        if not f.is_file():
+            raise FileNotFoundError(f"no per_question.jsonl in {run}")
+        return {rec["index"]: rec for rec in map(json.loads, f.read_text().splitlines())}
+
+    a, b = per_question(run_a), per_question(run_b)
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        raise ValueError(f"{run_a} and {run_b} share {len(common)} questions; a paired comparison needs ≥ 2")
+    rows = []
+    for m in metrics:
+        x = [a[i][m] for i in common]
+        y = [b[i][m] for i in common]
+        d = pd.Series(y) - pd.Series(x)
+        se = float(stats.sem(d))
+        lo, hi = (stats.t.interval(confidence, len(d) - 1, loc=d.mean(), scale=se) if se > 0 else (d.mean(), d.mean()))
+        p = float(stats.ttest_rel(y, x).pvalue) if se > 0 else float("nan")
+        rows.append({"metric": m, "a": sum(x) / len(x), "b": sum(y) / len(y), "difference": float(d.mean()),
+                     "ci_low": float(lo), "ci_high": float(hi), "p_value": p, "questions": len(common)})
+    return pd.DataFrame(rows)

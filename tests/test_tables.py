@@ -43,3 +43,17 @@ def test_table_rows_reference_difference_and_files(tmp_path):
 def test_missing_results_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         load_results([str(tmp_path)])
+
+
+def test_paired_differences_by_hand(tmp_path):
+    from bench.tables import paired_differences
+
+    for name, vals in (("a", [0.1, 0.2, 0.3, 0.4]), ("b", [0.2, 0.4, 0.3, 0.6])):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("per_question.jsonl").write_text(
+            "\n".join(json.dumps({"index": i, "mc1": v, "mc2": v, "mc3": v}) for i, v in enumerate(vals)))
+    df = paired_differences(tmp_path / "a", tmp_path / "b")
+    row = df[df["metric"] == "mc2"].iloc[0]
+    assert row["difference"] == pytest.approx(0.125) and row["questions"] == 4
+    assert row["ci_low"] < 0.125 < row["ci_high"]
