@@ -195,7 +195,7 @@ def table(
 
     try:
         files = write_tables(load_results(paths), output, name)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     print(files["md"].read_text())
     console.print("written: " + ", ".join(str(p) for p in files.values()))

@@ -34,8 +34,14 @@ def load_results(paths: list[str]) -> list[dict]:
     out = []
     for f in sorted(set(found)):
         res = json.loads(f.read_text())
+        if not isinstance(res, dict) or "config" not in res or "metrics" not in res:
+            if any(glob.has_magic(p) for p in paths):
+                continue  # a glob may also match other JSON files
+            raise ValueError(f"{f} is not a bench results file (no config/metrics)")
         res["_path"] = str(f)
         out.append(res)
+    if not out:
+        raise FileNotFoundError(f"no results files among {paths}")
     return out
 
 
