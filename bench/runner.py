@@ -84,6 +84,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             echo(f"--limit {cfg.limit} is larger than the data ({len(questions)} questions): using all of them")
         questions = questions[: cfg.limit]
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    env = environment(str(next(lm.model.parameters()).device))  # read at the start: the code that runs
     if method.needs_layer:
         if cfg.layer is None:
             if lm.default_layer is None:
@@ -153,7 +154,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "config": {**asdict(cfg)},
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
         "data": {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)},
-        "environment": environment(str(next(lm.model.parameters()).device)),
+        "environment": env,
         "metrics": {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]},
         "folds": [{k: v for k, v in f.items() if k != "per_question"} for f in fold_results],
         "timings": {"total_s": time.perf_counter() - t0,
