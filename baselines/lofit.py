@@ -39,7 +39,7 @@ def l1_penalty(modules: dict[int, HeadScaleBias]) -> torch.Tensor:
 
 def select_heads(modules: dict[int, HeadScaleBias], k: int) -> list[tuple[int, int]]:
     """The ``k`` (layer, head) pairs with the largest ‖A_h‖ after stage 1."""
-    scores = [(float(m.A[h].norm()), layer, h) for layer, m in modules.items() for h in range(m.A.shape[0])]
+    scores = [(float(m.A[h].detach().norm()), layer, h) for layer, m in modules.items() for h in range(m.A.shape[0])]
     if k < 1:
         raise ValueError(f"K must be ≥ 1, got {k}")
     scores.sort(key=lambda t: (-t[0], t[1], t[2]))
