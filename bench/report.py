@@ -22,6 +22,7 @@ def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2",
     rows = []
     for r in results:
         cfg = r["config"]
-        rows.append([cfg["model"], cfg["method"], str(cfg.get("layer", "")),
+        layer = cfg.get("layer")
+        rows.append([cfg["model"], cfg["method"], "–" if layer is None else str(layer),
                      *[fmt(r["metrics"][m]) for m in metrics], str(len(r["folds"])), str(r["metrics"][metrics[0]]["n"])])
     return markdown_table(header, rows)
