@@ -7,7 +7,6 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from rich.progress import Progress
@@ -102,6 +101,3 @@ def qa_text(question: str, answer: str) -> str:
     """The capture prompt of ITI and FLORAIN: ``"Q: {question} A: {answer}"``."""
     return f"Q: {question} A: {answer}"
 
-
-def cached_paths(root: Path | None = None) -> list[Path]:
-    return sorted((root or activation_cache_dir()).glob("*.safetensors"))

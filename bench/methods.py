@@ -6,7 +6,6 @@ Each ``_fit_*`` turns a fold's data into an :class:`Intervention` using the pure
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -29,8 +28,6 @@ from bench.models import LoadedModel
 from bench.probes import head_probe_accuracies
 from bench.scoring import encode
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

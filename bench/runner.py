@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from bench.sites import SITES
 from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
 from bench.tasks.truthfulqa_mc import evaluate_mc
 
-log = logging.getLogger(__name__)
 TASKS = ("truthfulqa-mc",)
 MC_METRICS = ("mc1", "mc2", "mc3")
 

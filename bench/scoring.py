@@ -67,6 +67,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
         with intervention.applied(lm, positions="all") if edits_all else contextlib.nullcontext():
             out_prefix = model(input_ids=prefix, use_cache=True)
         cache = getattr(out_prefix, "cache", None) or out_prefix.past_key_values
+    cache_kwarg = _cache_kwarg(model)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
     out = [0.0] * len(seqs)
     with Progress(transient=True, disable=progress is None) as bar:
@@ -90,7 +91,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             if cache is not None:
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(rows))
-                kwargs[_cache_kwarg(model)] = batch_cache
+                kwargs[cache_kwarg] = batch_cache
             if intervention is not None:
                 with intervention.applied(lm, positions=mask):
                     logits = model(**kwargs).logits
