@@ -26,7 +26,7 @@ from bench.data.truthfulqa import Fold, Question
 from bench.interventions import Intervention, Method, register
 from bench.models import LoadedModel
 from bench.probes import head_probe_accuracies
-from bench.scoring import encode
+from bench.scoring import Encoded, encode
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
 
 
@@ -177,14 +177,9 @@ def _fit_few_shot(ctx: FitContext) -> Intervention:
                                                    "example_questions": [q.index for q in train[:shots]]}, prefix)
 
 
-def _lofit_batches(ctx: FitContext, rows: list[tuple[str, str]], batch: int, gen: torch.Generator):
+def _lofit_batches(ctx: FitContext, encoded: list[Encoded], batch: int, gen: torch.Generator):
     """Right-padded (input_ids, attention_mask, labels) batches; labels are -100 except on the answer tokens."""
     tok = ctx.lm.tokenizer
-    encoded = []
-    for q, a in rows:
-        context = f"Q: {q}\nA: "
-        enc = encode(ctx.lm, context + a, len(context))
-        encoded.append(enc)
     order = torch.randperm(len(encoded), generator=gen).tolist()
     for start in range(0, len(order), batch):
         chunk = [encoded[i] for i in order[start : start + batch]]
@@ -200,7 +195,7 @@ def _lofit_batches(ctx: FitContext, rows: list[tuple[str, str]], batch: int, gen
 
 
 def _lofit_train(ctx: FitContext, modules: dict, params: list, epochs: int, l1: float, lr: float, batch: int,
-                 rows: list[tuple[str, str]], gen: torch.Generator, label: str) -> list[float]:
+                 rows: list[Encoded], gen: torch.Generator, label: str) -> list[float]:
     from contextlib import ExitStack
 
     from bench.sites import hooked
@@ -243,7 +238,8 @@ def _fit_lofit(ctx: FitContext) -> Intervention:
     epochs1, epochs2 = LOFIT_EPOCHS
     seed = int(_opt(ctx, "seed", 42))
     gen = torch.Generator().manual_seed(seed)
-    rows = [(ctx.questions[i].question, a) for i in ctx.fold.train for a in ctx.questions[i].correct]
+    rows = [encode(ctx.lm, f"Q: {ctx.questions[i].question}\nA: {a}", len(f"Q: {ctx.questions[i].question}\nA: "))
+            for i in ctx.fold.train for a in ctx.questions[i].correct]  # tokenised once, reused every epoch
     heads, dim = spec.site_shape("heads")
     stage1 = {layer: HeadScaleBias(heads, dim) for layer in range(spec.n_layers)}
     for m in stage1.values():
