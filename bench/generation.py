@@ -1,0 +1,97 @@
+"""TruthfulQA generation: prompt presets, batched greedy decoding with the intervention active, answer cleaning.
+
+Position semantics (ITI/FLORAIN): the edit applies at the last position of every forward call, i.e. with the
+KV cache at the last prompt token and then at every generated token (prompt-only methods edit nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from bench.models import LoadedModel
+from bench.prompts import INSTRUCTION, QA_PRIMER
+
+#: ITI's "informative" instruction: the default one without its last clause.
+INFORMATIVE_INSTRUCTION = INSTRUCTION.split("; and reply")[0] + "."
+
+
+@dataclass(frozen=True)
+class GenPreset:
+    """A generation prompt: ``template.format(question=..., fewshot=...)``; the model writes the answer after it."""
+
+    name: str
+    template: str
+    description: str
+
+
+GEN_PRESETS: dict[str, GenPreset] = {
+    p.name: p for p in (
+        GenPreset("iti", INSTRUCTION + "\n\n{fewshot}" + QA_PRIMER + "\n\nQ: {question}",
+                  "ITI/FLORAIN: Ouyang et al. instruction + TruthfulQA QA primer + '\\n\\nQ: {q}'; the model "
+                  "writes '\\nA: ...' itself"),
+        GenPreset("iti-informative", INFORMATIVE_INSTRUCTION + "\n\n{fewshot}" + QA_PRIMER + "\n\nQ: {question}",
+                  "ITI's --instruction_prompt informative: the instruction without the 'I have no comment' clause"),
+        GenPreset("qa", "{fewshot}" + QA_PRIMER + "\n\nQ: {question}",
+                  "TruthfulQA's qa preset without an instruction"),
+        GenPreset("lm-eval", "{fewshot}" + QA_PRIMER + "\n\nQ: {question}\nA:",
+                  "lm-eval truthfulqa_gen: QA primer + '\\n\\nQ: {q}\\nA:'"),
+    )
+}
+
+
+def gen_prompt(question: str, preset: str = "iti", fewshot: str = "") -> str:
+    if preset not in GEN_PRESETS:
+        raise ValueError(f"unknown generation prompt preset {preset!r}; valid: {', '.join(GEN_PRESETS)}")
+    return GEN_PRESETS[preset].template.format(question=question, fewshot=fewshot)
+
+
+def clean_answer(text: str) -> str:
+    """Cut a continuation at the next ``Q:``, keep what follows ``A:`` (ITI's rule), strip whitespace."""
+    text = text.split("Q:", 1)[0]
+    if "A:" in text:
+        text = text.split("A:", 1)[1]
+    return text.strip()
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, prompts: Sequence[str], intervention=None, max_new_tokens: int = 50,
+             batch_size: int = 16, stop: Iterable[str] = ("Q:",),
+             on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), with ``intervention`` at the last positions.
+
+    ``stop`` strings end a sequence early (the text is cut at them anyway, so greedy output is unchanged).
+    ``on_batch(indices, continuations)`` is called as each batch finishes (for incremental saving).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    tok, model = lm.tokenizer, lm.model
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    out: list[str | None] = [None] * len(prompts)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for idx in _batches(order, batch_size):
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+            active = intervention.applied(lm, "last") if intervention is not None and intervention.modules else nullcontext()
+            with active:
+                seqs = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                      pad_token_id=tok.pad_token_id, stop_strings=list(stop) or None,
+                                      tokenizer=tok, top_p=None, top_k=None, temperature=None)
+            texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                out[i] = t
+            if on_batch is not None:
+                on_batch(list(idx), texts)
+    finally:
+        tok.padding_side = side
+    return [o or "" for o in out]
