@@ -15,6 +15,8 @@ app = typer.Typer(help="Benchmark inference-time activation interventions (FLORA
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List and pull models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+judge_app = typer.Typer(help="Train and validate the TruthfulQA judges.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
 console = Console(stderr=True)
 
 
@@ -34,7 +36,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 def run(
     method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, lofit, few-shot."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
-    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc, or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
+    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
     site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
     rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
@@ -63,6 +65,17 @@ def run(
     prompt_mode: str = typer.Option("iti", help="MC prompt: iti (instruction + QA primer) or lm-eval (QA primer only)."),
     eval_batch_size: int = typer.Option(16, help="Sequences per forward pass when scoring."),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's KV cache."),
+    gen_preset: str = typer.Option("iti", help="Generation prompt preset: iti, iti-informative, qa, lm-eval (see bench.generation.GEN_PRESETS)."),
+    max_new_tokens: int = typer.Option(50, help="Greedy tokens generated per question."),
+    gen_batch_size: int = typer.Option(16, help="Prompts per generation batch (left padding)."),
+    judge: str = typer.Option("embedded", help="Judge of generated answers: embedded (offline, trained here), openai, hf."),
+    judge_base_url: Optional[str] = typer.Option(None, help="openai judge: endpoint [$OPENAI_BASE_URL or api.openai.com]."),
+    judge_model: Optional[str] = typer.Option(None, help="openai judge: model name; hf judge: truth-judge model (path or Hub id)."),
+    judge_info_model: Optional[str] = typer.Option(None, help="openai (completion) / hf judge: separate informativeness model."),
+    judge_protocol: Optional[str] = typer.Option(None, help="openai judge: chat (reference-grounded) or completion (True:/Helpful: fine-tuned judges)."),
+    kl_windows: int = typer.Option(100, help="KL/CE: number of text windows."),
+    kl_length: int = typer.Option(128, help="KL/CE: tokens per window."),
+    kl_source: Optional[str] = typer.Option(None, help="KL/CE texts: hub (openwebtext-10k), nontoxic/toxic/challenging (RTP prompts) or a JSONL path [hub, offline: nontoxic]."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/TruthfulQA.csv [$BENCH_DATA_DIR, then the Hub]."),
     output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --output, reusing its finished folds."),
@@ -84,16 +97,36 @@ def run(
     options = {k: v for k, v in options.items() if v is not None}
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
-                    eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype)
+                    eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
+                    gen_preset=gen_preset, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, judge=judge,
+                    judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol),
+                    kl_windows=kl_windows, kl_length=kl_length, kl_source=kl_source)
     if output is not None and resume is False and (output / "results.json").exists():
         _fail(f"{output} already holds a finished run; choose another --output or pass --resume")
     try:
         results = do_run(cfg, output, data_dir, resume, echo=lambda m: console.print(m))
-    except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError) as err:
+    except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError,
+            RuntimeError) as err:
         _fail(str(err))
     print(results_table([results], tuple(results["metrics"])))
     console.print(f"results: {results['run_dir']}/results.json  ({results['timings']['total_s']:.0f} s, "
                   f"peak memory {results['peak_memory_mb']:.0f} MB)")
+
+
+def _judge_options(judge: str, base_url: str | None, model: str | None, info_model: str | None,
+                   protocol: str | None) -> dict:
+    """Backend settings from the command line (API keys are read from the environment by the backend)."""
+    if judge == "openai":
+        opts = {"base_url": base_url, "model": model, "protocol": protocol}
+        if info_model:
+            opts.update(truth_model=model, info_model=info_model)
+    elif judge == "hf":
+        opts = {"truth_model": model, "info_model": info_model}
+    else:
+        if any(v is not None for v in (base_url, model, info_model, protocol)):
+            raise typer.BadParameter(f"--judge-* options do not apply to the {judge} judge")
+        opts = {}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 @models_app.command("list")
@@ -218,3 +251,65 @@ def compare(
     rows = [[r.metric.upper(), f"{r.a:.4f}", f"{r.b:.4f}", f"{r.difference:+.4f}", f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
              f"{r.p_value:.2g}", str(r.questions)] for r in df.itertuples()]
     print(markdown_table(["metric", "A", "B", "B − A", f"{confidence:.0%} CI", "paired t p", "questions"], rows))
+
+
+@judge_app.command("train")
+def judge_train(
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/finetune_{truth,info}.jsonl and TruthfulQA.csv."),
+    seed: int = typer.Option(0, help="Seed of the classifiers."),
+) -> None:
+    """(Re)train the embedded judge on all human labels and cache it (outside the repository)."""
+    import time
+
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.judges.embedded import train_embedded_judge
+
+    t = time.perf_counter()
+    try:
+        path = train_embedded_judge(data_dir, seed=seed)
+    except (DataNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"embedded judge trained in {time.perf_counter() - t:.0f} s → {path}")
+
+
+@judge_app.command("validate")
+def judge_validate(
+    judge: str = typer.Option("embedded", help="Judge: embedded, openai, hf."),
+    folds: int = typer.Option(5, help="Cross-validation folds (trainable judges)."),
+    seed: int = typer.Option(0, help="Seed of the splits and classifiers."),
+    limit: Optional[int] = typer.Option(None, help="Use a seeded sample of N labelled answers per aspect."),
+    protocol: list[str] = typer.Option(["deployment", "new-questions"], help="deployment and/or new-questions."),
+    judge_base_url: Optional[str] = typer.Option(None, help="openai judge endpoint."),
+    judge_model: Optional[str] = typer.Option(None, help="openai judge model / hf truth-judge model."),
+    judge_info_model: Optional[str] = typer.Option(None, help="Separate informativeness model (openai completion, hf)."),
+    judge_protocol: Optional[str] = typer.Option(None, help="openai judge: chat or completion."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding the human label files."),
+    output: Optional[Path] = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """Agreement with the human labels: accuracy, balanced accuracy, confusion counts, for truth and info."""
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.judges import get_judge
+    from bench.judges.validate import PROTOCOLS, validate_embedded, validate_fixed
+    from bench.report import markdown_table
+    from bench.runs import write_json
+
+    bad = [p for p in protocol if p not in PROTOCOLS]
+    if bad:
+        _fail(f"unknown protocol(s) {bad}; valid: {', '.join(PROTOCOLS)}")
+    try:
+        if judge == "embedded":
+            res = validate_embedded(data_dir, folds, seed, protocol, limit=limit, echo=lambda m: console.print(m))
+        else:
+            opts = _judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol)
+            res = validate_fixed(get_judge(judge, **opts), data_dir, limit, seed)
+    except (DataNotFoundError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    rows = []
+    for aspect, by_proto in res["results"].items():
+        for proto, r in by_proto.items():
+            c = r["confusion"]
+            rows.append([aspect, proto, f"{r['accuracy']:.4f}", f"{r['balanced_accuracy']:.4f}",
+                         f"{c['tp']}/{c['fp']}/{c['tn']}/{c['fn']}", str(r["n"])])
+    print(markdown_table(["aspect", "protocol", "accuracy", "balanced accuracy", "TP/FP/TN/FN", "answers"], rows))
+    if output:
+        write_json(output, res)

@@ -6,11 +6,12 @@ KV cache at the last prompt token and then at every generated token (prompt-only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from rich.progress import Progress
 
 from bench.models import LoadedModel
 from bench.prompts import INSTRUCTION, QA_PRIMER
@@ -65,33 +66,45 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 @torch.no_grad()
 def generate(lm: LoadedModel, prompts: Sequence[str], intervention=None, max_new_tokens: int = 50,
              batch_size: int = 16, stop: Iterable[str] = ("Q:",),
-             on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+             on_batch: Callable[[list[int], list[str]], None] | None = None, skip: Collection[int] = (),
+             progress: str | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), with ``intervention`` at the last positions.
 
     ``stop`` strings end a sequence early (the text is cut at them anyway, so greedy output is unchanged).
-    ``on_batch(indices, continuations)`` is called as each batch finishes (for incremental saving).
+    ``on_batch(indices, continuations)`` is called as each batch finishes (for incremental saving). Batches are
+    fixed by the prompt lengths alone; a batch whose prompts are all in ``skip`` (done before an interruption) is
+    not run, so a resumed run decodes exactly the batches an uninterrupted one would.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    tok, model = lm.tokenizer, lm.model
-    device = next(model.parameters()).device
+    tok = lm.tokenizer
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     out: list[str | None] = [None] * len(prompts)
     side = tok.padding_side
     tok.padding_side = "left"
+    batches = [list(b) for b in _batches(order, batch_size) if not set(b) <= set(skip)]
     try:
-        for idx in _batches(order, batch_size):
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-            active = intervention.applied(lm, "last") if intervention is not None and intervention.modules else nullcontext()
-            with active:
-                seqs = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tok.pad_token_id, stop_strings=list(stop) or None,
-                                      tokenizer=tok, top_p=None, top_k=None, temperature=None)
-            texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, t in zip(idx, texts):
-                out[i] = t
-            if on_batch is not None:
-                on_batch(list(idx), texts)
+        with Progress(transient=True, disable=progress is None) as bar:
+            task = bar.add_task(progress or "", total=sum(len(b) for b in batches))
+            for idx in batches:
+                _generate_batch(lm, prompts, idx, intervention, max_new_tokens, stop, out)
+                if on_batch is not None:
+                    on_batch(idx, [out[i] or "" for i in idx])
+                bar.advance(task, len(idx))
     finally:
         tok.padding_side = side
     return [o or "" for o in out]
+
+
+def _generate_batch(lm: LoadedModel, prompts: Sequence[str], idx: list[int], intervention, max_new_tokens: int,
+                    stop: Iterable[str], out: list) -> None:
+    """Decode one left-padded batch greedily into ``out[i]`` for ``i`` in ``idx``."""
+    tok, model = lm.tokenizer, lm.model
+    enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    active = intervention.applied(lm, "last") if intervention is not None and intervention.modules else nullcontext()
+    with active:
+        seqs = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                              stop_strings=list(stop) or None, tokenizer=tok, top_p=None, top_k=None,
+                              temperature=None)
+    for i, t in zip(idx, tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+        out[i] = t

@@ -1,4 +1,9 @@
-"""One benchmark run: load model and data, fit the method per fold, evaluate, write the run directory."""
+"""One benchmark run: load model and data, fit the method per fold, evaluate the task's parts, write the run directory.
+
+A task is a tuple of parts — ``mc`` (MC1/2/3), ``gen`` (generation + judge), ``klce`` (CE/KL vs the unintervened
+model) — each saved per fold as it finishes (generations and verdicts per batch), so ``--resume`` continues an
+interrupted run where it stopped and reaches the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ from pathlib import Path
 
 import torch
 
-from bench.data.truthfulqa import checksum, load_truthfulqa, make_folds
-from bench.interventions import get_method
+from bench.data.truthfulqa import Question, checksum, load_truthfulqa, make_folds
+from bench.generation import GEN_PRESETS, clean_answer, gen_prompt, generate
+from bench.interventions import Intervention, get_method
+from bench.judges import JudgeItem, get_judge, judge_names
 from bench.methods import FitContext
-from bench.models import REGISTRY, load_model, resolve_alias
+from bench.metrics.generation import combine_product, generation_metrics
+from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
 from bench.paths import repo_root
 from bench.report import results_table
 from bench.runs import (
@@ -27,10 +35,16 @@ from bench.runs import (
     write_json,
 )
 from bench.sites import SITES
+from bench.tasks.kl_ce import kl_ce, load_texts, make_windows
 from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
 from bench.tasks.truthfulqa_mc import evaluate_mc
 
-TASKS = ("truthfulqa-mc",)
+TASKS: dict[str, tuple[str, ...]] = {
+    "truthfulqa-mc": ("mc",),
+    "truthfulqa-gen": ("gen",),
+    "truthfulqa": ("mc", "gen", "klce"),
+    "kl-ce": ("klce",),
+}
 MC_METRICS = ("mc1", "mc2", "mc3")
 
 
@@ -53,6 +67,14 @@ class RunConfig:
     prefix_cache: bool = True
     device: str | None = None
     dtype: str | None = None
+    gen_preset: str = "iti"
+    max_new_tokens: int = 50
+    gen_batch_size: int = 16
+    judge: str = "embedded"
+    judge_options: dict = field(default_factory=dict)  # backend settings (never secrets: keys come from the environment)
+    kl_windows: int = 100
+    kl_length: int = 128
+    kl_source: str | None = None  # None: the Hub's openwebtext-10k when reachable, else RTP prompt texts
 
 
 def _identity_config(cfg: RunConfig) -> dict:
@@ -61,21 +83,154 @@ def _identity_config(cfg: RunConfig) -> dict:
     return d
 
 
+def _parts(task: str) -> tuple[str, ...]:
+    if task.startswith("lm-eval:"):
+        return ("lm-eval",)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}, lm-eval:TASK[,TASK]")
+    return TASKS[task]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Lines of a progress file; a torn last line (killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def _append_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("a") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+        fh.flush()
+
+
+class _Run:
+    """State shared by the folds of one run: model, judge, KL windows, output directory."""
+
+    def __init__(self, cfg: RunConfig, lm: LoadedModel, out: Path, data_dir: str | None, resume: bool, echo):
+        self.cfg, self.lm, self.out, self.data_dir, self.resume, self.echo = cfg, lm, out, data_dir, resume, echo
+        self._judge = None
+        self._windows = None
+        self.kl_source: str | None = None
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            opts = dict(self.cfg.judge_options)
+            if self.cfg.judge == "embedded":
+                opts.setdefault("data_dir", self.data_dir)
+            self._judge = get_judge(self.cfg.judge, **opts)
+        return self._judge
+
+    def windows(self) -> torch.Tensor:
+        if self._windows is None:
+            texts, self.kl_source = load_texts(self.cfg.kl_source, self.data_dir, self.cfg.seed)
+            self._windows = make_windows(self.lm, texts, self.cfg.kl_windows, self.cfg.kl_length)
+        return self._windows
+
+    # ------------------------------------------------------------------ parts
+
+    def mc(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
+        recs = evaluate_mc(self.lm, qs, iv, self.cfg.prompt_mode, self.cfg.eval_batch_size, self.cfg.prefix_cache,
+                           fewshot=iv.prompt_prefix if iv else "", label=f"fold {k} MC")
+        return {"metrics": {m: summarise([r[m] for r in recs]) for m in MC_METRICS}, "records": recs}
+
+    def gen(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
+        cfg = self.cfg
+        gen_file, verdict_file = self.out / f"generations_fold{k}.jsonl", self.out / f"judgements_fold{k}.jsonl"
+        done = {r["index"]: r for r in _read_jsonl(gen_file)}
+        if done:
+            self.echo(f"fold {k}: reusing {len(done)} saved generations")
+        prompts = [gen_prompt(q.question, cfg.gen_preset, iv.prompt_prefix if iv else "") for q in qs]
+
+        def save(idx: list[int], texts: list[str]) -> None:
+            recs = [{"index": qs[i].index, "continuation": t, "answer": clean_answer(t)} for i, t in zip(idx, texts)]
+            _append_jsonl(gen_file, recs)
+            done.update({r["index"]: r for r in recs})
+
+        skip = {i for i, q in enumerate(qs) if q.index in done}
+        generate(self.lm, prompts, iv, cfg.max_new_tokens, cfg.gen_batch_size, on_batch=save, skip=skip,
+                 progress=f"fold {k} generation ({len(qs)} questions)")
+        judge_id = config_hash(self.judge.identity())
+        verdicts = {r["index"]: r for r in _read_jsonl(verdict_file) if r.get("judge") == judge_id}
+        todo = [q for q in qs if q.index not in verdicts]
+        for s in range(0, len(todo), 64):  # judged in chunks so an interrupted run keeps what was judged
+            chunk = todo[s:s + 64]
+            items = [JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect) for q in chunk]
+            recs = [{"index": q.index, "judge": judge_id, "p_true": v.p_true, "p_info": v.p_info}
+                    for q, v in zip(chunk, self.judge.judge(items))]
+            _append_jsonl(verdict_file, recs)
+            verdicts.update({r["index"]: r for r in recs})
+        recs = []
+        for q in qs:
+            v = verdicts[q.index]
+            recs.append({"index": q.index, "question": q.question, "answer": done[q.index]["answer"],
+                         "p_true": v["p_true"], "p_info": v["p_info"],
+                         "true": v["p_true"] >= 0.5, "info": v["p_info"] >= 0.5})
+        return {"metrics": generation_metrics([r["true"] for r in recs], [r["info"] for r in recs]), "records": recs}
+
+    def klce(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
+        vals = kl_ce(self.lm, self.windows(), iv, batch_size=self.cfg.eval_batch_size)
+        return {"metrics": {m: summarise(v) for m, v in vals.items()}, "windows": vals}
+
+    # ------------------------------------------------------------------ folds
+
+    def intervention(self, method, ctx: FitContext, k: int) -> tuple[Intervention | None, float, str | None]:
+        """Fit (or, resuming, reload) the fold's intervention; returns it, the fit seconds and its directory."""
+        fit_file, int_dir = self.out / f"fold_{k}.fit.json", self.out / f"intervention_fold{k}"
+        if self.resume and fit_file.exists():
+            info = json.loads(fit_file.read_text())
+            iv = Intervention.from_pretrained(int_dir) if info["intervention"] else None
+            self.echo(f"fold {k}: reusing the fitted {self.cfg.method} in {int_dir if iv else '(none)'}")
+            return iv, info["fit_s"], info["intervention"]
+        t = time.perf_counter()
+        iv = method.fit(ctx)
+        fit_s = time.perf_counter() - t
+        rel = None
+        if iv is not None:
+            iv.save_pretrained(int_dir)
+            rel = int_dir.name
+            where = f"layer(s) {iv.layers}" if iv.layers else "the prompt"
+            self.echo(f"fold {k}: fitted {self.cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
+        write_json(fit_file, {"fit_s": fit_s, "intervention": rel})
+        return iv, fit_s, rel
+
+
+def _merge_records(parts: dict[str, dict]) -> list[dict]:
+    by_index: dict[int, dict] = {}
+    for part in parts.values():
+        for r in part.get("records", []):
+            by_index.setdefault(r["index"], {}).update(r)
+    return [by_index[i] for i in sorted(by_index)]
+
+
 def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None, resume: bool = False,
         echo=print) -> dict:
     """Execute a run and return its results dict (also written to ``<output>/results.json``)."""
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     cfg.options = {k: v for k, v in cfg.options.items() if k in method.options}
-    if cfg.task not in TASKS and not cfg.task.startswith("lm-eval:"):
-        raise ValueError(f"unknown task {cfg.task!r}; valid: {', '.join(TASKS)}, lm-eval:TASK[,TASK]")
+    parts = _parts(cfg.task)
     lm_eval_tasks = parse_tasks(cfg.task) if cfg.task.startswith("lm-eval:") else None
     if cfg.site not in SITES:
         raise ValueError(f"unknown site {cfg.site!r}; valid: {', '.join(SITES)}")
+    if cfg.gen_preset not in GEN_PRESETS:
+        raise ValueError(f"unknown generation prompt preset {cfg.gen_preset!r}; valid: {', '.join(GEN_PRESETS)}")
+    if cfg.max_new_tokens < 1 or cfg.kl_windows < 1 or cfg.kl_length < 2:
+        raise ValueError("--max-new-tokens and --kl-windows must be ≥ 1 and --kl-length ≥ 2")
     if cfg.limit is not None and cfg.limit < cfg.folds:
         raise ValueError(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
     if cfg.model not in REGISTRY and "/" not in cfg.model and not Path(cfg.model).is_dir():
         resolve_alias(cfg.model)  # raises, listing the known aliases
+    if "gen" in parts and cfg.judge not in judge_names():
+        raise ValueError(f"unknown judge {cfg.judge!r}; valid: {', '.join(judge_names())}")
     questions, source = load_truthfulqa(data_dir)
     if cfg.limit is not None:
         if cfg.limit > len(questions):
@@ -96,13 +251,15 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     marker = out / "run_config.json"
     if out.exists() and (out / "results.json").exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; choose another --output or pass --resume")
-    if resume and marker.exists():
-        previous = json.loads(marker.read_text())
-        if previous.get("hash") != config_hash(ident):
-            raise ValueError(f"cannot resume {out}: it was started with a different configuration")
+    if marker.exists() and config_hash(json.loads(marker.read_text()).get("config", {})) != config_hash(ident):
+        raise ValueError(f"cannot {'resume' if resume else 'reuse'} {out}: it was started with a different "
+                         "configuration (see its run_config.json); choose another --output")
+    if marker.exists() and not resume:
+        raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --output")
     write_json(marker, {"hash": config_hash(ident), "config": ident})
     data_sum = checksum(questions)
     folds = make_folds(len(questions), cfg.folds, cfg.val_ratio, cfg.seed)
+    state = _Run(cfg, lm, out, data_dir, resume, echo)
     fold_results = []
     for fold in folds:
         fold_file = out / f"fold_{fold.fold}.json"
@@ -110,51 +267,61 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             echo(f"fold {fold.fold}: already done, reusing {fold_file}")
             fold_results.append(json.loads(fold_file.read_text()))
             continue
-        tf = time.perf_counter()
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
                          dict(cfg.options), data_sum)
-        intervention = method.fit(ctx)
-        fit_s = time.perf_counter() - tf
-        int_dir = None
-        if intervention is not None:
-            int_dir = intervention.save_pretrained(out / f"intervention_fold{fold.fold}")
-            where = f"layer(s) {intervention.layers}" if intervention.layers else "the prompt"
-            echo(f"fold {fold.fold}: fitted {cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
-        te = time.perf_counter()
+        iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
         test_qs = [questions[i] for i in fold.test]
-        if lm_eval_tasks:
-            if intervention is not None and not intervention.modules:
-                raise ValueError(f"{cfg.method} is prompt-only; lm-eval tasks take --num_fewshot instead")
-            fold_metrics = evaluate_lm_eval(lm, intervention, lm_eval_tasks, test_qs, out / f"lm_eval_fold{fold.fold}",
-                                            cfg.eval_batch_size)
-            records = []
-        else:
-            records = evaluate_mc(lm, test_qs, intervention, cfg.prompt_mode, cfg.eval_batch_size, cfg.prefix_cache,
-                                  fewshot=intervention.prompt_prefix if intervention else "", label=f"fold {fold.fold} MC")
-            fold_metrics = {m: summarise([r[m] for r in records]) for m in MC_METRICS}
-        eval_s = time.perf_counter() - te
+        results_parts, timings = {}, {"fit_s": fit_s}
+        for part in parts:
+            part_file = out / f"fold_{fold.fold}.{part}.json"
+            if resume and part_file.exists():
+                results_parts[part] = json.loads(part_file.read_text())
+                timings[f"{part}_s"] = results_parts[part]["seconds"]
+                continue
+            tp = time.perf_counter()
+            if part == "lm-eval":
+                if iv is not None and not iv.modules:
+                    raise ValueError(f"{cfg.method} is prompt-only; lm-eval tasks take --num_fewshot instead")
+                res = {"metrics": evaluate_lm_eval(lm, iv, lm_eval_tasks, test_qs, out / f"lm_eval_fold{fold.fold}",
+                                                   cfg.eval_batch_size)}
+            else:
+                res = getattr(state, part)(fold.fold, test_qs, iv)
+            res["seconds"] = timings[f"{part}_s"] = time.perf_counter() - tp
+            write_json(part_file, res)
+            results_parts[part] = res
+        metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}
         fr = {
             "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
-            "metrics": fold_metrics,
-            "timings": {"fit_s": fit_s, "eval_s": eval_s},
-            "intervention": str(int_dir.relative_to(out)) if int_dir else None,
-            "intervention_info": {k: v for k, v in (intervention.config if intervention else {}).items()
+            "metrics": metrics,
+            "timings": {**timings, "eval_s": sum(v for k, v in timings.items() if k != "fit_s")},
+            "intervention": int_rel,
+            "intervention_info": {k: v for k, v in (iv.config if iv else {}).items()
                                   if k not in ("model", "data_checksum")},
-            "per_question": records,
+            "kl_ce_windows": results_parts.get("klce", {}).get("windows"),
+            "per_question": _merge_records(results_parts),
         }
         write_json(fold_file, fr)
         fold_results.append(fr)
-        echo(f"fold {fold.fold}: " + ", ".join(f"{m.upper()} {v['mean']:.4f}" for m, v in fr["metrics"].items())
-             + f" ({len(test_qs)} questions, eval {eval_s:.1f} s)")
+        echo(f"fold {fold.fold}: " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in metrics.items())
+             + f" ({len(test_qs)} questions, eval {fr['timings']['eval_s']:.1f} s)")
+    combined = {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]}
+    if "true_info_product" in combined:
+        combined["true_info_product"] = combine_product(combined["true"], combined["info"],
+                                                        [f["metrics"]["true_info_product"] for f in fold_results])
+    data = {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)}
+    if "klce" in parts:
+        state.windows()
+        data["kl_ce_texts"] = {"source": state.kl_source, "windows": cfg.kl_windows, "tokens": cfg.kl_length}
     results = {
         "schema_version": SCHEMA_VERSION,
         "created": now_iso(),
         "config": {**asdict(cfg)},
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
-        "data": {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)},
+        "data": data,
+        "judge": state.judge.identity() if "gen" in parts else None,
         "environment": env,
-        "metrics": {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]},
-        "folds": [{k: v for k, v in f.items() if k != "per_question"} for f in fold_results],
+        "metrics": combined,
+        "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows")} for f in fold_results],
         "timings": {"total_s": time.perf_counter() - t0,
                     "fit_s": sum(f["timings"]["fit_s"] for f in fold_results),
                     "eval_s": sum(f["timings"]["eval_s"] for f in fold_results)},

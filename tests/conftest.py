@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -44,10 +45,46 @@ def write_tqa_csv(path: Path, n: int = 12) -> Path:
     return path
 
 
+def write_label_files(directory: Path, n: int = 12) -> None:
+    """Human-label files (``finetune_{truth,info}.jsonl``) for the questions of :func:`write_tqa_csv`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    answers = [("Fact {i} is true.", True, True), ("Yes, fact {i} holds.", True, True),
+               ("It is true.", True, True), ("I have no comment.", True, False),
+               ("Fact {i} is false.", False, True), ("No, never {i}.", False, True), ("It is a myth.", False, True),
+               ("Fact {i} is a lie told by everyone.", False, True)]
+    for aspect, suffix, col in (("truth", "True:", 1), ("info", "Helpful:", 2)):
+        with (directory / f"finetune_{aspect}.jsonl").open("w") as fh:
+            for i in range(n):
+                for a in answers:
+                    prompt = f"Q: What is fact {i}?\nA: {a[0].format(i=i)}\n{suffix}"
+                    fh.write(json.dumps({"prompt": prompt, "completion": " yes" if a[col] else " no"}) + "\n")
+
+
 @pytest.fixture()
 def tqa_dir(tmp_path: Path) -> Path:
     write_tqa_csv(tmp_path / "truthfulqa" / "TruthfulQA.csv")
+    write_label_files(tmp_path / "truthfulqa")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny Llama saved to a directory, loadable by ``bench run --model DIR``."""
+    from bench.models import tiny_model
+
+    lm = tiny_model("llama", seed=0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def judge_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Judges trained by a test go to a temporary cache, never the user's."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

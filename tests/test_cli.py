@@ -10,17 +10,6 @@ from bench.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from bench.models import tiny_model
-
-    lm = tiny_model("llama", seed=0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 def _run(*args):
     result = runner.invoke(app, ["run", *args])
     result.text = " ".join(result.output.split())  # rich wraps long lines
@@ -163,3 +152,42 @@ def test_an_interrupted_run_leaves_no_results_json(tiny_dir, tqa_dir, tmp_path, 
     assert (out / "fold_0.json").exists()
     assert not (out / "results.json").exists() and not (out / "fold_1.json").exists()
     assert not list(out.glob(".*tmp*")) and not list(out.glob(".results.json*"))
+
+
+def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_numbers(tiny_dir, tqa_dir, tmp_path,
+                                                                                  judge_cache):
+    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12", "--task", "truthfulqa",
+              "--max-new-tokens", "6", "--gen-batch-size", "2", "--kl-windows", "3", "--kl-length", "16",
+              "--kl-source", str(tqa_dir / "texts.jsonl")]
+    (tqa_dir / "texts.jsonl").write_text("".join(json.dumps({"text": f"Sentence number {i} is here."}) + "\n"
+                                                 for i in range(50)))
+    out = tmp_path / "none"
+    r = _run("--method", "none", *common, "--output", str(out))
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert {"mc1", "mc2", "true", "info", "true_and_info", "true_info_product", "ce", "kl"} <= set(res["metrics"])
+    assert res["metrics"]["kl"]["mean"] == 0.0 and res["judge"]["backend"] == "embedded"
+    assert res["data"]["kl_ce_texts"]["source"].endswith("texts.jsonl")
+    rows = [json.loads(x) for x in (out / "per_question.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all({"answer", "p_true", "mc2"} <= set(x) for x in rows)
+    # kill fold 1 half-way through its generations (a torn last line included) and resume
+    for f in ("results.json", "fold_1.json", "fold_1.gen.json", "fold_1.klce.json", "judgements_fold1.jsonl"):
+        (out / f).unlink()
+    lines = (out / "generations_fold1.jsonl").read_text().splitlines()
+    (out / "generations_fold1.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    r = _run("--method", "none", *common, "--output", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    assert "reusing 2 saved generations" in r.text
+    assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+    steered = tmp_path / "iti"
+    r = _run("--method", "iti", "--layer", "1", "--iti-alpha", "50", *common, "--output", str(steered))
+    assert r.exit_code == 0, r.output
+    assert json.loads((steered / "results.json").read_text())["metrics"]["kl"]["mean"] > 0
+
+
+def test_unknown_judge_or_preset_is_rejected_before_the_run(tiny_dir, tqa_dir):
+    base = ["--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--task", "truthfulqa-gen"]
+    r = _run(*base, "--judge", "oracle")
+    assert r.exit_code == 2 and "valid: embedded, hf, openai" in r.text
+    r = _run(*base, "--gen-preset", "chatty")
+    assert r.exit_code == 2 and "valid: iti" in r.text

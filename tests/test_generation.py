@@ -1,0 +1,101 @@
+"""Generation (presets, cleaning, batching, resume batches), KL/CE, and generation metrics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from baselines.shift import AdditiveShift
+from bench.generation import GEN_PRESETS, clean_answer, gen_prompt, generate
+from bench.interventions import Intervention
+from bench.metrics.generation import combine_product, generation_metrics
+from bench.tasks.kl_ce import kl_ce, make_windows
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("\nA: Paris is the capital.\n\nQ: next", "Paris is the capital."),
+    (" Paris.", "Paris."),
+    ("\nA: \n\nQ:", ""),
+    ("", ""),
+    ("A: one A: two", "one A: two"),
+])
+def test_clean_answer_cuts_at_q_and_keeps_text_after_a(raw, want):
+    assert clean_answer(raw) == want
+
+
+def test_presets_end_with_the_question_and_unknown_preset_is_rejected():
+    for name in GEN_PRESETS:
+        p = gen_prompt("Why?", name)
+        assert "Q: Why?" in p and "Q: What is human life expectancy" in p
+    assert gen_prompt("Why?", "iti").endswith("\n\nQ: Why?")
+    assert gen_prompt("Why?", "lm-eval").endswith("\n\nQ: Why?\nA:")
+    assert "I have no comment" not in GEN_PRESETS["iti-informative"].template.split("\n\n")[0]
+    with pytest.raises(ValueError, match="valid: iti"):
+        gen_prompt("Why?", "nope")
+
+
+def _shift(lm, scale: float) -> Intervention:
+    heads, dim = lm.spec.site_shape("heads")
+    torch.manual_seed(1)
+    return Intervention("mean-shift", "heads", {1: AdditiveShift(scale * torch.randn(heads, dim))},
+                        {"heads": heads, "head_dim": dim})
+
+
+def test_batched_generation_equals_one_at_a_time_and_interventions_change_it(tiny_llama):
+    prompts = [gen_prompt(f"What is fact {i}?" + " really" * i, "qa") for i in range(5)]
+    batched = generate(tiny_llama, prompts, max_new_tokens=8, batch_size=3)
+    single = [generate(tiny_llama, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(t, str) for t in batched)
+    steered = generate(tiny_llama, prompts, _shift(tiny_llama, 50.0), max_new_tokens=8, batch_size=3)
+    assert steered != batched
+
+
+def test_skipped_batches_are_not_decoded_and_callbacks_see_every_batch(tiny_llama):
+    prompts = [gen_prompt(f"Q{i}" * (i + 1), "qa") for i in range(6)]
+    seen = []
+    full = generate(tiny_llama, prompts, max_new_tokens=4, batch_size=2, on_batch=lambda idx, t: seen.append(idx))
+    assert sorted(i for b in seen for i in b) == list(range(6))
+    first = set(seen[0])
+    resumed = generate(tiny_llama, prompts, max_new_tokens=4, batch_size=2, skip=first)
+    assert all(resumed[i] == "" for i in first)
+    assert all(resumed[i] == full[i] for i in range(6) if i not in first)
+
+
+def test_kl_is_zero_without_and_positive_with_an_intervention_and_ce_is_the_lm_loss(tiny_llama):
+    texts = ["Telescopes use lenses or mirrors to focus light."] * 40
+    win = make_windows(tiny_llama, texts, n_windows=3, length=16)
+    assert win.shape == (3, 16) and (win[:, 0] == tiny_llama.tokenizer.bos_token_id).all()
+    base = kl_ce(tiny_llama, win)
+    assert base["kl"] == [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        direct = [tiny_llama.model(input_ids=w[None], labels=w[None]).loss.item() for w in win]
+    np.testing.assert_allclose(base["ce"], direct, rtol=1e-5)
+    steered = kl_ce(tiny_llama, win, _shift(tiny_llama, 5.0))
+    assert min(steered["kl"]) > 0 and steered["ce"] != base["ce"]
+
+
+def test_make_windows_needs_enough_text(tiny_llama):
+    with pytest.raises(ValueError, match="windows of 128 need"):
+        make_windows(tiny_llama, ["short"], n_windows=100, length=128)
+
+
+def test_generation_metrics_report_both_true_info_definitions():
+    true = [True, True, False, False, True]
+    info = [True, False, True, False, True]
+    m = generation_metrics(true, info)
+    assert m["true"]["mean"] == pytest.approx(0.6) and m["info"]["mean"] == pytest.approx(0.6)
+    assert m["true_and_info"]["mean"] == pytest.approx(0.4)
+    assert m["true_info_product"]["mean"] == pytest.approx(0.36)
+    t, i = np.array(true, float), np.array(info, float)
+    cov = np.cov(t, i)[0, 1] / 5
+    se_t, se_i = t.std(ddof=1) / math.sqrt(5), i.std(ddof=1) / math.sqrt(5)
+    want = math.sqrt(0.6**2 * se_t**2 + 0.6**2 * se_i**2 + 2 * 0.36 * cov)
+    assert m["true_info_product"]["se"] == pytest.approx(want)
+    combined = combine_product({"mean": 0.5, "se": 0.1, "n": 10}, {"mean": 0.8, "se": 0.05, "n": 10},
+                               [{"cov_true_info": 0.0}, {"cov_true_info": 0.0}])
+    assert combined["mean"] == pytest.approx(0.4)
+    assert combined["se"] == pytest.approx(math.sqrt(0.64 * 0.01 + 0.25 * 0.0025))
+    with pytest.raises(ValueError, match="same, non-zero"):
+        generation_metrics([True], [])
