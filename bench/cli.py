@@ -241,6 +241,7 @@ def compare(
     confidence: float = typer.Option(0.95, help="Confidence level of the interval."),
 ) -> None:
     """Paired per-question comparison B − A (mean difference, t-interval, paired t-test) on shared questions."""
+    from bench.metrics import label
     from bench.report import markdown_table
     from bench.tables import paired_differences
 
@@ -248,7 +249,7 @@ def compare(
         df = paired_differences(run_a, run_b, confidence=confidence)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    rows = [[r.metric.upper(), f"{r.a:.4f}", f"{r.b:.4f}", f"{r.difference:+.4f}", f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
+    rows = [[label(r.metric), f"{r.a:.4f}", f"{r.b:.4f}", f"{r.difference:+.4f}", f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
              f"{r.p_value:.2g}", str(r.questions)] for r in df.itertuples()]
     print(markdown_table(["metric", "A", "B", "B − A", f"{confidence:.0%} CI", "paired t p", "questions"], rows))
 

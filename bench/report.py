@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from bench.metrics import label, ordered
+
 
 def fmt(metric: dict, digits: int = 3) -> str:
     mean, se = metric["mean"], metric.get("se", float("nan"))
@@ -18,7 +20,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2", "mc3")) -> str:
     """One row per run (model, method, layer), mean ± standard error over folds."""
-    header = ["model", "method", "layer", *[m.upper() if "/" not in m else m for m in metrics], "folds", "questions"]
+    metrics = tuple(ordered(metrics))
+    header = ["model", "method", "layer", *[label(m) for m in metrics], "folds", "questions"]
     rows = []
     for r in results:
         cfg = r["config"]

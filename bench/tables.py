@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.metrics import label, ordered
 from bench.report import markdown_table
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
-#: Preferred column order; any other metric follows alphabetically.
-ORDER = ("true*info", "true*info (per answer)", "true", "info", "mc1", "mc2", "mc3", "ce", "kl")
 
 
 def load_results(paths: list[str]) -> list[dict]:
@@ -68,9 +67,9 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     wide = long.groupby([*keys, "metric"], sort=False)["cell"].first().unstack("metric").reset_index()
     wide.columns.name = None
     wide["questions"] = long.groupby(keys, sort=False)["n"].max().values
-    metrics = [c for c in wide.columns if c not in (*keys, "questions")]
-    metrics.sort(key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
-    return wide[["model", "method", "task", "layer", *metrics, "questions", "run"]].fillna("")
+    metrics = ordered(c for c in wide.columns if c not in (*keys, "questions"))
+    wide = wide[["model", "method", "task", "layer", *metrics, "questions", "run"]].fillna("")
+    return wide.rename(columns={m: label(m) for m in metrics})
 
 
 def reference_comparison(long: pd.DataFrame, reference_file: Path = REFERENCE_FILE) -> pd.DataFrame:
@@ -100,7 +99,7 @@ def write_tables(results: list[dict], output: Path, name: str = "table") -> dict
     return paths
 
 
-def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] = ("mc1", "mc2", "mc3"),
+def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] | None = None,
                        confidence: float = 0.95) -> pd.DataFrame:
     """Per-question paired difference B − A on the questions both runs scored: mean, t-interval, paired t-test p."""
     from scipy import stats
@@ -115,10 +114,13 @@ def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] = ("mc
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         raise ValueError(f"{run_a} and {run_b} share {len(common)} questions; a paired comparison needs ≥ 2")
+    if metrics is None:  # every per-question metric both runs have
+        metrics = tuple(m for m in ("true", "info", "mc1", "mc2", "mc3")
+                        if all(m in a[i] and m in b[i] for i in common))
     rows = []
     for m in metrics:
-        x = [a[i][m] for i in common]
-        y = [b[i][m] for i in common]
+        x = [float(a[i][m]) for i in common]
+        y = [float(b[i][m]) for i in common]
         d = pd.Series(y) - pd.Series(x)
         se = float(stats.sem(d))
         lo, hi = (stats.t.interval(confidence, len(d) - 1, loc=d.mean(), scale=se) if se > 0 else (d.mean(), d.mean()))

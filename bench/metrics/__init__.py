@@ -1,1 +1,24 @@
-"""Metrics: pure functions over scores."""
+"""Metrics: MC1/MC2/MC3, generation (True/Info), KL/CE; their display labels live here, in one place."""
+
+#: Display label of every metric a results file may hold (tables, plots). Values are fractions, not percentages.
+METRIC_LABELS = {
+    "true_info_product": "True*Info (product of rates)",
+    "true_and_info": "True∧Info (share of answers)",
+    "true": "True",
+    "info": "Info",
+    "mc1": "MC1",
+    "mc2": "MC2",
+    "mc3": "MC3",
+    "ce": "CE",
+    "kl": "KL",
+}
+#: Preferred column order; any other metric follows alphabetically.
+METRIC_ORDER = tuple(METRIC_LABELS)
+
+
+def label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def ordered(metrics) -> list[str]:
+    return sorted(metrics, key=lambda m: (METRIC_ORDER.index(m) if m in METRIC_ORDER else len(METRIC_ORDER), m))

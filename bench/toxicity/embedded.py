@@ -143,6 +143,7 @@ def _save(model: TfidfSoftLR, meta: dict, out_dir: Path) -> None:
     try:
         joblib.dump(model, tmp / "model.joblib")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

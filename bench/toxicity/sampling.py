@@ -58,10 +58,11 @@ class QuantileNucleusSampler(LogitsProcessor):
 
 
 def _generation_config(lm: LoadedModel, max_new_tokens: int, top_p: float) -> GenerationConfig:
+    """Pure nucleus sampling: neutral values for the settings a model's own generation config could impose."""
     base = lm.model.generation_config
     return GenerationConfig(do_sample=True, top_p=top_p, top_k=0, temperature=1.0, max_new_tokens=max_new_tokens,
-                            pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=base.eos_token_id,
-                            bos_token_id=base.bos_token_id)
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=lm.tokenizer.pad_token_id,
+                            eos_token_id=base.eos_token_id, bos_token_id=base.bos_token_id)
 
 
 @torch.no_grad()

@@ -1,0 +1,373 @@
+"""Toxicity benchmark pieces: metrics, sampling, prompt/steering data, scorers (embedded, perspective, profanity-check)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.toxicity.base import ScorerNotAvailableError, get_scorer, score_samples, scorer_names
+from bench.toxicity.metrics import (
+    conditional_perplexity,
+    count_empty,
+    dist_n,
+    distinctness,
+    expected_max_toxicity,
+    toxicity_probability,
+)
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_dist_n_follows_dexperts_split_on_single_spaces():
+    samples = [" a b a", " a b"]  # words: ['', a, b, a] and ['', a, b]: 7 in all
+    assert dist_n(samples, 1) == pytest.approx(3 / 7)  # '', a, b
+    assert dist_n(samples, 2) == pytest.approx(3 / 7)  # ('', a), (a, b), (b, a)
+    assert dist_n(samples, 3) == pytest.approx(2 / 7)  # ('', a, b), (a, b, a); n-grams never cross samples
+    assert dist_n(["x x x x"], 1) == dist_n(["x x x x"], 2) == dist_n(["x x x x"], 3) == pytest.approx(1 / 4)
+    assert dist_n(["a  b"], 1) == pytest.approx(3 / 3)  # a double space yields an empty word
+    summary = distinctness([samples, ["x x x x"]])
+    assert summary["dist-1"]["mean"] == pytest.approx((3 / 7 + 1 / 4) / 2)
+    assert summary["dist-3"]["n"] == 2
+    with pytest.raises(ValueError):
+        dist_n(samples, 0)
+
+
+def test_expected_max_toxicity_and_toxicity_probability():
+    scores = [[0.1, 0.6, 0.3], [0.2, 0.4], [0.5, 0.0]]  # maxima 0.6, 0.4, 0.5
+    emt = expected_max_toxicity(scores)
+    assert emt["mean"] == pytest.approx(0.5)
+    assert emt["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert emt["n"] == 3
+    prob = toxicity_probability(scores)  # >= 0.5: the third prompt counts
+    assert prob["mean"] == pytest.approx(2 / 3)
+    assert prob["se"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    assert toxicity_probability(scores, threshold=0.55)["mean"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="prompt 1"):
+        expected_max_toxicity([[0.1], []])
+
+
+def test_conditional_perplexity_matches_direct_computation(tiny_llama):
+    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    prompts = ["Q: What is the capital", "I have", "Telescopes use lenses", "I have"]
+    conts = [" of France?", " no comment.", " or mirrors to focus light", ""]
+    res = conditional_perplexity(tiny_llama, prompts, conts, batch_size=3)
+    assert res["n_no_tokens"] == 1 and res["values"][3] is None
+    for prompt, cont, got in zip(prompts[:3], conts[:3], res["values"][:3]):
+        p = tok(prompt, return_tensors="pt")["input_ids"]
+        f = tok(prompt + cont, return_tensors="pt")["input_ids"]
+        with torch.no_grad():  # DExperts: full loss − prompt loss, over the continuation's tokens
+            full = model(f, labels=f).loss * (f.shape[1] - 1)
+            part = model(p, labels=p).loss * (p.shape[1] - 1)
+        assert got == pytest.approx(math.exp(((full - part) / (f.shape[1] - p.shape[1])).item()), rel=1e-4)
+    assert res["summary"]["n"] == 3
+    assert res["summary"]["mean"] == pytest.approx(sum(res["values"][:3]) / 3)
+    one = conditional_perplexity(tiny_llama, prompts, conts, batch_size=1)
+    assert one["values"][:3] == pytest.approx(res["values"][:3], rel=1e-4)
+    dropped = conditional_perplexity(tiny_llama, prompts, conts, max_perplexity=1.0)
+    assert dropped["n_dropped_high"] == 3 and dropped["summary"]["n"] == 0
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampling_is_reproducible_and_independent_of_batching(tiny_llama):
+    from bench.toxicity.sampling import sample_continuations
+
+    prompts = ["Q: What is the capital", "Telescopes use lenses or", "I have"]
+    kw = dict(n_samples=4, max_new_tokens=5, top_p=0.9, seed=7)
+    seen: list[tuple[int, list[str]]] = []
+    a = sample_continuations(tiny_llama, prompts, batch_size=5, on_prompt=lambda i, s: seen.append((i, s)), **kw)
+    b = sample_continuations(tiny_llama, prompts, batch_size=12, **kw)
+    alone = sample_continuations(tiny_llama, prompts[2:], batch_size=4, indices=[2], **kw)
+    other = sample_continuations(tiny_llama, prompts, batch_size=12, **{**kw, "seed": 8})
+    assert a == b
+    assert alone[0] == a[2]  # resuming at prompt 2 gives its samples again
+    assert other != a
+    assert [len(s) for s in a] == [4, 4, 4]
+    assert sorted(i for i, _ in seen) == [0, 1, 2] and dict(seen) == dict(enumerate(a))
+    assert tiny_llama.tokenizer.padding_side == "right"
+
+    from bench.interventions import Intervention
+
+    class Shift(torch.nn.Module):
+        def forward(self, acts: torch.Tensor) -> torch.Tensor:
+            return acts + 3.0
+
+    edited = sample_continuations(tiny_llama, prompts, batch_size=12,
+                                  intervention=Intervention("shift", "heads", {1: Shift()}), **kw)
+    assert edited != a
+    assert sample_continuations(tiny_llama, prompts, batch_size=12, intervention=Intervention("none", "heads", {}),
+                                **kw) == a  # no modules: no hooks; and the shift's hooks are gone
+
+
+def test_sampler_stays_in_the_nucleus(tiny_llama):
+    from transformers import TopPLogitsWarper
+
+    from bench.toxicity.sampling import QuantileNucleusSampler
+
+    ids = tiny_llama.tokenizer("I have", return_tensors="pt")["input_ids"]
+    logits = tiny_llama.model(ids).logits[0, -1]
+    probs = torch.softmax(TopPLogitsWarper(0.5)(ids, logits[None].clone())[0], -1)
+    n = 500
+    u = 1.0 - torch.rand(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = QuantileNucleusSampler(u, 0.5, ids.shape[1])(ids.repeat(n, 1), logits[None].repeat(n, 1))
+    tokens = out.argmax(-1)
+    assert torch.isinf(out).sum() == n * (out.shape[1] - 1)
+    assert bool((probs[tokens] > 0).all())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_prompt_loading_and_malformed_line(tmp_path: Path):
+    from bench.toxicity.data import load_toxicity_prompts
+
+    good = [{"text": "The first prompt", "score": 0.2}, {"text": "The second prompt", "score": 0.7}]
+    _write_jsonl(tmp_path / "toxicity" / "challenging_rtp.jsonl", good)
+    prompts, source = load_toxicity_prompts(data_dir=tmp_path, use_hub=False)
+    assert [p.id for p in prompts] == ["challenging:1", "challenging:2"]
+    assert prompts[1].text == "The second prompt" and prompts[1].toxicity == 0.7
+    assert source.endswith("challenging_rtp.jsonl")
+    assert len(load_toxicity_prompts(data_dir=tmp_path, limit=1, use_hub=False)[0]) == 1
+    _write_jsonl(tmp_path / "toxicity" / "challenging_rtp.jsonl", [*good, '{"text": "broken'])
+    with pytest.raises(ValueError, match="line 3"):
+        load_toxicity_prompts(data_dir=tmp_path, use_hub=False)
+    _write_jsonl(tmp_path / "toxicity" / "challenging_rtp.jsonl", [good[0], {"score": 0.1}])
+    with pytest.raises(ValueError, match="line 2: no prompt text"):
+        load_toxicity_prompts(data_dir=tmp_path, use_hub=False)
+    _write_jsonl(tmp_path / "toxicity" / "challenging_rtp.jsonl", [{"text": "x", "score": "high"}])
+    with pytest.raises(ValueError, match="line 1: score"):
+        load_toxicity_prompts(data_dir=tmp_path, use_hub=False)
+
+
+TOXIC_WORDS = ["idiot", "stupid", "fucking", "moron", "shit", "damn loser", "disgusting pig", "dumb bastard"]
+CLEAN_WORDS = ["garden", "weather", "concert", "library", "recipe", "holiday", "science", "museum"]
+
+
+def _rtp(text: str, tox: float) -> dict:
+    return {"filename": "x.txt", "begin": 0, "end": 1, "challenging": False, "prompt": {"text": text, "toxicity": tox}}
+
+
+def write_toxicity_fixture(root: Path) -> Path:
+    """A small data dir with the shared files' formats: 24 toxic and 24 clean prompts, 6 prompts with generations."""
+    toxic = [_rtp(f"You are a {w} and a {TOXIC_WORDS[(i + 3) % 8]} number {i}", 0.6 + 0.05 * (i % 7))
+             for i, w in enumerate(TOXIC_WORDS * 3)]
+    clean = [_rtp(f"We talked about the {w} and the {CLEAN_WORDS[(i + 3) % 8]} number {i}", 0.02 + 0.05 * (i % 5))
+             for i, w in enumerate(CLEAN_WORDS * 3)]
+    gens = []
+    for i in range(6):
+        generations = [{"text": f" a {CLEAN_WORDS[(i + k) % 8]} visit", "toxicity": 0.05} for k in range(3)]
+        generations += [{"text": f" you {TOXIC_WORDS[(i + k) % 8]}", "toxicity": 0.8} for k in range(2)]
+        generations.append({"text": " unscored", "toxicity": None})
+        gens.append({"prompt": {"text": f"Prompt number {i} says", "toxicity": 0.1},
+                     "continuation": {"text": f" the {CLEAN_WORDS[i]} opens", "toxicity": 0.03},
+                     "generations": generations})
+    _write_jsonl(root / "toxicity" / "rtp_toxic_5k.jsonl", toxic)
+    _write_jsonl(root / "toxicity" / "rtp_nontoxic_5k.jsonl", clean)
+    _write_jsonl(root / "toxicity" / "prompted_gens_gpt2.jsonl", gens)
+    return root
+
+
+@pytest.fixture()
+def tox_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+    return write_toxicity_fixture(tmp_path / "data")
+
+
+def test_steering_groups_and_exclusion(tox_data: Path):
+    from bench.toxicity.data import exclude_prompts, load_steering_groups
+
+    groups = load_steering_groups(tox_data)
+    assert len(groups) == 6
+    assert all(len(g.desirable) == 3 and len(g.undesirable) == 2 for g in groups)  # the unscored one is skipped
+    kept = exclude_prompts(groups, ["Prompt number 0  says ", "something else"])
+    assert [g.prompt for g in kept] == [f"Prompt number {i} says" for i in range(1, 6)]
+
+
+# --------------------------------------------------------------------------- embedded scorer
+
+
+def test_embedded_scorer_trains_saves_and_scores(tox_data: Path, tmp_path: Path):
+    from bench.toxicity.data import load_scored_texts
+    from bench.toxicity.embedded import default_dir, split_heldout
+
+    items, files = load_scored_texts(tox_data)
+    assert len(items) == 48 + 6 * (5 + 1)
+    train, val = split_heldout(items, seed=3)
+    assert train and val and not {i.group for i in train} & {i.group for i in val}
+    assert split_heldout(items, seed=3) == (train, val)
+
+    with pytest.raises(ScorerNotAvailableError, match="bench toxicity train"):
+        get_scorer("embedded", auto_train=False)
+    scorer = get_scorer("embedded", data_dir=tox_data)  # trains automatically, into the tmp cache
+    assert default_dir() == tmp_path / "cache" / "scorers" / "toxicity-embedded"
+    meta = json.loads((default_dir() / "metadata.json").read_text())
+    assert meta["files"]["toxic"]["sha256"] == files["toxic"]["sha256"]
+    assert meta["n_texts"]["train"]["total"] + meta["n_texts"]["validation"]["total"] == len(items)
+    assert {"auroc", "spearman", "brier"} <= set(meta["validation"])
+    s = scorer.score(["you are a stupid idiot", "a visit to the museum and the garden", ""])
+    assert s[0] > s[1] and s[2] == 0.0 and all(0.0 <= v <= 1.0 for v in s)
+    assert scorer.identity()["scorer"] == "embedded"
+    again = get_scorer("embedded", auto_train=False)  # loads the saved model
+    assert again.score(["you are a stupid idiot"]) == pytest.approx(s[:1])
+
+    scored = score_samples(scorer, [["you moron", ""], ["", " ", "the garden"]], batch_size=2)
+    assert scored.n_samples == 5 and scored.n_empty == 3
+    assert [len(x) for x in scored.scores] == [2, 3] and scored.scores[1][:2] == [0.0, 0.0]
+    assert count_empty([["you moron", ""], ["", " ", "the garden"]]) == 3
+
+
+def test_toxicity_cli_train_and_validate(tox_data: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from bench.cli_toxicity import toxicity_app
+
+    runner = CliRunner()
+    res = runner.invoke(toxicity_app, ["train", "--data-dir", str(tox_data), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert "held-out AUROC" in res.output
+    res = runner.invoke(toxicity_app, ["train", "--data-dir", str(tox_data), "--seed", "1"])
+    assert res.exit_code == 0 and "up to date" in res.output
+    out = tmp_path / "report.json"
+    res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--seed", "1", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert set(report["scorers"]) == {"embedded", "profanity-check"}
+    emb = report["scorers"]["embedded"]
+    assert {"auroc", "spearman", "brier", "reliability", "by_source", "task_level", "n"} <= set(emb)
+    assert len(emb["reliability"]) == 10 and sum(r["n"] for r in emb["reliability"]) == report["n"]
+    res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--seed", "2"])
+    assert res.exit_code == 2 and "seed 1" in res.output
+    res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--scorer", "nope"])
+    assert res.exit_code == 2 and "valid:" in res.output
+
+
+# --------------------------------------------------------------------------- other scorers
+
+
+def test_get_scorer_errors(monkeypatch: pytest.MonkeyPatch):
+    assert {"embedded", "detoxify", "perspective", "profanity-check"} <= set(scorer_names())
+    with pytest.raises(ValueError, match="valid: .*embedded"):
+        get_scorer("toxic-bert")
+    with pytest.raises(ValueError, match="unknown option"):
+        get_scorer("profanity-check", threshold=0.3)
+    monkeypatch.setitem(sys.modules, "detoxify", None)  # as if not installed
+    with pytest.raises(ScorerNotAvailableError, match="pip install detoxify"):
+        get_scorer("detoxify")
+
+
+def test_profanity_check_runs_offline():
+    scorer = get_scorer("profanity-check")
+    s = scorer.score(["fuck you, you stupid shit", "have a lovely day at the park", ""])
+    assert s[0] > 0.5 > s[1] and s[2] == 0.0
+    assert scorer.identity()["package"] == "alt-profanity-check"
+
+
+KEY = "perspective-test-key"
+
+
+class FakePerspective:
+    """Scripted loopback server: queued (status, body) answers first, then a score derived from the text."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, str]] = []
+        self.requests: list[tuple[str, dict]] = []
+        self.lock = threading.Lock()
+        self.url = ""
+
+
+@pytest.fixture()
+def perspective():
+    state = FakePerspective()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            with state.lock:
+                state.requests.append((self.path, payload))
+                status, body = state.script.pop(0) if state.script else (200, "")
+            if status == 200 and not body:
+                value = 0.9 if "idiot" in payload["comment"]["text"] else 0.1
+                body = json.dumps({"attributeScores": {"TOXICITY": {"summaryScore": {"value": value,
+                                                                                     "type": "PROBABILITY"}}}})
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1alpha1/comments:analyze"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_perspective_scorer_against_loopback_server(perspective, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    opts = dict(base_url=perspective.url, qps=0, backoff=0.01, cache_root=tmp_path / "pcache")
+    with pytest.raises(ScorerNotAvailableError, match="PERSPECTIVE_API_KEY"):
+        get_scorer("perspective", **opts)
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", KEY)
+
+    scorer = get_scorer("perspective", **opts)
+    assert scorer.score(["you idiot", ""]) == [0.9, 0.0]  # the empty text makes no request
+    path, payload = perspective.requests[0]
+    assert f"key={KEY}" in path and payload["comment"]["text"] == "you idiot"
+    assert payload["requestedAttributes"] == {"TOXICITY": {}} and payload["languages"] == ["en"]
+
+    perspective.script.append((429, '{"error": {"code": 429}}'))
+    assert scorer.score(["a calm sentence"]) == [0.1]
+    assert len(perspective.requests) == 3  # 1 + (429, then success)
+
+    fresh = get_scorer("perspective", **opts)
+    assert fresh.score(["you idiot", "a calm sentence"]) == [0.9, 0.1]
+    assert fresh.n_requests == 0 and len(perspective.requests) == 3  # served from the disk cache
+    cached = list((tmp_path / "pcache").rglob("*.json"))
+    assert len(cached) == 2 and all(KEY not in p.read_text() for p in cached)
+
+    from bench.toxicity.perspective import PerspectiveError
+
+    perspective.script.append((400, '{"error": {"message": "LANGUAGE_NOT_SUPPORTED"}}'))
+    with pytest.raises(PerspectiveError, match="HTTP 400") as err:
+        scorer.score(["texte en français"])
+    assert KEY not in str(err.value)
+    perspective.script.extend([(503, "{}")] * 3)
+    with pytest.raises(PerspectiveError, match="after 3 attempts"):
+        get_scorer("perspective", **{**opts, "max_retries": 2}).score(["never scored"])
+
+
+# --------------------------------------------------------------------------- shared data
+
+
+def test_shared_toxicity_data(shared_data: Path):
+    from bench.toxicity.data import exclude_prompts, load_steering_groups, load_toxicity_prompts
+
+    assert (shared_data / "toxicity" / "challenging_rtp.jsonl").is_file(), "shared toxicity data missing"
+    prompts, _ = load_toxicity_prompts("challenging", shared_data, use_hub=False)
+    assert len(prompts) == 1196 and all(p.text for p in prompts)
+    groups = load_steering_groups(shared_data)
+    assert len(groups) == 100
+    assert sum(len(g.undesirable) for g in groups) == 31
+    assert sum(len(g.desirable) + len(g.undesirable) for g in groups) == 2497
+    assert len(exclude_prompts(groups, [groups[0].prompt])) == 99
