@@ -11,12 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli_toxicity import toxicity_app
+
 app = typer.Typer(help="Benchmark inference-time activation interventions (FLORAIN, ITI, baselines).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List and pull models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 judge_app = typer.Typer(help="Train and validate the TruthfulQA judges.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
+app.add_typer(toxicity_app, name="toxicity")
 console = Console(stderr=True)
 
 
@@ -36,7 +39,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 def run(
     method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, lofit, few-shot."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
-    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
+    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, toxicity (RealToxicityPrompts), or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
     site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
     rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
@@ -66,7 +69,7 @@ def run(
     eval_batch_size: int = typer.Option(16, help="Sequences per forward pass when scoring."),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's KV cache."),
     gen_preset: str = typer.Option("iti", help="Generation prompt preset: iti, iti-informative, qa, lm-eval (see bench.generation.GEN_PRESETS)."),
-    max_new_tokens: int = typer.Option(50, help="Greedy tokens generated per question."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="New tokens per generation [50 TruthfulQA, 20 toxicity]."),
     gen_batch_size: int = typer.Option(16, help="Prompts per generation batch (left padding)."),
     judge: str = typer.Option("embedded", help="Judge of generated answers: embedded (offline, trained here), openai, hf."),
     judge_base_url: Optional[str] = typer.Option(None, help="openai judge: endpoint [$OPENAI_BASE_URL or api.openai.com]."),
@@ -76,7 +79,14 @@ def run(
     kl_windows: int = typer.Option(100, help="KL/CE: number of text windows."),
     kl_length: int = typer.Option(128, help="KL/CE: tokens per window."),
     kl_source: Optional[str] = typer.Option(None, help="KL/CE texts: hub (openwebtext-10k), nontoxic/toxic/challenging (RTP prompts) or a JSONL path [hub, offline: nontoxic]."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/TruthfulQA.csv [$BENCH_DATA_DIR, then the Hub]."),
+    tox_prompts: str = typer.Option("challenging", help="toxicity: prompts: challenging (1,196 RTP), toxic, nontoxic or a JSONL path."),
+    samples: int = typer.Option(25, help="toxicity: samples per prompt (DExperts: 25)."),
+    top_p: float = typer.Option(0.9, help="toxicity: nucleus sampling p."),
+    scorer: str = typer.Option("embedded", help="toxicity scorer: embedded (offline), perspective, detoxify, profanity-check."),
+    fluency_model: str = typer.Option("gemma3-270m", help="toxicity: reference LM of the conditional perplexity."),
+    steer_data: str = typer.Option("gpt2-gens", help="toxicity: fitting texts: gpt2-gens (scored GPT-2 continuations per prompt) or rtp (toxic vs non-toxic RTP prompts)."),
+    sample_batch_size: int = typer.Option(50, help="toxicity: sequences per sampling batch."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ data [$BENCH_DATA_DIR, then the Hub]."),
     output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --output, reusing its finished folds."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N [cuda if available]."),
@@ -100,7 +110,9 @@ def run(
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
                     gen_preset=gen_preset, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, judge=judge,
                     judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol),
-                    kl_windows=kl_windows, kl_length=kl_length, kl_source=kl_source)
+                    kl_windows=kl_windows, kl_length=kl_length, kl_source=kl_source, tox_prompts=tox_prompts,
+                    samples=samples, top_p=top_p, scorer=scorer, fluency_model=fluency_model, steer_data=steer_data,
+                    sample_batch_size=sample_batch_size)
     if output is not None and resume is False and (output / "results.json").exists():
         _fail(f"{output} already holds a finished run; choose another --output or pass --resume")
     try:

@@ -42,13 +42,16 @@ class FitContext:
     options: dict = field(default_factory=dict)
     data_checksum: str = ""
     capture_batch_size: int = 32
+    text_format: str = "qa"  # "qa": "Q: {question} A: {answer}"; "continuation": question + answer (a prompt's continuation)
 
     def qa_pairs(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Capture texts of every loaded question's answers, labels (1 = correct) and question ids."""
+        if self.text_format not in ("qa", "continuation"):
+            raise ValueError(f"unknown text format {self.text_format!r}; valid: qa, continuation")
         texts, labels, groups = [], [], []
         for q in self.questions:
             for ans, lab in [(a, 1) for a in q.correct] + [(a, 0) for a in q.incorrect]:
-                texts.append(qa_text(q.question, ans))
+                texts.append(qa_text(q.question, ans) if self.text_format == "qa" else q.question + ans)
                 labels.append(lab)
                 groups.append(q.index)
         return texts, torch.tensor(labels), torch.tensor(groups)

@@ -21,7 +21,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2", "mc3")) -> str:
     """One row per run (model, method, layer), mean ± standard error over folds."""
     metrics = tuple(ordered(metrics))
-    header = ["model", "method", "layer", *[label(m) for m in metrics], "folds", "questions"]
+    header = ["model", "method", "layer", *[label(m) for m in metrics], "folds", "n"]
     rows = []
     for r in results:
         cfg = r["config"]

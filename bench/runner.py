@@ -37,14 +37,18 @@ from bench.runs import (
 from bench.sites import SITES
 from bench.tasks.kl_ce import kl_ce, load_texts, make_windows
 from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
+from bench.tasks.toxicity import STEER_SOURCES, TOXICITY_METHODS, evaluate_toxicity, steering_fold, steering_questions
 from bench.tasks.truthfulqa_mc import evaluate_mc
+from bench.toxicity.data import load_toxicity_prompts
 
 TASKS: dict[str, tuple[str, ...]] = {
     "truthfulqa-mc": ("mc",),
     "truthfulqa-gen": ("gen",),
     "truthfulqa": ("mc", "gen", "klce"),
     "kl-ce": ("klce",),
+    "toxicity": ("toxicity",),
 }
+DEFAULT_MAX_NEW_TOKENS = {"toxicity": 20}  # every other task: 50 (ITI's TruthfulQA generation)
 MC_METRICS = ("mc1", "mc2", "mc3")
 
 
@@ -68,13 +72,21 @@ class RunConfig:
     device: str | None = None
     dtype: str | None = None
     gen_preset: str = "iti"
-    max_new_tokens: int = 50
+    max_new_tokens: int | None = None  # None: 50 for TruthfulQA generation, 20 for toxicity
     gen_batch_size: int = 16
     judge: str = "embedded"
     judge_options: dict = field(default_factory=dict)  # backend settings (never secrets: keys come from the environment)
     kl_windows: int = 100
     kl_length: int = 128
     kl_source: str | None = None  # None: the Hub's openwebtext-10k when reachable, else RTP prompt texts
+    tox_prompts: str = "challenging"  # challenging | toxic | nontoxic | a JSONL path
+    samples: int = 25
+    top_p: float = 0.9
+    scorer: str = "embedded"
+    scorer_options: dict = field(default_factory=dict)
+    fluency_model: str = "gemma3-270m"
+    steer_data: str = "gpt2-gens"  # fitting texts of detoxifying interventions (see bench.tasks.toxicity)
+    sample_batch_size: int = 50
 
 
 def _identity_config(cfg: RunConfig) -> dict:
@@ -119,6 +131,27 @@ class _Run:
         self._judge = None
         self._windows = None
         self.kl_source: str | None = None
+        self.tox_prompts: list = []
+        self._scorer = None
+        self._fluency = None
+
+    @property
+    def scorer(self):
+        if self._scorer is None:
+            from bench.toxicity.base import get_scorer
+
+            opts = dict(self.cfg.scorer_options)
+            if self.cfg.scorer == "embedded":
+                opts.setdefault("data_dir", self.data_dir)
+            self._scorer = get_scorer(self.cfg.scorer, **opts)
+        return self._scorer
+
+    @property
+    def fluency(self) -> LoadedModel:
+        if self._fluency is None:
+            same = self.cfg.fluency_model == self.cfg.model
+            self._fluency = self.lm if same else load_model(self.cfg.fluency_model, self.cfg.device, self.cfg.dtype)
+        return self._fluency
 
     @property
     def judge(self):
@@ -156,7 +189,7 @@ class _Run:
             done.update({r["index"]: r for r in recs})
 
         skip = {i for i, q in enumerate(qs) if q.index in done}
-        generate(self.lm, prompts, iv, cfg.max_new_tokens, cfg.gen_batch_size, on_batch=save, skip=skip,
+        generate(self.lm, prompts, iv, cfg.max_new_tokens or 50, cfg.gen_batch_size, on_batch=save, skip=skip,
                  progress=f"fold {k} generation ({len(qs)} questions)")
         judge_id = config_hash(self.judge.identity())
         verdicts = {r["index"]: r for r in _read_jsonl(verdict_file) if r.get("judge") == judge_id}
@@ -175,6 +208,12 @@ class _Run:
                          "p_true": v["p_true"], "p_info": v["p_info"],
                          "true": v["p_true"] >= 0.5, "info": v["p_info"] >= 0.5})
         return {"metrics": generation_metrics([r["true"] for r in recs], [r["info"] for r in recs]), "records": recs}
+
+    def toxicity(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
+        cfg = self.cfg
+        return evaluate_toxicity(self.lm, self.tox_prompts, iv, self.scorer, self.fluency,
+                                 self.out / f"samples_fold{k}.jsonl", cfg.samples, cfg.max_new_tokens, cfg.top_p,
+                                 cfg.seed, cfg.sample_batch_size, self.echo)
 
     def klce(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         vals = kl_ce(self.lm, self.windows(), iv, batch_size=self.cfg.eval_batch_size)
@@ -223,19 +262,38 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         raise ValueError(f"unknown site {cfg.site!r}; valid: {', '.join(SITES)}")
     if cfg.gen_preset not in GEN_PRESETS:
         raise ValueError(f"unknown generation prompt preset {cfg.gen_preset!r}; valid: {', '.join(GEN_PRESETS)}")
-    if cfg.max_new_tokens < 1 or cfg.kl_windows < 1 or cfg.kl_length < 2:
-        raise ValueError("--max-new-tokens and --kl-windows must be ≥ 1 and --kl-length ≥ 2")
-    if cfg.limit is not None and cfg.limit < cfg.folds:
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(cfg.task, 50)
+    if cfg.max_new_tokens < 1 or cfg.kl_windows < 1 or cfg.kl_length < 2 or cfg.samples < 1:
+        raise ValueError("--max-new-tokens, --kl-windows and --samples must be ≥ 1 and --kl-length ≥ 2")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ValueError(f"--top-p must lie in (0, 1], got {cfg.top_p}")
+    toxicity = cfg.task == "toxicity"
+    if toxicity:
+        from bench.toxicity.base import scorer_names
+
+        if cfg.method not in TOXICITY_METHODS:
+            raise ValueError(f"{cfg.method} has no detoxifying variant; --task toxicity takes: {', '.join(TOXICITY_METHODS)}")
+        if cfg.steer_data not in STEER_SOURCES:
+            raise ValueError(f"unknown --steer-data {cfg.steer_data!r}; valid: {', '.join(STEER_SOURCES)}")
+        if cfg.scorer not in scorer_names():
+            raise ValueError(f"unknown toxicity scorer {cfg.scorer!r}; valid: {', '.join(scorer_names())}")
+        cfg.folds = 1  # fitted once on the steering texts, evaluated on every prompt
+    elif cfg.limit is not None and cfg.limit < cfg.folds:
         raise ValueError(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
     if cfg.model not in REGISTRY and "/" not in cfg.model and not Path(cfg.model).is_dir():
         resolve_alias(cfg.model)  # raises, listing the known aliases
     if "gen" in parts and cfg.judge not in judge_names():
         raise ValueError(f"unknown judge {cfg.judge!r}; valid: {', '.join(judge_names())}")
-    questions, source = load_truthfulqa(data_dir)
-    if cfg.limit is not None:
-        if cfg.limit > len(questions):
-            echo(f"--limit {cfg.limit} is larger than the data ({len(questions)} questions): using all of them")
-        questions = questions[: cfg.limit]
+    if toxicity:
+        tox_prompts, source = load_toxicity_prompts(cfg.tox_prompts, data_dir, cfg.limit)
+        questions = steering_questions(cfg.steer_data, tox_prompts, data_dir, cfg.seed)
+    else:
+        questions, source = load_truthfulqa(data_dir)
+        if cfg.limit is not None:
+            if cfg.limit > len(questions):
+                echo(f"--limit {cfg.limit} is larger than the data ({len(questions)} questions): using all of them")
+            questions = questions[: cfg.limit]
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     env = environment(str(next(lm.model.parameters()).device))  # read at the start: the code that runs
     if method.needs_layer:
@@ -258,8 +316,14 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --output")
     write_json(marker, {"hash": config_hash(ident), "config": ident})
     data_sum = checksum(questions)
-    folds = make_folds(len(questions), cfg.folds, cfg.val_ratio, cfg.seed)
+    if toxicity:
+        folds = [steering_fold(len(questions), cfg.val_ratio, cfg.seed)]
+        data_sum = config_hash({"steering": data_sum, "prompts": [p.text for p in tox_prompts]})
+    else:
+        folds = make_folds(len(questions), cfg.folds, cfg.val_ratio, cfg.seed)
     state = _Run(cfg, lm, out, data_dir, resume, echo)
+    if toxicity:
+        state.tox_prompts = tox_prompts
     fold_results = []
     for fold in folds:
         fold_file = out / f"fold_{fold.fold}.json"
@@ -268,9 +332,9 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             fold_results.append(json.loads(fold_file.read_text()))
             continue
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
-                         dict(cfg.options), data_sum)
+                         dict(cfg.options), data_sum, text_format="continuation" if toxicity else "qa")
         iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
-        test_qs = [questions[i] for i in fold.test]
+        test_qs = [questions[i] for i in fold.test]  # toxicity: none (its prompts are the evaluation set)
         results_parts, timings = {}, {"fit_s": fit_s}
         for part in parts:
             part_file = out / f"fold_{fold.fold}.{part}.json"
@@ -298,17 +362,24 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             "intervention_info": {k: v for k, v in (iv.config if iv else {}).items()
                                   if k not in ("model", "data_checksum")},
             "kl_ce_windows": results_parts.get("klce", {}).get("windows"),
+            "counts": results_parts.get("toxicity", {}).get("counts"),
             "per_question": _merge_records(results_parts),
         }
         write_json(fold_file, fr)
         fold_results.append(fr)
         echo(f"fold {fold.fold}: " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in metrics.items())
-             + f" ({len(test_qs)} questions, eval {fr['timings']['eval_s']:.1f} s)")
+             + f" ({len(state.tox_prompts) if toxicity else len(test_qs)} {'prompts' if toxicity else 'questions'}, "
+               f"eval {fr['timings']['eval_s']:.1f} s)")
     combined = {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]}
     if "true_info_product" in combined:
         combined["true_info_product"] = combine_product(combined["true"], combined["info"],
                                                         [f["metrics"]["true_info_product"] for f in fold_results])
-    data = {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)}
+    if toxicity:
+        data = {"prompts": source, "n_prompts": len(tox_prompts), "steering": cfg.steer_data,
+                "n_steering_groups": len(questions), "checksum": data_sum,
+                "counts": fold_results[0].get("counts")}
+    else:
+        data = {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)}
     if "klce" in parts:
         state.windows()
         data["kl_ce_texts"] = {"source": state.kl_source, "windows": cfg.kl_windows, "tokens": cfg.kl_length}
@@ -319,6 +390,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
         "data": data,
         "judge": state.judge.identity() if "gen" in parts else None,
+        "scorer": {**state.scorer.identity(), "fluency_model": state.fluency.identity} if toxicity else None,
         "environment": env,
         "metrics": combined,
         "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows")} for f in fold_results],

@@ -371,3 +371,39 @@ def test_shared_toxicity_data(shared_data: Path):
     assert sum(len(g.undesirable) for g in groups) == 31
     assert sum(len(g.desirable) + len(g.undesirable) for g in groups) == 2497
     assert len(exclude_prompts(groups, [groups[0].prompt])) == 99
+
+
+def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data: Path, tiny_dir: Path, tmp_path: Path):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    prompts = _write_jsonl(tox_data / "eval.jsonl", [{"text": f"The {w} said", "score": 0.3} for w in CLEAN_WORDS[:4]])
+    common = ["run", "--model", str(tiny_dir), "--data-dir", str(tox_data), "--task", "toxicity", "--tox-prompts",
+              str(prompts), "--samples", "2", "--max-new-tokens", "4", "--fluency-model", str(tiny_dir),
+              "--sample-batch-size", "3", "--layer", "1"]
+    runner = CliRunner()
+    out = tmp_path / "none"
+    r = runner.invoke(app, [*common, "--method", "none", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    res = _json.loads((out / "results.json").read_text())
+    assert {"expected_max_toxicity", "toxicity_probability", "fluency_ppl", "dist-1", "dist-2", "dist-3"} <= set(res["metrics"])
+    assert res["metrics"]["expected_max_toxicity"]["n"] == 4 and res["scorer"]["scorer"] == "embedded"
+    assert res["data"]["counts"]["samples"] == 8 and res["config"]["max_new_tokens"] == 4
+    lines = (out / "samples_fold0.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    for f in ("results.json", "fold_0.json", "fold_0.toxicity.json"):
+        (out / f).unlink()
+    (out / "samples_fold0.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:7])
+    r = runner.invoke(app, [*common, "--method", "none", "--output", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "reusing the samples of 2 prompts" in " ".join(r.output.split())
+    assert _json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+    steered = tmp_path / "fl"
+    r = runner.invoke(app, [*common, "--method", "mean-shift", "--shift-scale", "50", "--output", str(steered)])
+    assert r.exit_code == 0, r.output
+    assert (steered / "samples_fold0.jsonl").read_text() != (out / "samples_fold0.jsonl").read_text()
+    r = runner.invoke(app, [*common, "--method", "lofit", "--output", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "takes: none, florain" in " ".join(r.output.split())

@@ -11,6 +11,13 @@ METRIC_LABELS = {
     "mc3": "MC3",
     "ce": "CE",
     "kl": "KL",
+    "expected_max_toxicity": "Exp. max toxicity",
+    "toxicity_probability": "Toxicity prob.",
+    "fluency_ppl": "Fluency (PPL)",
+    "dist-1": "Dist-1",
+    "dist-2": "Dist-2",
+    "dist-3": "Dist-3",
+    "empty_share": "Empty share",
 }
 #: Preferred column order; any other metric follows alphabetically.
 METRIC_ORDER = tuple(METRIC_LABELS)

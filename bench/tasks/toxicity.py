@@ -1,0 +1,122 @@
+"""Toxicity task (DExperts protocol): sample continuations of RealToxicityPrompts prompts with the intervention
+active, score them, and report expected maximum toxicity, toxicity probability, fluency and diversity.
+
+Detoxifying interventions are fitted on desirable (non-toxic) vs undesirable (toxic) texts, grouped (FLORAIN's
+regions need groups). Two sources, never overlapping the evaluation prompts:
+
+* ``gpt2-gens`` (default): the 25 Perspective-scored GPT-2 continuations of each of 100 RTP prompts
+  (``prompted_gens_gpt2.jsonl``), one group per prompt, the capture text being prompt + continuation. Natural
+  groups, but few toxic texts (about 30).
+* ``rtp``: the RTP prompt texts themselves (``rtp_toxic_5k`` vs ``rtp_nontoxic_5k``), which have no natural
+  grouping: they are dealt at random (seeded) into groups of ``RTP_GROUP`` toxic + ``RTP_GROUP`` non-toxic texts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from bench.data.truthfulqa import Fold, Question
+from bench.models import LoadedModel
+from bench.runs import summarise
+from bench.toxicity.base import score_samples
+from bench.toxicity.data import ToxicityPrompt, exclude_prompts, load_steering_groups, normalise
+from bench.toxicity.metrics import (
+    conditional_perplexity,
+    count_empty,
+    distinctness,
+    expected_max_toxicity,
+    max_toxicity_per_prompt,
+    toxicity_probability,
+)
+from bench.toxicity.sampling import sample_continuations
+
+STEER_SOURCES = ("gpt2-gens", "rtp")
+RTP_GROUP = 50
+TOXICITY_METHODS = ("none", "florain", "iti", "caa", "mean-shift")
+
+
+def steering_questions(source: str, eval_prompts: list[ToxicityPrompt], data_dir: str | Path | None,
+                       seed: int) -> list[Question]:
+    """Fitting data as :class:`Question` groups: ``question`` = the prompt ("" for RTP texts), ``correct`` = the
+    desirable continuations/texts, ``incorrect`` = the undesirable ones."""
+    if source == "gpt2-gens":
+        groups = exclude_prompts(load_steering_groups(data_dir), eval_prompts)
+        return [Question(i, g.prompt, "", tuple(g.desirable), tuple(g.undesirable)) for i, g in enumerate(groups)]
+    if source == "rtp":
+        from bench.data.toxicity import load_prompt_texts
+
+        banned = {normalise(p.text) for p in eval_prompts}
+        toxic = [t for t in load_prompt_texts("toxic", data_dir)[0] if normalise(t) not in banned]
+        clean = [t for t in load_prompt_texts("nontoxic", data_dir)[0] if normalise(t) not in banned]
+        rng = np.random.RandomState(seed)
+        toxic = [toxic[i] for i in rng.permutation(len(toxic))]
+        clean = [clean[i] for i in rng.permutation(len(clean))]
+        n = min(len(toxic), len(clean)) // RTP_GROUP
+        return [Question(i, "", "", tuple(clean[i * RTP_GROUP:(i + 1) * RTP_GROUP]),
+                         tuple(toxic[i * RTP_GROUP:(i + 1) * RTP_GROUP])) for i in range(n)]
+    raise ValueError(f"unknown steering data {source!r}; valid: {', '.join(STEER_SOURCES)}")
+
+
+def steering_fold(n: int, val_ratio: float, seed: int) -> Fold:
+    """All groups for fitting: ``1 − val_ratio`` train, ``val_ratio`` validation (seeded); no test groups."""
+    if n < 2:
+        raise ValueError(f"need at least 2 steering groups, got {n}")
+    perm = np.random.RandomState(seed).permutation(n)
+    n_val = max(1, int(round(n * val_ratio))) if val_ratio > 0 else 0
+    return Fold(0, tuple(sorted(int(i) for i in perm[n_val:])), tuple(sorted(int(i) for i in perm[:n_val])), ())
+
+
+def _read_samples(path: Path) -> dict[int, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line of a killed run
+            done[rec["index"]] = rec
+    return done
+
+
+def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], intervention, scorer, fluency_lm: LoadedModel,
+                      samples_file: Path, n_samples: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
+                      seed: int = 0, batch_size: int = 50, echo: Callable[[str], None] = print) -> dict:
+    """Sample (resuming from ``samples_file``), score, and summarise; returns ``{"metrics", "records", "counts"}``."""
+    done = _read_samples(samples_file)
+    if done:
+        echo(f"toxicity: reusing the samples of {len(done)} prompts")
+    todo = [i for i in range(len(prompts)) if i not in done]
+    with samples_file.open("a") as fh:
+        def save(index: int, samples: list[str]) -> None:
+            rec = {"index": index, "id": prompts[index].id, "prompt": prompts[index].text, "samples": samples}
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            done[index] = rec
+
+        if todo:
+            sample_continuations(lm, [prompts[i].text for i in todo], n_samples, max_new_tokens, top_p, seed,
+                                 batch_size, intervention, on_prompt=save, indices=todo)
+    samples = [done[i]["samples"] for i in range(len(prompts))]
+    scored = score_samples(scorer, samples)
+    flat_p = [prompts[i].text for i, s in enumerate(samples) for _ in s]
+    flat_c = [c for s in samples for c in s]
+    ppl = conditional_perplexity(fluency_lm, flat_p, flat_c)
+    metrics = {"expected_max_toxicity": expected_max_toxicity(scored.scores),
+               "toxicity_probability": toxicity_probability(scored.scores),
+               "fluency_ppl": ppl["summary"], **distinctness(samples)}
+    maxima = max_toxicity_per_prompt(scored.scores)
+    records, pos = [], 0
+    for i, p in enumerate(prompts):
+        k = len(samples[i])
+        vals = [v for v in ppl["values"][pos:pos + k] if v is not None]
+        records.append({"index": i, "id": p.id, "max_toxicity": maxima[i], "scores": scored.scores[i],
+                        "mean_ppl": float(np.mean(vals)) if vals else None})
+        pos += k
+    counts = {"samples": scored.n_samples, "empty": count_empty(samples), "ppl_dropped_high": ppl["n_dropped_high"],
+              "ppl_no_tokens": ppl["n_no_tokens"], "max_perplexity": ppl["max_perplexity"]}
+    metrics["empty_share"] = summarise([float(not c.strip()) for c in flat_c]) if flat_c else summarise([0.0])
+    return {"metrics": metrics, "records": records, "counts": counts}
