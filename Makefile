@@ -28,8 +28,8 @@ models: install
 DEMO_LIMIT ?= 100
 demo: install
 	$(BIN)/bench models pull smollm2-135m
-	$(BIN)/bench run --method none --model smollm2-135m --task truthfulqa-mc --limit $(DEMO_LIMIT)
-	$(BIN)/bench run --method florain --model smollm2-135m --task truthfulqa-mc --limit $(DEMO_LIMIT)
+	$(BIN)/bench run --method none --model smollm2-135m --task truthfulqa --limit $(DEMO_LIMIT)
+	$(BIN)/bench run --method florain --model smollm2-135m --task truthfulqa --limit $(DEMO_LIMIT)
 
 test: install models
 	$(BIN)/python -m pytest -q

@@ -8,9 +8,6 @@ function (saved config + tensors → edit module); the pure maths lives in ``flo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bench.models import LoadedModel
+from bench.runs import atomic_directory
 from bench.sites import Positions, hooked
 
 FORMAT_VERSION = 1
@@ -68,9 +66,7 @@ class Intervention:
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``intervention.safetensors`` and ``config.json`` (atomically: a temp dir renamed into place)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             tensors = {f"{layer}.{k}": v.detach().cpu().contiguous()
                        for layer, module in self.modules.items() for k, v in module.state_dict().items()}
             save_file(tensors, str(tmp / "intervention.safetensors"))
@@ -78,11 +74,6 @@ class Intervention:
                     "layers": self.layers, "prompt_prefix": self.prompt_prefix,
                     "position_policy": self.position_policy, **self.config}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

@@ -13,9 +13,12 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -28,18 +31,37 @@ SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "scikit-learn", "safetensors", "florain-bench")
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Atomically write ``obj`` as JSON."""
+def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
+    """Atomically write ``obj`` as JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str)
+            json.dump(obj, fh, indent=indent, default=str)
             fh.write("\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh temp directory beside ``target``; when the block succeeds it replaces ``target`` (any old
+    content is moved aside first, then removed); when it fails nothing is left behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    old = target.parent / f".{target.name}-old-{os.getpid()}"
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def git_commit() -> dict:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -42,6 +39,7 @@ from bench.data.truthfulqa import Question, load_truthfulqa
 from bench.judges.base import ASPECTS, THRESHOLD, Judge, JudgeItem, Verdict, register_judge
 from bench.judges.labels import find_label_file, load_labels
 from bench.paths import cache_dir
+from bench.runs import atomic_directory
 
 log = logging.getLogger(__name__)
 VERSION = "embedded-v1"
@@ -238,9 +236,7 @@ def train_embedded_judge(data_dir: str | Path | None = None, out_dir: Path | Non
     """Train both aspects on all de-duplicated human labels and save them (atomically) with a metadata file."""
     out_dir = Path(out_dir) if out_dir else judge_dir()
     refs, ref_source = _refs(data_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         meta: dict = {"version": VERSION, "seed": seed, "references": ref_source, "sklearn": sklearn.__version__,
                       "aspects": {}}
         for aspect in ASPECTS:
@@ -253,11 +249,6 @@ def train_embedded_judge(data_dir: str | Path | None = None, out_dir: Path | Non
                                        "train_s": round(time.perf_counter() - t, 1)}
             log.info("embedded judge: %s trained on %d pairs in %.0f s", aspect, len(examples), time.perf_counter() - t)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ import openai
 
 from bench.judges.base import THRESHOLD, Judge, JudgeItem, Verdict, completion_prompt, register_judge
 from bench.paths import cache_dir as default_cache_root
+from bench.runs import write_json
 
 T = TypeVar("T")
 PROTOCOLS = ("completion", "chat")
@@ -166,18 +166,6 @@ def chat_probabilities(body: dict) -> tuple[float, float]:
     return probs[0], probs[1]
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @register_judge("openai")
 class OpenAIJudge(Judge):
     """Truth/info judge served by an OpenAI-compatible endpoint (``completion`` or ``chat`` protocol).
@@ -269,7 +257,7 @@ class OpenAIJudge(Judge):
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
             raise JudgeRequestError(f"unexpected response shape from {url} ({type(err).__name__}: {err}); "
                                     f"body starts: {text[:300]!r}") from err
-        _atomic_write_json(path, {"request": payload, "response": body})
+        write_json(path, {"request": payload, "response": body}, indent=None)
         return result
 
     def _post(self, endpoint: str, url: str, payload: dict) -> str:

@@ -18,9 +18,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +31,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from bench.paths import cache_dir
+from bench.runs import atomic_directory
 from bench.toxicity.base import THRESHOLD, ScorerNotAvailableError
 from bench.toxicity.data import ScoredText, load_scored_texts
 
@@ -137,20 +135,9 @@ def heldout_metrics(scores: Sequence[float], tox: Sequence[float]) -> dict:
 
 def _save(model: TfidfSoftLR, meta: dict, out_dir: Path) -> None:
     """Write ``model.joblib`` and ``metadata.json`` into a temp dir and rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    old = out_dir.parent / f".{out_dir.name}-old-{os.getpid()}"
-    try:
+    with atomic_directory(out_dir) as tmp:
         joblib.dump(model, tmp / "model.joblib")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
 
 def train_embedded_scorer(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
                           seed: int = 0) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import requests
 
 from bench.paths import cache_dir
+from bench.runs import write_json
 from bench.toxicity.base import ScorerNotAvailableError, ToxicityScorer, register_scorer
 
 DEFAULT_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
@@ -75,15 +75,7 @@ class PerspectiveScorer(ToxicityScorer):
         path = self._cache_path(text)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"toxicity": value, "attribute": "TOXICITY", "languages": self.languages}, fh)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_json(path, {"toxicity": value, "attribute": "TOXICITY", "languages": self.languages}, indent=None)
 
     # ----------------------------------------------------------------- requests
     def _wait_for_slot(self) -> None:
