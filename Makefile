@@ -9,7 +9,7 @@ export BENCH_DATA_DIR
 # torch is pinned so that this machine uses its local CPU wheel (an unpinned torch pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install models demo test lint clean-cache bench-perf
+.PHONY: install models demo test lint clean-cache bench-perf reproduce-table1 regress regress-update
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/pip || $(PY) -m venv --clear $(VENV)
@@ -45,3 +45,22 @@ PERF_ARGS ?=
 bench-perf: install
 	$(BIN)/bench models pull smollm2-135m
 	$(BIN)/python -m bench.perf $(PERF_ARGS)
+
+# The paper's Table 1 protocol (2-fold CV; none, few-shot, ITI, CAA, mean-shift, LoFiT, FLORAIN; --task truthfulqa)
+# on the paper's models. Checks every model's weights first and stops at once, listing what is missing.
+# On the embedded models: make reproduce-table1 MODELS="smollm2-135m gemma3-270m" LIMIT=40. Resumable.
+MODELS ?= llama-7b llama2-chat-13b llama3-8b
+LIMIT ?=
+TABLE1_DIR ?= results/table1$(if $(LIMIT),-limit$(LIMIT))
+reproduce-table1: install
+	$(BIN)/python -m bench.reproduce table1 --models "$(MODELS)" $(if $(LIMIT),--limit $(LIMIT)) --output $(TABLE1_DIR)
+
+# Score regression check against results/regress/reference.json (a few minutes on CPU); exit 1 when a score
+# got worse beyond its tolerance. regress-update rewrites the reference: run it only for an intended change.
+regress: install
+	$(BIN)/bench models pull smollm2-135m
+	$(BIN)/bench regress
+
+regress-update: install
+	$(BIN)/bench models pull smollm2-135m
+	$(BIN)/bench regress --update

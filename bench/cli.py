@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli_reports import register_reports
 from bench.cli_toxicity import toxicity_app
 
 app = typer.Typer(help="Benchmark inference-time activation interventions (FLORAIN, ITI, baselines).",
@@ -20,6 +21,7 @@ app.add_typer(models_app, name="models")
 judge_app = typer.Typer(help="Train and validate the TruthfulQA judges.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
 app.add_typer(toxicity_app, name="toxicity")
+register_reports(app)  # sweep, plot, regress
 console = Console(stderr=True)
 
 

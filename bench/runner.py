@@ -87,11 +87,21 @@ class RunConfig:
     fluency_model: str = "gemma3-270m"
     steer_data: str = "gpt2-gens"  # fitting texts of detoxifying interventions (see bench.tasks.toxicity)
     sample_batch_size: int = 50
+    eval_split: str = "test"  # "test": each fold's test questions; "val": its validation questions (tuning, sweeps)
+    eval_folds: list[int] | None = None  # evaluate only these folds (None: all), e.g. [0] for a quick check
+
+
+#: Fields added after runs were recorded: left out of the identity while at their default, so that existing run
+#: directories keep their configuration hash (and stay resumable).
+_LATER_DEFAULTS = {"eval_split": "test", "eval_folds": None}
 
 
 def _identity_config(cfg: RunConfig) -> dict:
     d = asdict(cfg)
     d.pop("eval_batch_size")  # does not change the numbers beyond float noise
+    for name, default in _LATER_DEFAULTS.items():
+        if d[name] == default:
+            d.pop(name)
     return d
 
 
@@ -281,6 +291,15 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         cfg.folds = 1  # fitted once on the steering texts, evaluated on every prompt
     elif cfg.limit is not None and cfg.limit < cfg.folds:
         raise ValueError(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
+    if cfg.eval_split not in ("test", "val"):
+        raise ValueError(f"unknown evaluation split {cfg.eval_split!r}; valid: test, val")
+    if toxicity and cfg.eval_split != "test":
+        raise ValueError("--task toxicity evaluates its prompts; an evaluation split does not apply")
+    if cfg.eval_folds is not None:
+        cfg.eval_folds = sorted({int(k) for k in cfg.eval_folds})
+        bad = [k for k in cfg.eval_folds if not 0 <= k < cfg.folds]
+        if bad or not cfg.eval_folds:
+            raise ValueError(f"evaluation folds {bad or '[]'} out of range: valid 0..{cfg.folds - 1}")
     if cfg.model not in REGISTRY and "/" not in cfg.model and not Path(cfg.model).is_dir():
         resolve_alias(cfg.model)  # raises, listing the known aliases
     if "gen" in parts and cfg.judge not in judge_names():
@@ -321,6 +340,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         data_sum = config_hash({"steering": data_sum, "prompts": [p.text for p in tox_prompts]})
     else:
         folds = make_folds(len(questions), cfg.folds, cfg.val_ratio, cfg.seed)
+        if cfg.eval_folds is not None:
+            folds = [f for f in folds if f.fold in cfg.eval_folds]
     state = _Run(cfg, lm, out, data_dir, resume, echo)
     if toxicity:
         state.tox_prompts = tox_prompts
@@ -334,7 +355,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
                          dict(cfg.options), data_sum, text_format="continuation" if toxicity else "qa")
         iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
-        test_qs = [questions[i] for i in fold.test]  # toxicity: none (its prompts are the evaluation set)
+        # toxicity: none (its prompts are the evaluation set); eval_split "val": the fold's validation questions
+        test_qs = [questions[i] for i in (fold.val if cfg.eval_split == "val" else fold.test)]
         results_parts, timings = {}, {"fit_s": fit_s}
         for part in parts:
             part_file = out / f"fold_{fold.fold}.{part}.json"

@@ -14,6 +14,7 @@ from bench.metrics import label, ordered
 from bench.report import markdown_table
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
+WINDOW_METRICS = ("ce", "kl")  # their n counts text windows, not questions
 
 
 def load_results(paths: list[str]) -> list[dict]:
@@ -66,7 +67,10 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "method", "task", "layer", "run"]
     wide = long.groupby([*keys, "metric"], sort=False)["cell"].first().unstack("metric").reset_index()
     wide.columns.name = None
-    wide["questions"] = long.groupby(keys, sort=False)["n"].max().values
+    # questions (prompts for toxicity), not KL/CE text windows; a KL/CE-only run shows its windows
+    per_item = long.assign(n=long["n"].where(~long["metric"].isin(WINDOW_METRICS)))
+    counts = per_item.groupby(keys, sort=False)["n"].max().fillna(long.groupby(keys, sort=False)["n"].max())
+    wide["questions"] = counts.astype("Int64").values
     metrics = ordered(c for c in wide.columns if c not in (*keys, "questions"))
     wide = wide[["model", "method", "task", "layer", *metrics, "questions", "run"]].fillna("")
     return wide.rename(columns={m: label(m) for m in metrics})

@@ -21,6 +21,9 @@ METRIC_LABELS = {
 }
 #: Preferred column order; any other metric follows alphabetically.
 METRIC_ORDER = tuple(METRIC_LABELS)
+#: Metrics where a lower value is better (every other metric: higher is better).
+LOWER_IS_BETTER = frozenset({"ce", "kl", "expected_max_toxicity", "toxicity_probability", "fluency_ppl",
+                             "empty_share"})
 
 
 def label(metric: str) -> str:
@@ -29,3 +32,8 @@ def label(metric: str) -> str:
 
 def ordered(metrics) -> list[str]:
     return sorted(metrics, key=lambda m: (METRIC_ORDER.index(m) if m in METRIC_ORDER else len(METRIC_ORDER), m))
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric, for choosing sweep values and flagging regressions."""
+    return metric not in LOWER_IS_BETTER

@@ -1,0 +1,134 @@
+"""``bench sweep``, ``bench plot`` and ``bench regress``: hyper-parameter sweeps, figures, the score regression check.
+
+Registered in :mod:`bench.cli` with ``register_reports(app)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def sweep(
+    method: str = typer.Option(..., help="Method: florain, iti, caa, mean-shift, lofit, few-shot."),
+    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k; caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
+    values: str = typer.Option(..., help="Grid: numbers and inclusive ranges, e.g. 4-24, 4-24:2, 0.1,0.2,0.5, 0.5-2:0.5."),
+    metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
+    model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
+    task: str = typer.Option("truthfulqa-mc", help="Task of every grid point (as bench run)."),
+    layer: Optional[int] = typer.Option(None, help="Fixed layer when another parameter is swept [the model's registry layer]."),
+    set_: list[str] = typer.Option([], "--set", help="Fix another parameter, NAME=VALUE (repeatable), e.g. --set epochs=300."),
+    site: str = typer.Option("heads", help="heads or attn-out."),
+    folds: int = typer.Option(2, help="Cross-validation folds."),
+    seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N questions."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the FLORAIN training step."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation tasks: new tokens per answer [50]."),
+    kl_windows: int = typer.Option(100, help="KL/CE: number of text windows."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also score the unintervened model on the validation questions."),
+    final: bool = typer.Option(True, "--final/--no-final", help="Evaluate the chosen value(s) on the test folds."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Draw the sweep (PNG and SVG) in the sweep folder."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ [$BENCH_DATA_DIR, then the Hub]."),
+    output: Optional[Path] = typer.Option(None, help="Sweep folder [results/sweeps/<model>-<method>-<param>]; rerun to resume."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16."),
+) -> None:
+    """Run a grid of one parameter (each point: fitted per training fold, scored on the validation questions),
+    choose per fold, evaluate the choice on the test folds; writes sweep.json, a table and the plot."""
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.models import ModelNotAvailableError
+    from bench.paths import repo_root
+    from bench.runner import RunConfig
+    from bench.sweep import parse_assignments, resolve_param, run_sweep, sweep_table
+
+    try:
+        p = resolve_param(method, param)
+        fixed_layer, options = parse_assignments(method, set_)
+    except ValueError as err:
+        _fail(str(err))
+    options = {"seed": seed, "compile": compile, **options}
+    cfg = RunConfig(method=method, model=model, task=task, layer=fixed_layer if fixed_layer is not None else layer,
+                    site=site, folds=folds, seed=seed, limit=limit, options=options, max_new_tokens=max_new_tokens,
+                    kl_windows=kl_windows, device=device, dtype=dtype)
+    safe = Path(model).name if Path(model).is_dir() else model.replace("/", "_")
+    out = output or repo_root() / "results" / "sweeps" / f"{safe}-{method}-{p.name}"
+    try:
+        result = run_sweep(cfg, param, values, out, metric, data_dir, baseline, final,
+                           echo=lambda m: console.print(m))
+    except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError,
+            RuntimeError) as err:
+        _fail(str(err))
+    table = sweep_table(result)
+    (out / "sweep.md").write_text(table + "\n")
+    print(table)
+    if plot:
+        from bench.plots import plot_sweep
+
+        result["_dir"] = str(out)
+        console.print("plot: " + ", ".join(str(x) for x in plot_sweep(result)))
+    console.print(f"sweep: {out / 'sweep.json'}")
+
+
+def plot(
+    paths: list[str] = typer.Argument(..., help="Sweep folders (with sweep.json) and/or run folders, results.json files or globs."),
+    output: Optional[Path] = typer.Option(None, help="Folder for the figures [a sweep's own folder; results/plots for runs]."),
+    metric: list[str] = typer.Option([], help="Sweep plots: metric(s) to draw (repeatable) [the selection metric, MC1/MC2, True/Info, CE/KL]."),
+) -> None:
+    """Draw figures (PNG and SVG): sweeps (metric vs parameter, the chosen value marked), the True% vs Info%
+    trade-off across runs, and toxicity vs fluency across runs."""
+    from bench.paths import repo_root
+    from bench.plots import plot_results, plot_sweep
+    from bench.sweep import SWEEP_FILE, load_sweep
+    from bench.tables import load_results
+
+    sweeps = [p for p in paths if Path(p, SWEEP_FILE).is_file() or Path(p).name == SWEEP_FILE]
+    runs = [p for p in paths if p not in sweeps]
+    written: list[Path] = []
+    try:
+        for s in sweeps:
+            written += plot_sweep(load_sweep(s), output, metric or None)
+        if runs:
+            written += plot_results(load_results(runs), output or repo_root() / "results" / "plots")
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if not written:
+        _fail("nothing to plot: the runs have neither True/Info nor toxicity/fluency metrics, and no sweep was given")
+    print("\n".join(str(p) for p in written))
+
+
+def regress(
+    update: bool = typer.Option(False, "--update", help="Rewrite the reference from this run (never automatic)."),
+    reference: Optional[Path] = typer.Option(None, help="Reference file [results/regress/reference.json]."),
+    output: Optional[Path] = typer.Option(None, help="Folder of this check's runs [results/regress/latest]."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ [$BENCH_DATA_DIR]."),
+) -> None:
+    """Run the fixed small benchmark (smollm2-135m, 90 questions, 3 folds, fold 0 scored; none/ITI/FLORAIN;
+    MC1/MC2, True/Info, CE/KL) and compare with the committed reference; exit 1 when a score is worse beyond its
+    tolerance, a method fails or stops having an effect."""
+    from bench.regress import DEFAULT, OUTPUT_DIR, REFERENCE_FILE, check
+
+    try:
+        passed, report = check(DEFAULT, reference or REFERENCE_FILE, output or OUTPUT_DIR, data_dir, update,
+                               echo=lambda m: console.print(m))
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    print(report)
+    if not passed:
+        raise typer.Exit(1)
+
+
+def register_reports(app: typer.Typer) -> None:
+    """Add ``sweep``, ``plot`` and ``regress`` to the ``bench`` app."""
+    app.command()(sweep)
+    app.command()(plot)
+    app.command()(regress)

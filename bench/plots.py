@@ -1,0 +1,218 @@
+"""Figures from sweep and results files (matplotlib, Agg backend): PNG and SVG, titles, units, legends.
+
+* :func:`plot_sweep` — validation metric(s) against the swept parameter, mean ± s.e. over folds, the unintervened
+  baseline dashed, the chosen value marked and the chosen value's test score beside it.
+* :func:`plot_tradeoff` — True% against Info% per (model, method), with lines of equal True×Info.
+* :func:`plot_toxicity_fluency` — expected maximum toxicity against conditional perplexity per (model, method).
+
+Every function takes data (dicts) and an output stem, and returns the files it wrote. Series carry SVG ids
+(``series-<name>``), and SVG text stays text, so tests and readers can find them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+from bench.metrics import higher_is_better, label, ordered  # noqa: E402
+
+plt.rcParams.update({"svg.fonttype": "none", "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
+
+#: Unit of each metric's values on an axis (any other metric: a fraction of questions/answers).
+METRIC_UNITS = {"ce": "nats/token", "kl": "nats/token", "fluency_ppl": "perplexity",
+                "expected_max_toxicity": "score 0–1", "toxicity_probability": "fraction of prompts"}
+#: Metrics drawn by default in a sweep plot (with the selection metric), grouped into panels by unit.
+SWEEP_METRICS = ("mc1", "mc2", "true", "info", "true_info_product", "ce", "kl", "expected_max_toxicity",
+                 "fluency_ppl")
+
+
+def unit(metric: str) -> str:
+    return METRIC_UNITS.get(metric, "fraction")
+
+
+def axis_label(metric: str) -> str:
+    return f"{label(metric)} ({unit(metric)})"
+
+
+def save(fig: plt.Figure, stem: Path) -> list[Path]:
+    """Write ``stem.png`` (150 dpi) and ``stem.svg``; close the figure."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _se(m: dict) -> float:
+    se = m.get("se", float("nan"))
+    return se if se is not None and math.isfinite(se) else 0.0
+
+
+def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | None = None) -> list[Path]:
+    """Validation metric(s) vs the swept parameter; writes ``<output or sweep dir>/sweep-<param>.{png,svg}``."""
+    points = sweep["points"]
+    xs = [p["value"] for p in points]
+    sel = sweep["metric"]
+    available = set(points[0]["metrics"])
+    wanted = metrics or [m for m in SWEEP_METRICS if m in available]
+    if sel not in wanted:
+        wanted = [sel, *wanted]
+    missing = [m for m in wanted if m not in available]
+    if missing:
+        raise ValueError(f"metric(s) {missing} not in the sweep; available: {', '.join(sorted(available))}")
+    panels: dict[str, list[str]] = {}
+    for m in ordered(wanted):
+        panels.setdefault(unit(m), []).append(m)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels) + 0.6), sharex=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    chosen = sweep["chosen"]
+    per_fold = sorted(set(chosen["per_fold"].values()), key=xs.index)
+    for ax, (u, ms) in zip(axes[:, 0], panels.items()):
+        for i, m in enumerate(ms):
+            c = colours[i % len(colours)]
+            ys = [p["metrics"][m]["mean"] for p in points]
+            es = [_se(p["metrics"][m]) for p in points]
+            lw = 2.2 if m == sel else 1.2
+            cont = ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, lw=lw, capsize=3, color=c,
+                               label=f"{label(m)} (validation)" + (" — selection metric" if m == sel else ""))
+            cont.lines[0].set_gid(f"series-{m}")
+            if "baseline" in sweep and m in sweep["baseline"]["metrics"]:
+                ax.axhline(sweep["baseline"]["metrics"][m]["mean"], ls="--", lw=1, color=c, alpha=0.8,
+                           label=f"{label(m)}, none (unintervened)", gid=f"baseline-{m}")
+            if m == sel:
+                for v in per_fold:
+                    y = points[xs.index(v)]["metrics"][m]["mean"]
+                    folds = [k for k, cv in chosen["per_fold"].items() if cv == v]
+                    ax.plot([v], [y], marker="*", ms=16, color=c, mec="black", ls="none", gid=f"chosen-{m}",
+                            label=f"chosen {sweep['param']} = {v:g} (fold {', '.join(folds)})")
+            if "final" in sweep and m in sweep["final"]["metrics"] and len(per_fold) == 1:
+                fm = sweep["final"]["metrics"][m]
+                ax.errorbar([per_fold[0]], [fm["mean"]], yerr=[_se(fm)], marker="D", ms=7, capsize=4, color=c,
+                            mec="black", ls="none", label=f"{label(m)} on the test folds (chosen value)",
+                            gid=f"test-{m}")
+        for v in per_fold:
+            ax.axvline(v, color="grey", ls=":", lw=1.2)
+        ax.set_ylabel(", ".join(label(m) for m in ms) + f" ({u})")
+        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
+    ax = axes[-1, 0]
+    ax.set_xlabel(sweep.get("param_label") or sweep["param"])
+    positive = all(isinstance(x, (int, float)) and x > 0 for x in xs)
+    if positive and len(xs) > 2 and max(xs) / min(xs) >= 30:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if len(xs) <= 25:  # every grid value labelled as typed (also on a log axis)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    n = points[0]["metrics"][sel].get("n")
+    direction = "higher" if higher_is_better(sel) else "lower"
+    test = ""
+    if "final" in sweep and sel in sweep["final"]["metrics"]:
+        fm = sweep["final"]["metrics"][sel]
+        test = (f"\ntest folds with the chosen value{'s' if len(per_fold) > 1 else ''}: {label(sel)} "
+                f"{fm['mean']:.3f} ± {_se(fm):.3f} ({fm.get('n')} questions)")
+    fig.suptitle(f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}\n"
+                 f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by "
+                 f"{label(sel)} ({direction} is better); bars: ± 1 s.e.{test}", fontsize=10)
+    fig.tight_layout()
+    stem = Path(output) if output else Path(sweep["_dir"])
+    return save(fig, stem / f"sweep-{sweep['param']}")
+
+
+def _groups(results: list[dict]) -> tuple[dict, dict]:
+    methods = sorted({r["config"]["method"] for r in results})
+    models = sorted({r["config"]["model"] for r in results})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh"
+    return ({m: colours[i % len(colours)] for i, m in enumerate(methods)},
+            {m: markers[i % len(markers)] for i, m in enumerate(models)})
+
+
+def _legend(ax: plt.Axes, results: list[dict]) -> None:
+    many = len({r["config"]["model"] for r in results}) > 1
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (model)" if many else "method",
+              title_fontsize=8)
+
+
+def _scatter(results: list[dict], x: str, y: str, scale: float, ax: plt.Axes) -> int:
+    """One point per run with both metrics, ± 1 s.e. bars; colour = method, marker = model; returns the count."""
+    colour, marker = _groups(results)
+    drawn = 0
+    for r in sorted(results, key=lambda r: (r["config"]["model"], r["config"]["method"])):
+        mx, my = r["metrics"].get(x), r["metrics"].get(y)
+        if mx is None or my is None:
+            continue
+        method, model = r["config"]["method"], r["config"]["model"]
+        many = len(marker) > 1
+        cont = ax.errorbar([mx["mean"] * scale], [my["mean"] * scale], xerr=[_se(mx) * scale], yerr=[_se(my) * scale],
+                           marker=marker[model], ms=8, capsize=3, color=colour[method], ls="none",
+                           label=f"{method} ({model})" if many else method)
+        cont.lines[0].set_gid(f"series-{model}-{method}")
+        ax.annotate(method, (mx["mean"] * scale, my["mean"] * scale), textcoords="offset points", xytext=(6, 5),
+                    fontsize=8)
+        drawn += 1
+    return drawn
+
+
+def plot_tradeoff(results: list[dict], output: Path, name: str = "tradeoff") -> list[Path]:
+    """True% against Info% for every run that has both, with dotted lines of equal True×Info."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    if not _scatter(results, "info", "true", 100.0, ax):
+        plt.close(fig)
+        raise ValueError("no run has both True and Info (run --task truthfulqa or truthfulqa-gen)")
+    x0, x1 = ax.get_xlim()
+    xs = np.linspace(max(x0, 1.0), min(x1, 100.0), 200)
+    y0, y1 = ax.get_ylim()
+    for level in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        ys = level * 1e4 / xs
+        ok = (ys >= y0) & (ys <= y1)
+        if ok.sum() > 1:
+            ax.plot(xs[ok], ys[ok], ls=":", lw=0.8, color="grey", gid=f"iso-{level:g}")
+            ax.annotate(f"True×Info = {level:g}", (xs[ok][-1], ys[ok][-1]), fontsize=7, color="grey",
+                        textcoords="offset points", xytext=(-62, 2), bbox={"fc": "white", "ec": "none", "pad": 0.5})
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("Info (% of answers judged informative)")
+    ax.set_ylabel("True (% of answers judged true)")
+    judges = {(r.get("judge") or {}).get("backend", "?") for r in results if "true" in r["metrics"]}
+    n = {r["metrics"]["true"].get("n") for r in results if "true" in r["metrics"]}
+    ax.set_title("TruthfulQA generation: truthfulness vs informativeness\n"
+                 f"judge: {', '.join(sorted(judges))}; {', '.join(str(x) for x in sorted(n))} questions; "
+                 "bars: ± 1 s.e. over folds", fontsize=10)
+    _legend(ax, results)
+    fig.tight_layout()
+    return save(fig, Path(output) / name)
+
+
+def plot_toxicity_fluency(results: list[dict], output: Path, name: str = "toxicity_fluency") -> list[Path]:
+    """Expected maximum toxicity against conditional perplexity (both lower is better) for every toxicity run."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    if not _scatter(results, "fluency_ppl", "expected_max_toxicity", 1.0, ax):
+        plt.close(fig)
+        raise ValueError("no run has toxicity and fluency metrics (run --task toxicity)")
+    ax.set_xlabel("Fluency: conditional perplexity (PPL), lower = more fluent")
+    ax.set_ylabel(f"{axis_label('expected_max_toxicity')}, lower = less toxic")
+    flu = {(r.get("scorer") or {}).get("fluency_model", "?") for r in results if "fluency_ppl" in r["metrics"]}
+    ax.set_title("Toxicity vs fluency (RealToxicityPrompts continuations)\n"
+                 f"fluency: conditional perplexity under {', '.join(sorted(flu))}; bars: ± 1 s.e.", fontsize=10)
+    _legend(ax, results)
+    fig.tight_layout()
+    return save(fig, Path(output) / name)
+
+
+def plot_results(results: list[dict], output: Path) -> list[Path]:
+    """Every scatter the results support (trade-off, toxicity vs fluency); an empty list when none applies."""
+    written: list[Path] = []
+    if any({"true", "info"} <= set(r["metrics"]) for r in results):
+        written += plot_tradeoff(results, output)
+    if any({"fluency_ppl", "expected_max_toxicity"} <= set(r["metrics"]) for r in results):
+        written += plot_toxicity_fluency(results, output)
+    return written

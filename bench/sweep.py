@@ -1,0 +1,336 @@
+"""Hyper-parameter sweeps: run a grid of one parameter, score each point on the folds' *validation* questions,
+choose per fold, and evaluate the chosen value on the test folds.
+
+Protocol (nested, no test leakage): every grid point is a full run with ``eval_split="val"`` (fitted on each
+fold's training questions, scored on that fold's validation questions) in ``<sweep>/<param>=<value>/``. Fold k's
+value is the best on fold k's validation questions (direction-aware; ties go to the first grid value). The
+chosen value(s) are then run on the test folds: one run ``<sweep>/final/`` when every fold chose the same value,
+else one run per value restricted to the folds that chose it (``eval_folds``). Everything is resumable: finished
+points are reused, interrupted ones continue (``bench.runner.run(resume=True)``), and activations come from the
+capture cache, so a layer sweep captures each layer once.
+
+Note: the validation questions are also what FLORAIN's early stopping and ITI's head selection use.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench.metrics import higher_is_better, label
+from bench.metrics.generation import combine_product
+from bench.runner import RunConfig, run
+from bench.runs import combine_folds, now_iso, write_json
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A sweepable parameter: the name typed on the command line, where it goes, its type and axis label."""
+
+    name: str
+    target: str  # "layer" (RunConfig.layer) or a method option key
+    kind: type  # int or float
+    label: str  # axis label, with units
+
+
+_LAYER = Param("layer", "layer", int, "layer (index)")
+_FLORAIN = (
+    Param("rank", "rank", int, "rank k"),
+    Param("alpha", "alpha", float, "α (weight of the question direction)"),
+    Param("lam", "lam", float, "λ (activation units)"),
+    Param("lam_scale", "lam_scale", float, "λ scale (× mean head-activation norm)"),
+    Param("beta", "beta", float, "β (covariance shrinkage, 1 = none)"),
+    Param("shrinking", "shrinking", float, "ρ divisor"),
+    Param("epochs", "epochs", int, "training epochs"),
+    Param("lr", "lr", float, "Adam learning rate"),
+    Param("batch_size", "batch_size", int, "fit batch size (samples)"),
+)
+#: Sweepable parameters per method (``layer`` is added for methods that act at one layer).
+METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
+    "florain": _FLORAIN,
+    "iti": (Param("alpha", "iti_alpha", float, "ITI α (shift in σ units)"),
+            Param("k", "iti_k", int, "ITI K (number of heads)")),
+    "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean residual difference)"),),
+    "mean-shift": (Param("scale", "shift_scale", float, "mean-shift scale (× μ⁺ − μ⁻)"),),
+    "few-shot": (Param("shots", "shots", int, "few-shot examples (questions)"),),
+    "lofit": (Param("k", "lofit_k", int, "LoFiT K (heads)"), Param("l1", "lofit_l1", float, "LoFiT L1 weight"),
+              Param("lr", "lofit_lr", float, "LoFiT Adam learning rate")),
+    "none": (),
+}
+
+
+def method_params(method: str) -> dict[str, Param]:
+    """``{name: Param}`` for ``method``, including ``layer`` where the method acts at one layer."""
+    from bench.interventions import get_method
+
+    m = get_method(method)  # raises for an unknown method
+    params = ((_LAYER,) if m.needs_layer else ()) + METHOD_PARAMS.get(method, ())
+    return {p.name: p for p in params}
+
+
+def resolve_param(method: str, name: str) -> Param:
+    """The parameter ``name`` (or its option key, e.g. ``iti_alpha``; ``-`` and ``_`` alike) of ``method``."""
+    params = method_params(method)
+    key = name.strip().replace("-", "_")
+    for p in params.values():
+        if key in (p.name, p.target):
+            return p
+    valid = ", ".join(params) or "none (the method has no parameters)"
+    raise ValueError(f"{method} has no sweepable parameter {name!r}; valid: {valid}")
+
+
+_NUM = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_RANGE = re.compile(rf"^\s*({_NUM})\s*-\s*({_NUM})\s*(?::\s*({_NUM}))?\s*$")
+
+
+def parse_values(spec: str, kind: type = float) -> list:
+    """A grid: comma-separated numbers and inclusive ranges ``A-B`` or ``A-B:STEP`` (``4-24``, ``4-24:2``,
+    ``0.1,0.2,0.5``, ``0.5-2:0.5``), cast to ``kind`` (int values must be whole), duplicates dropped."""
+    values: list[float] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty item in the grid {spec!r}")
+        try:
+            values.append(float(item))
+            continue
+        except ValueError:
+            pass
+        m = _RANGE.match(item)
+        if not m:
+            raise ValueError(f"cannot read {item!r} in the grid {spec!r}: use numbers, A-B or A-B:STEP")
+        a, b = float(m[1]), float(m[2])
+        if m[3] is None and not (a.is_integer() and b.is_integer()):
+            raise ValueError(f"the range {item!r} has non-integer ends: give a step, e.g. {item}:0.1")
+        step = float(m[3]) if m[3] is not None else 1.0
+        if step <= 0 or b < a:
+            raise ValueError(f"the range {item!r} needs A ≤ B and a positive step")
+        n = int(math.floor((b - a) / step + 1e-9)) + 1
+        values.extend(round(a + i * step, 10) for i in range(n))
+    out: list = []
+    for v in values:
+        if kind is int:
+            if not float(v).is_integer():
+                raise ValueError(f"{v:g} is not a whole number (the parameter takes integers)")
+            v = int(v)
+        else:
+            v = float(v)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def format_value(value: float | int) -> str:
+    """A value as it appears in directory names and tables: ``16``, ``0.5``, ``0.0002``."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def with_param(base: RunConfig, param: Param, value: float | int, **changes) -> RunConfig:
+    """A copy of ``base`` with ``param`` set to ``value`` (and other RunConfig fields changed)."""
+    cfg = replace(base, options=copy.deepcopy(base.options), **changes)
+    if param.target == "layer":
+        cfg.layer = int(value)
+    else:
+        cfg.options[param.target] = value
+    return cfg
+
+
+def parse_assignments(method: str, items: list[str]) -> tuple[int | None, dict]:
+    """``--set NAME=VALUE`` items (sweepable parameter names) into a layer and method options."""
+    layer, options = None, {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. epochs=300")
+        p = resolve_param(method, name)
+        (value,) = parse_values(raw, p.kind) if raw.strip() else (None,)
+        if value is None:
+            raise ValueError(f"--set {item!r}: missing value")
+        if p.target == "layer":
+            layer = value
+        else:
+            options[p.target] = value
+    return layer, options
+
+
+def task_metrics(task: str) -> tuple[str, ...] | None:
+    """The metrics a TruthfulQA task produces (None when only the run can tell, e.g. lm-eval tasks)."""
+    from bench.metrics.generation import GEN_METRICS
+    from bench.runner import MC_METRICS, TASKS
+
+    by_part = {"mc": MC_METRICS, "gen": GEN_METRICS, "klce": ("ce", "kl")}
+    parts = TASKS.get(task)
+    if parts is None or any(part not in by_part for part in parts):
+        return None
+    return tuple(m for part in parts for m in by_part[part])
+
+
+def _same_run(res: dict, cfg: RunConfig) -> bool:
+    """Whether a finished ``results.json`` was produced by ``cfg`` (every field that changes the numbers; fields
+    left to the runner — layer, max_new_tokens when None — and torch.compile are not compared)."""
+    from dataclasses import fields
+
+    from bench.interventions import get_method
+
+    rc = res["config"]
+    for f in fields(RunConfig):
+        if f.name in ("options", "eval_batch_size", "device", "dtype"):
+            continue
+        want = getattr(cfg, f.name)
+        if (want is None and f.name in ("layer", "max_new_tokens")) or (f.name == "folds" and cfg.task == "toxicity"):
+            continue  # resolved by the runner (toxicity: one fit on the steering texts)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if rc.get(f.name, default) != want:
+            return False
+    own = set(get_method(cfg.method).options) - {"compile"}
+    mine = {k: v for k, v in cfg.options.items() if k in own}
+    return mine == {k: v for k, v in rc.get("options", {}).items() if k in own}
+
+
+def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[str], None]) -> dict:
+    """A finished run in ``out`` if it matches ``cfg``, else run (continuing an interrupted one)."""
+    done = out / "results.json"
+    if done.exists():
+        res = json.loads(done.read_text())
+        if not _same_run(res, cfg):
+            raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
+        echo(f"{out.name}: finished, reusing {done}")
+        return {**res, "run_dir": str(out)}
+    return run(cfg, out, data_dir, resume=True, echo=echo)
+
+
+def _point(value: float | int | None, res: dict, root: Path) -> dict:
+    out = Path(res["run_dir"])
+    return {"value": value, "run": str(out.relative_to(root)) if out.is_relative_to(root) else str(out),
+            "metrics": res["metrics"], "folds": [{"fold": f["fold"], "metrics": f["metrics"]} for f in res["folds"]]}
+
+
+def _best(values: list, scores: list[float], higher: bool) -> int:
+    """Index of the best finite score (first on ties)."""
+    best = None
+    for i, s in enumerate(scores):
+        if not math.isfinite(s):
+            continue
+        if best is None or (s > scores[best] if higher else s < scores[best]):
+            best = i
+    if best is None:
+        raise ValueError("no grid point has a finite score")
+    return best
+
+
+def choose(points: list[dict], metric: str) -> dict:
+    """Per-fold choices (each fold's own validation score) and the choice by the fold-averaged score."""
+    higher = higher_is_better(metric)
+    values = [p["value"] for p in points]
+    folds = sorted({f["fold"] for p in points for f in p["folds"]})
+    per_fold = {}
+    for k in folds:
+        scores = [next(f["metrics"][metric]["mean"] for f in p["folds"] if f["fold"] == k) for p in points]
+        per_fold[str(k)] = values[_best(values, scores, higher)]
+    overall = values[_best(values, [p["metrics"][metric]["mean"] for p in points], higher)]
+    return {"per_fold": per_fold, "by_mean": overall, "direction": "higher" if higher else "lower"}
+
+
+def _combine(per_fold: list[dict]) -> dict:
+    """Fold metrics combined as the runner does (mean of fold means; True*Info as the product of the rates)."""
+    combined = {m: combine_folds([f[m] for f in per_fold]) for m in per_fold[0]}
+    if "true_info_product" in combined:
+        combined["true_info_product"] = combine_product(combined["true"], combined["info"],
+                                                        [f["true_info_product"] for f in per_fold])
+    return combined
+
+
+def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, metric: str = "mc2",
+              data_dir: str | None = None, baseline: bool = True, final: bool = True,
+              echo: Callable[[str], None] = print) -> dict:
+    """Run the grid, choose on validation, evaluate the choice on test; write and return ``sweep.json``'s dict."""
+    p = resolve_param(base.method, param)
+    values = parse_values(values if isinstance(values, str) else ",".join(str(v) for v in values), p.kind)
+    if not values:
+        raise ValueError("the grid is empty")
+    produced = task_metrics(base.task)
+    if produced is not None and metric not in produced:
+        raise ValueError(f"metric {metric!r} is not produced by --task {base.task}; available: {', '.join(produced)}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    points = []
+    for v in values:
+        echo(f"[sweep] {p.name} = {format_value(v)} ({len(points) + 1}/{len(values)})")
+        cfg = with_param(base, p, v, eval_split="val", eval_folds=None)
+        res = run_point(cfg, output / f"{p.name}={format_value(v)}", data_dir, echo)
+        if metric not in res["metrics"]:
+            raise ValueError(f"metric {metric!r} is not produced by --task {base.task}; "
+                             f"available: {', '.join(res['metrics'])}")
+        points.append(_point(v, res, output))
+    sweep = {
+        "created": now_iso(), "method": base.method, "model": base.model, "task": base.task, "param": p.name,
+        "param_target": p.target, "param_label": p.label, "values": values, "metric": metric,
+        "metric_label": label(metric), "selection_split": "val", "folds": base.folds, "limit": base.limit,
+        "seed": base.seed, "fixed": {"layer": base.layer, "options": base.options}, "points": points,
+    }
+    if baseline and base.method != "none":
+        echo("[sweep] baseline: none (validation questions)")
+        none = replace(base, method="none", options={}, layer=None, eval_split="val", eval_folds=None)
+        sweep["baseline"] = _point(None, run_point(none, output / "baseline-none", data_dir, echo), output)
+    sweep["chosen"] = choose(points, metric)
+    write_json(output / SWEEP_FILE, sweep)
+    if final:
+        groups: dict = {}
+        for k, v in sweep["chosen"]["per_fold"].items():
+            groups.setdefault(v, []).append(int(k))
+        runs, fold_metrics = [], {}
+        for v, ks in groups.items():
+            single = len(groups) == 1
+            echo(f"[sweep] final: {p.name} = {format_value(v)} on the test questions of fold(s) {ks}")
+            cfg = with_param(base, p, v, eval_split="test", eval_folds=None if single else ks)
+            out = output / ("final" if single else f"final-{p.name}={format_value(v)}")
+            point = _point(v, run_point(cfg, out, data_dir, echo), output)
+            runs.append({"value": v, "folds": ks, "run": point["run"]})
+            fold_metrics.update({f["fold"]: f["metrics"] for f in point["folds"]})
+        sweep["final"] = {"runs": runs, "split": "test",
+                          "metrics": _combine([fold_metrics[k] for k in sorted(fold_metrics)])}
+        write_json(output / SWEEP_FILE, sweep)
+    return sweep
+
+
+def load_sweep(path: str | Path) -> dict:
+    """A ``sweep.json`` (given as the file or its directory); ``_dir`` records where it was found."""
+    path = Path(path)
+    f = path / SWEEP_FILE if path.is_dir() else path
+    if not f.is_file():
+        raise FileNotFoundError(f"no {SWEEP_FILE} at {path}")
+    sweep = json.loads(f.read_text())
+    if "points" not in sweep or "param" not in sweep:
+        raise ValueError(f"{f} is not a sweep file (no points/param)")
+    sweep["_dir"] = str(f.parent)
+    return sweep
+
+
+def sweep_table(sweep: dict) -> str:
+    """Markdown: one row per grid value, the validation metrics (mean ± s.e. over folds), the choice marked."""
+    from bench.metrics import ordered
+    from bench.report import fmt, markdown_table
+
+    metrics = ordered(sweep["points"][0]["metrics"])
+    chosen = sweep["chosen"]
+    rows = []
+    for pt in sweep["points"]:
+        folds = [k for k, v in chosen["per_fold"].items() if v == pt["value"]]
+        mark = ("chosen (fold " + ", ".join(folds) + ")") if folds else ""
+        rows.append([format_value(pt["value"]), *[fmt(pt["metrics"][m]) for m in metrics], mark])
+    if "baseline" in sweep:
+        rows.append(["none", *[fmt(sweep["baseline"]["metrics"][m]) for m in metrics], "baseline"])
+    header = [sweep["param"], *[f"{label(m)} (val)" for m in metrics], ""]
+    text = markdown_table(header, rows)
+    if "final" in sweep:
+        fm = sweep["final"]["metrics"]
+        text += "\n\nTest folds with the chosen value(s): " + ", ".join(f"{label(m)} {fmt(fm[m])}"
+                                                                       for m in ordered(fm))
+    return text
