@@ -88,6 +88,8 @@ def run(
     fluency_model: str = typer.Option("gemma3-270m", help="toxicity: reference LM of the conditional perplexity."),
     steer_data: str = typer.Option("gpt2-gens", help="toxicity: fitting texts: gpt2-gens (scored GPT-2 continuations per prompt) or rtp (toxic vs non-toxic RTP prompts)."),
     sample_batch_size: int = typer.Option(50, help="toxicity: sequences per sampling batch."),
+    eval_split: str = typer.Option("test", help="Evaluate each fold's test questions, or its validation questions (val: tuning)."),
+    eval_fold: Optional[list[int]] = typer.Option(None, help="Evaluate only this fold (repeatable) [all folds]."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ data [$BENCH_DATA_DIR, then the Hub]."),
     output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --output, reusing its finished folds."),
@@ -114,7 +116,7 @@ def run(
                     judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol),
                     kl_windows=kl_windows, kl_length=kl_length, kl_source=kl_source, tox_prompts=tox_prompts,
                     samples=samples, top_p=top_p, scorer=scorer, fluency_model=fluency_model, steer_data=steer_data,
-                    sample_batch_size=sample_batch_size)
+                    sample_batch_size=sample_batch_size, eval_split=eval_split, eval_folds=eval_fold or None)
     if output is not None and resume is False and (output / "results.json").exists():
         _fail(f"{output} already holds a finished run; choose another --output or pass --resume")
     try:

@@ -191,3 +191,17 @@ def test_unknown_judge_or_preset_is_rejected_before_the_run(tiny_dir, tqa_dir):
     assert r.exit_code == 2 and "valid: embedded, hf, openai" in r.text
     r = _run(*base, "--gen-preset", "chatty")
     assert r.exit_code == 2 and "valid: iti" in r.text
+
+
+def test_eval_split_and_eval_fold_flags_select_the_questions(tiny_dir, tqa_dir, tmp_path):
+    from bench.data.truthfulqa import make_folds
+
+    out = tmp_path / "val"
+    r = _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12",
+             "--eval-split", "val", "--eval-fold", "1", "--output", str(out))
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert [f["fold"] for f in res["folds"]] == [1] and res["config"]["eval_split"] == "val"
+    assert res["metrics"]["mc2"]["n"] == len(make_folds(12, 2, 0.2, 42)[1].val)
+    bad = _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--eval-split", "train")
+    assert bad.exit_code == 2 and "valid: test, val" in bad.text
