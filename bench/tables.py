@@ -14,7 +14,7 @@ from bench.metrics import label, ordered
 from bench.report import markdown_table
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
-WINDOW_METRICS = ("ce", "kl")  # their n counts text windows, not questions
+WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
 
 
 def load_results(paths: list[str]) -> list[dict]:
