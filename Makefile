@@ -25,7 +25,7 @@ models: install
 	$(BIN)/bench models pull gemma3-270m
 
 # The main job on the embedded default model: FLORAIN vs no intervention, TruthfulQA MC1/MC2/MC3, 2-fold CV.
-DEMO_LIMIT ?= 100
+DEMO_LIMIT ?= 40
 demo: install
 	$(BIN)/bench models pull smollm2-135m
 	$(BIN)/bench run --method none --model smollm2-135m --task truthfulqa --limit $(DEMO_LIMIT)
