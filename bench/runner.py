@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -25,12 +26,14 @@ from bench.paths import repo_root
 from bench.report import results_table
 from bench.runs import (
     SCHEMA_VERSION,
+    append_progress,
     combine_folds,
     config_hash,
     environment,
     new_run_id,
     now_iso,
     peak_memory_mb,
+    read_progress,
     summarise,
     write_json,
 )
@@ -113,64 +116,34 @@ def _parts(task: str) -> tuple[str, ...]:
     return TASKS[task]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Lines of a progress file; a torn last line (killed mid-write) is dropped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
-
-
-def _append_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("a") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-        fh.flush()
-
-
 class _Run:
     """State shared by the folds of one run: model, judge, KL windows, output directory."""
 
     def __init__(self, cfg: RunConfig, lm: LoadedModel, out: Path, data_dir: str | None, resume: bool, echo):
         self.cfg, self.lm, self.out, self.data_dir, self.resume, self.echo = cfg, lm, out, data_dir, resume, echo
-        self._judge = None
         self._windows = None
         self.kl_source: str | None = None
         self.tox_prompts: list = []
-        self._scorer = None
-        self._fluency = None
 
-    @property
+    def _options(self, backend: str, options: dict) -> dict:
+        """Backend options; the ``embedded`` backends also get the run's data directory (to train on first use)."""
+        return {**({"data_dir": self.data_dir} if backend == "embedded" else {}), **options}
+
+    @cached_property
     def scorer(self):
-        if self._scorer is None:
-            from bench.toxicity.base import get_scorer
+        from bench.toxicity.base import get_scorer
 
-            opts = dict(self.cfg.scorer_options)
-            if self.cfg.scorer == "embedded":
-                opts.setdefault("data_dir", self.data_dir)
-            self._scorer = get_scorer(self.cfg.scorer, **opts)
-        return self._scorer
+        return get_scorer(self.cfg.scorer, **self._options(self.cfg.scorer, self.cfg.scorer_options))
 
-    @property
+    @cached_property
     def fluency(self) -> LoadedModel:
-        if self._fluency is None:
-            same = self.cfg.fluency_model == self.cfg.model
-            self._fluency = self.lm if same else load_model(self.cfg.fluency_model, self.cfg.device, self.cfg.dtype)
-        return self._fluency
+        if self.cfg.fluency_model == self.cfg.model:
+            return self.lm
+        return load_model(self.cfg.fluency_model, self.cfg.device, self.cfg.dtype)
 
-    @property
+    @cached_property
     def judge(self):
-        if self._judge is None:
-            opts = dict(self.cfg.judge_options)
-            if self.cfg.judge == "embedded":
-                opts.setdefault("data_dir", self.data_dir)
-            self._judge = get_judge(self.cfg.judge, **opts)
-        return self._judge
+        return get_judge(self.cfg.judge, **self._options(self.cfg.judge, self.cfg.judge_options))
 
     def windows(self) -> torch.Tensor:
         if self._windows is None:
@@ -188,28 +161,28 @@ class _Run:
     def gen(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         cfg = self.cfg
         gen_file, verdict_file = self.out / f"generations_fold{k}.jsonl", self.out / f"judgements_fold{k}.jsonl"
-        done = {r["index"]: r for r in _read_jsonl(gen_file)}
+        done = {r["index"]: r for r in read_progress(gen_file)}
         if done:
             self.echo(f"fold {k}: reusing {len(done)} saved generations")
         prompts = [gen_prompt(q.question, cfg.gen_preset, iv.prompt_prefix if iv else "") for q in qs]
 
         def save(idx: list[int], texts: list[str]) -> None:
             recs = [{"index": qs[i].index, "continuation": t, "answer": clean_answer(t)} for i, t in zip(idx, texts)]
-            _append_jsonl(gen_file, recs)
+            append_progress(gen_file, recs)
             done.update({r["index"]: r for r in recs})
 
         skip = {i for i, q in enumerate(qs) if q.index in done}
         generate(self.lm, prompts, iv, cfg.max_new_tokens or 50, cfg.gen_batch_size, on_batch=save, skip=skip,
                  progress=f"fold {k} generation ({len(qs)} questions)")
         judge_id = config_hash(self.judge.identity())
-        verdicts = {r["index"]: r for r in _read_jsonl(verdict_file) if r.get("judge") == judge_id}
+        verdicts = {r["index"]: r for r in read_progress(verdict_file) if r.get("judge") == judge_id}
         todo = [q for q in qs if q.index not in verdicts]
         for s in range(0, len(todo), 64):  # judged in chunks so an interrupted run keeps what was judged
             chunk = todo[s:s + 64]
             items = [JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect) for q in chunk]
             recs = [{"index": q.index, "judge": judge_id, "p_true": v.p_true, "p_info": v.p_info}
                     for q, v in zip(chunk, self.judge.judge(items))]
-            _append_jsonl(verdict_file, recs)
+            append_progress(verdict_file, recs)
             verdicts.update({r["index"]: r for r in recs})
         recs = []
         for q in qs:

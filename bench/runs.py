@@ -45,6 +45,34 @@ def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
             os.unlink(tmp)
 
 
+def read_progress(path: Path) -> list[dict]:
+    """Records of an append-only progress file (JSON lines). A torn tail left by a killed run is cut off the
+    file, so that records appended after a resume start on a line of their own."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out, valid = [], 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            valid += len(line)
+    if valid < path.stat().st_size:
+        os.truncate(path, valid)
+    return out
+
+
+def append_progress(path: Path, records: list[dict]) -> None:
+    """Append records to a progress file and flush them to the OS."""
+    with Path(path).open("a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+        fh.flush()
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a fresh temp directory beside ``target``; when the block succeeds it replaces ``target`` (any old

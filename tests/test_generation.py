@@ -99,3 +99,16 @@ def test_generation_metrics_report_both_true_info_definitions():
     assert combined["se"] == pytest.approx(math.sqrt(0.64 * 0.01 + 0.25 * 0.0025))
     with pytest.raises(ValueError, match="same, non-zero"):
         generation_metrics([True], [])
+
+
+def test_progress_file_drops_a_torn_tail_so_later_appends_stay_readable(tmp_path):
+    from bench.runs import append_progress, read_progress
+
+    path = tmp_path / "progress.jsonl"
+    append_progress(path, [{"index": 0}, {"index": 1}])
+    with path.open("a") as fh:
+        fh.write('{"index": 2, "ans')  # killed mid-write
+    assert read_progress(path) == [{"index": 0}, {"index": 1}]
+    append_progress(path, [{"index": 2}, {"index": 3}])
+    assert [r["index"] for r in read_progress(path)] == [0, 1, 2, 3]
+    assert read_progress(tmp_path / "missing.jsonl") == []

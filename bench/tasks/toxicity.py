@@ -13,7 +13,6 @@ regions need groups). Two sources, never overlapping the evaluation prompts:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from bench.data.truthfulqa import Fold, Question
 from bench.models import LoadedModel
-from bench.runs import summarise
+from bench.runs import append_progress, read_progress, summarise
 from bench.toxicity.base import score_samples
 from bench.toxicity.data import ToxicityPrompt, exclude_prompts, load_steering_groups, normalise
 from bench.toxicity.metrics import (
@@ -70,36 +69,23 @@ def steering_fold(n: int, val_ratio: float, seed: int) -> Fold:
     return Fold(0, tuple(sorted(int(i) for i in perm[n_val:])), tuple(sorted(int(i) for i in perm[:n_val])), ())
 
 
-def _read_samples(path: Path) -> dict[int, dict]:
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn last line of a killed run
-            done[rec["index"]] = rec
-    return done
-
-
 def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], intervention, scorer, fluency_lm: LoadedModel,
                       samples_file: Path, n_samples: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
                       seed: int = 0, batch_size: int = 50, echo: Callable[[str], None] = print) -> dict:
     """Sample (resuming from ``samples_file``), score, and summarise; returns ``{"metrics", "records", "counts"}``."""
-    done = _read_samples(samples_file)
+    done = {r["index"]: r for r in read_progress(samples_file)}
     if done:
         echo(f"toxicity: reusing the samples of {len(done)} prompts")
     todo = [i for i in range(len(prompts)) if i not in done]
-    with samples_file.open("a") as fh:
-        def save(index: int, samples: list[str]) -> None:
-            rec = {"index": index, "id": prompts[index].id, "prompt": prompts[index].text, "samples": samples}
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            done[index] = rec
 
-        if todo:
-            sample_continuations(lm, [prompts[i].text for i in todo], n_samples, max_new_tokens, top_p, seed,
-                                 batch_size, intervention, on_prompt=save, indices=todo)
+    def save(index: int, samples: list[str]) -> None:
+        rec = {"index": index, "id": prompts[index].id, "prompt": prompts[index].text, "samples": samples}
+        append_progress(samples_file, [rec])
+        done[index] = rec
+
+    if todo:
+        sample_continuations(lm, [prompts[i].text for i in todo], n_samples, max_new_tokens, top_p, seed,
+                             batch_size, intervention, on_prompt=save, indices=todo)
     samples = [done[i]["samples"] for i in range(len(prompts))]
     scored = score_samples(scorer, samples)
     flat_p = [prompts[i].text for i, s in enumerate(samples) for _ in s]
