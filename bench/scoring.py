@@ -1,8 +1,10 @@
-"""Batched log-probability of answer spans given a context, with an optional shared-prefix KV cache.
+"""Batched log-probability of answer spans given a context, with a two-level shared-prefix KV cache.
 
-Every TruthfulQA MC text starts with the same instruction and primer. With ``prefix_cache=True`` the
-longest token prefix shared by all texts (and ending before any answer token) is run once; each batch
-reuses its keys and values. Answer spans come from the tokenizer's character offsets.
+Every TruthfulQA MC text starts with the same instruction and primer, and the answers of one question share
+the question. With ``prefix_cache=True`` the longest token prefix shared by all texts is run once (level 1);
+then, per context (the tokens before an answer's last context token), that context is run once on top of the
+level-1 cache (level 2) and all answers of the context are scored in one batch that reuses it. Without the
+cache every text is run whole. Answer spans come from the tokenizer's character offsets.
 """
 
 from __future__ import annotations
@@ -52,55 +54,179 @@ def _cache_kwarg(model) -> str:  # transformers ≥ 5.24 renamed past_key_values
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+#: Contexts are extended together in chunks of up to this many batches' worth of answers; the chunk's answers are
+#: then sorted by length into batches, which cuts padding (measured on smollm2-135m, 50 questions: 21.4 s with
+#: one batch per chunk, 17.0 s with 8).
+CHUNK_BATCHES = 8
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    """A cache holding ``rows`` of ``cache`` (which is left unchanged); tensors are indexed, never deep-copied."""
+    if not hasattr(cache, "layers"):  # older cache classes
+        cache = copy.deepcopy(cache)
+        cache.batch_select_indices(rows)
+        return cache
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(rows)
+    return out
+
+
+def _sliding_window(model) -> int | None:
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return getattr(cfg, "sliding_window", None)
+
+
+def _score_plain(model, rows: list[Encoded], pad: int, intervention, lm, device) -> list[float]:
+    """Answer log-prob sums for whole texts (no cache), right-padded into one batch."""
+    t = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    attn = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.ids)] = torch.tensor(r.ids)
+        attn[b, : len(r.ids)] = 1
+        mask[b, r.answer] = True
+    lo = min(r.answer[0] for r in rows) - 1  # first position whose logits are needed
+    logits = _forward(model, intervention, lm, mask, device, input_ids=ids.to(device), attention_mask=attn.to(device),
+                      logits_to_keep=torch.arange(lo, t - 1, device=device))
+    return _gather(logits, rows, [lo + 1] * len(rows))
+
+
+def _forward(model, intervention, lm, mask: torch.Tensor, device, **kwargs) -> torch.Tensor:
+    """Float32 log-softmax of the model's logits, with ``intervention`` at the positions ``mask`` selects."""
+    if intervention is not None:
+        with intervention.applied(lm, positions=mask.to(device)):
+            logits = model(**kwargs).logits
+    else:
+        logits = model(**kwargs).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _gather(logp: torch.Tensor, rows: list[Encoded], first: list[int]) -> list[float]:
+    """Sum of each row's answer-token log-probs; ``logp[b, j]`` predicts token ``first[b] + j`` of row ``b``."""
+    out = []
+    for b, r in enumerate(rows):
+        pos = torch.tensor(r.answer) - first[b]
+        tok = torch.tensor([r.ids[a] for a in r.answer])
+        out.append(float(logp[b, pos, tok].sum()))
+    return out
+
+
+def _chunks(groups: list[tuple[int, list[int]]], p: int, batch_size: int, mix: bool) -> list[list[tuple[int, list[int]]]]:
+    """Pack contexts (``(length, answer indices)``, sorted) into chunks of at most ``batch_size`` answers; a
+    context with more answers is a chunk of its own. Contexts equal to the shared prefix are never mixed with
+    longer ones (their extension row would be empty). ``mix=False``: one context per chunk."""
+    out: list[list[tuple[int, list[int]]]] = []
+    cur: list[tuple[int, list[int]]] = []
+    n = 0
+    for g, idx in groups:
+        if cur and (not mix or n + len(idx) > batch_size or (cur[0][0] == p) != (g == p)):
+            out.append(cur)
+            cur, n = [], 0
+        cur.append((g, idx))
+        n += len(idx)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int, base,
+                 pad: int, intervention, lm, prefix_ctx, batch_size: int, device) -> dict[int, float]:
+    """Score the answers of several contexts. Each context's tokens after the shared prefix are run once, batched
+    (right-padded) on top of the shared prefix's cache; each answer row then attends to its own context's cache
+    row, with the padding slots masked and its true positions for RoPE."""
+    lens = [g for g, _ in chunk]
+    e = max(lens) - p  # extension width (0: every context is the shared prefix)
+    q = len(chunk)
+    cache = None
+    if base is not None:
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(q)
+    if e > 0:
+        ext = torch.full((q, e), pad, dtype=torch.long)
+        attn = torch.zeros(q, p + e, dtype=torch.long)
+        for j, (g, idx) in enumerate(chunk):
+            ext[j, : g - p] = torch.tensor(seqs[idx[0]].ids[p:g])
+            attn[j, :g] = 1
+        kwargs = {cache_kwarg: cache} if cache is not None else {}
+        with prefix_ctx():
+            out = model(input_ids=ext.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1,
+                        position_ids=(p + torch.arange(e)).expand(q, e).to(device), **kwargs)
+        cache = getattr(out, "cache", None) or out.past_key_values
+    rows = sorted(((i, j) for j, (_, idx) in enumerate(chunk) for i in idx), key=lambda r: len(seqs[r[0]].ids) - lens[r[1]])
+    scores: dict[int, float] = {}
+    batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+    for batch in batches:
+        rs = [seqs[i] for i, _ in batch]
+        gs = [lens[j] for _, j in batch]
+        t = max(len(r.ids) - g for r, g in zip(rs, gs))
+        ids = torch.full((len(rs), t), pad, dtype=torch.long)
+        attn = torch.zeros(len(rs), p + e + t, dtype=torch.long)
+        mask = torch.zeros(len(rs), t, dtype=torch.bool)
+        pos = torch.zeros(len(rs), t, dtype=torch.long)
+        for b, (r, g) in enumerate(zip(rs, gs)):
+            n = len(r.ids) - g
+            ids[b, :n] = torch.tensor(r.ids[g:])
+            attn[b, :g] = 1
+            attn[b, p + e : p + e + n] = 1
+            mask[b, [a - g for a in r.answer]] = True
+            pos[b] = g + torch.arange(t)
+        kwargs = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                      logits_to_keep=torch.arange(0, t - 1, device=device), use_cache=cache is not None)
+        if cache is not None:
+            kwargs[cache_kwarg] = _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
+        logp = _forward(model, intervention, lm, mask, device, **kwargs)
+        for (i, _), v in zip(batch, _gather(logp, rs, [g + 1 for g in gs])):
+            scores[i] = v
+    return scores
+
+
 @torch.no_grad()
 def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, batch_size: int = 16,
                     prefix_cache: bool = True, progress: str | None = None) -> list[float]:
-    """Sum of the answer tokens' log-probs for each sequence; ``intervention`` edits the answer tokens."""
+    """Sum of the answer tokens' log-probs for each sequence; ``intervention`` edits the answer tokens.
+
+    ``batch_size`` is the number of answer rows per forward pass. An intervention whose ``position_policy`` is
+    ``"all"`` (a weight-like edit, e.g. LoFiT) also edits the cached context tokens, so the cached path equals
+    the plain one for every policy.
+    """
     model, pad = lm.model, lm.tokenizer.pad_token_id
     device = next(model.parameters()).device
-    p = common_prefix(seqs) if prefix_cache else 0
-    cache = None
-    if p > 0:
-        prefix = torch.tensor([seqs[0].ids[:p]], device=device)
-        # an intervention that edits every token (LoFiT) edits the shared prefix too: cache it edited
-        edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
-        with intervention.applied(lm, positions="all") if edits_all else contextlib.nullcontext():
-            out_prefix = model(input_ids=prefix, use_cache=True)
-        cache = getattr(out_prefix, "cache", None) or out_prefix.past_key_values
-    cache_kwarg = _cache_kwarg(model)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
     out = [0.0] * len(seqs)
     with Progress(transient=True, disable=progress is None) as bar:
         task = bar.add_task(progress or "", total=len(seqs))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows = [seqs[i] for i in idx]
-            t = max(len(r.ids) for r in rows) - p
-            ids = torch.full((len(rows), t), pad, dtype=torch.long)
-            attn = torch.zeros(len(rows), p + t, dtype=torch.long)
-            mask = torch.zeros(len(rows), t, dtype=torch.bool)
-            for b, r in enumerate(rows):
-                n = len(r.ids) - p
-                ids[b, :n] = torch.tensor(r.ids[p:])
-                attn[b, : p + n] = 1
-                mask[b, [a - p for a in r.answer]] = True
-            lo = min(r.answer[0] for r in rows) - p - 1  # first position whose logits are needed
-            kwargs = dict(input_ids=ids.to(device), attention_mask=attn.to(device),
-                          position_ids=(p + torch.arange(t)).expand(len(rows), t).to(device),
-                          logits_to_keep=torch.arange(lo, t - 1, device=device), use_cache=cache is not None)
-            if cache is not None:
-                batch_cache = copy.deepcopy(cache)
-                batch_cache.batch_repeat_interleave(len(rows))
-                kwargs[cache_kwarg] = batch_cache
-            if intervention is not None:
-                with intervention.applied(lm, positions=mask):
-                    logits = model(**kwargs).logits
-            else:
-                logits = model(**kwargs).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)  # position lo + j predicts token lo + j + 1
-            for b, r in enumerate(rows):
-                pos = torch.tensor([a - p for a in r.answer])
-                tok = torch.tensor([r.ids[a] for a in r.answer])
-                out[idx[b]] = float(logp[b, pos - 1 - lo, tok].sum())
-            bar.advance(task, len(rows))
+        if not prefix_cache:  # every text run whole, batched by length
+            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                for i, v in zip(idx, _score_plain(model, [seqs[i] for i in idx], pad, intervention, lm, device)):
+                    out[i] = v
+                bar.advance(task, len(idx))
+            return out
+        cache_kwarg = _cache_kwarg(model)
+        edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
+        prefix_ctx = (lambda: intervention.applied(lm, positions="all")) if edits_all else contextlib.nullcontext
+        # level 2 groups: one per context = every token before the answer's predicting position
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(seqs):
+            by_ctx.setdefault(tuple(s.ids[: s.answer[0] - 1]), []).append(i)
+        groups = sorted(((len(c), idx) for c, idx in by_ctx.items()),
+                        key=lambda g: (g[0], max(len(seqs[i].ids) for i in g[1])))
+        p = common_prefix(seqs)
+        base = None
+        if p > 0:  # level 1: the prefix shared by all texts, run once
+            with prefix_ctx():
+                o = model(input_ids=torch.tensor([seqs[0].ids[:p]], device=device), use_cache=True, logits_to_keep=1)
+            base = getattr(o, "cache", None) or o.past_key_values
+        # padding slots between a context and its answers shift a sliding window's reach: mix contexts only
+        # when every padded row fits in the window
+        window = _sliding_window(model)
+        mix = window is None or 2 * max(len(s.ids) for s in seqs) < window
+        for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
+            for i, v in _score_chunk(model, cache_kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
+                                     batch_size, device).items():
+                out[i] = v
+            bar.advance(task, sum(len(idx) for _, idx in chunk))
     return out

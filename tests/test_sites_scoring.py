@@ -69,15 +69,19 @@ def test_attn_out_site_edits_the_projection_output(tiny_llama):
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma"])
 @pytest.mark.parametrize("with_intervention", [False, True, "all-positions"])
-def test_prefix_cache_matches_plain_scoring(family, with_intervention, request):
+@pytest.mark.parametrize("batch_size", [2, 16])  # 2: a context's answers over several batches; 16: contexts mixed
+def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_size, request):
     lm = request.getfixturevalue(family)
-    context = "Interpret each question literally. Q: What is the capital of France?\nA: "
-    answers = ["Paris.", "It is Lyon, I think.", "I have no comment.", "Barcelona, Spain.", "No."]
-    seqs = [encode(lm, context + a, len(context)) for a in answers]
+    # two questions behind a shared instruction: both cache levels (shared prefix, then each question) are used
+    instruction = "Interpret each question literally. "
+    qa = {"Q: What is the capital of France?\nA: ": ["Paris.", "It is Lyon, I think.", "I have no comment.",
+                                                        "Barcelona, Spain.", "No."],
+          "Q: Who wrote Hamlet?\nA: ": ["Shakespeare.", "Marlowe wrote it in 1600."]}
+    seqs = [encode(lm, instruction + q + a, len(instruction + q)) for q, answers in qa.items() for a in answers]
     iv = _florain(lm) if with_intervention else None
     if with_intervention == "all-positions":  # a weight-like edit (LoFiT) also changes the cached prefix
         iv.position_policy = "all"
-    cached = answer_logprobs(lm, seqs, iv, batch_size=2, prefix_cache=True)
+    cached = answer_logprobs(lm, seqs, iv, batch_size=batch_size, prefix_cache=True)
     plain = answer_logprobs(lm, seqs, iv, batch_size=3, prefix_cache=False)
     assert max(abs(a - b) for a, b in zip(cached, plain)) <= 1e-4
     if with_intervention:
