@@ -231,14 +231,22 @@ def compare_mc(ours: dict, theirs: dict) -> dict:
             "max_abs_diff_mean": max(abs(mean[m] - their_mean[m]) for m in mean), "max_abs_diff_question": per_q}
 
 
-def to_markdown(res: dict, env: dict) -> str:
+def _stamp(part: dict) -> str:
+    git = part.get("git") or {}
+    commit = str(git.get("commit"))[:10] + (" + uncommitted changes" if git.get("dirty") else "")
+    return f"(`{part['command'].strip()}`, git {commit}, finished {part['finished'][:16]})"
+
+
+def to_markdown(parts: dict, env: dict) -> str:
+    """``perf.md`` from the measured parts (keys as in :data:`STEPS`)."""
     lines = ["# Performance benchmarks", "", f"Machine: {env['platform']}, {env['cpu_count']} CPU cores, "
-             f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, "
-             f"git {str(env['git']['commit'])[:10]}. Command: `{res['command']}` (model {res['model']}). Each "
-             "implementation ran in its own process, one after the other; peak RSS is that process's maximum "
-             "resident memory, model included.", ""]
-    if "mc" in res:
-        o, t, c = res["mc"]["ours"], res["mc"]["lm_eval"], res["mc"]["compare"]
+             f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}. Written by "
+             "`make bench-perf` (`python -m bench.perf`). Each implementation ran in its own process, alone on the "
+             "machine; peak RSS is that process's maximum resident memory, model included. Each part names the "
+             "command and commit that measured it.", ""]
+    if "mc_ours" in parts and "mc_lmeval" in parts:
+        o, t = parts["mc_ours"], parts["mc_lmeval"]
+        c = compare_mc(o, t)
         lines += ["## TruthfulQA MC1 + MC2 (lm-eval prompt), ours vs lm-eval", "",
                   f"{o['questions']} questions, {o['answers']} distinct answers, batch size {o['batch_size']}; "
                   "model loading excluded from both times.", "",
@@ -247,23 +255,23 @@ def to_markdown(res: dict, env: dict) -> str:
                   f"| lm-eval {t.get('lm_eval_version') or ''} | {t['seconds']:.1f} | {c['lm_eval']['mc1']:.6f} | {c['lm_eval']['mc2']:.6f} | {t['peak_rss_mb']:.0f} |",
                   "", f"Speed-up **{c['speedup']:.1f}×** (target ≥ 10×). Largest difference of a mean: "
                   f"{c['max_abs_diff_mean']:.1e}; of any single question's MC1 or MC2: {c['max_abs_diff_question']:.1e} "
-                  "(target ≤ 1e-4).", ""]
-    if "gen" in res:
-        g = res["gen"]
+                  "(target ≤ 1e-4).", "", f"Ours {_stamp(o)}; lm-eval {_stamp(t)}.", ""]
+    if "gen" in parts:
+        g = parts["gen"]
         lines += [f"## Greedy generation, {g['new_tokens']} new tokens, FLORAIN hook at layer {g['layer']}", "",
-                  f"Median of {g['rounds']} alternating rounds per setting (peak RSS {g['peak_rss_mb']:.0f} MB; the "
-                  "hook adds parameters of a few hundred kB).", "",
+                  f"Median of {g['rounds']} alternating rounds per setting after a warm-up (peak RSS "
+                  f"{g['peak_rss_mb']:.0f} MB) {_stamp(g)}.", "",
                   "| batch | plain (tok/s) | with FLORAIN (tok/s) | slowdown (target ≤ 3 %) |", "|---|---|---|---|"]
         for b in (1, 16):
             row = g[f"batch_{b}"]
             lines.append(f"| {b} | {row['plain_tok_s']:.1f} | {row['florain_tok_s']:.1f} | {row['slowdown_pct']:+.1f} % |")
         lines.append("")
-    if "fit" in res:
-        b, cb, lp = res["fit"]["batched"], res["fit"].get("batched_compiled"), res["fit"]["loop"]
+    if "fit_loop" in parts and "fit_batched" in parts:
+        lp, b, cb = parts["fit_loop"], parts["fit_batched"], parts.get("fit_batched_compiled")
         lines += [f"## FLORAIN fit, all {b['heads']} heads of layer {b['layer']} (head dim {b['head_dim']}, rank "
                   f"{b['rank']}), both folds, {b['epochs']} epochs", "",
                   f"{b['train_samples']} training samples over the two folds; batch 100, Adam, a validation pass "
-                  "per epoch in both.", "",
+                  f"per epoch in both {_stamp(b)}.", "",
                   "| implementation | wall time (s) | per epoch and fold (s) | speed-up vs loop | peak RSS (MB) |",
                   "|---|---|---|---|---|"]
         rows = [("per-head loop, D×D matrix per sample (released code's shape)", lp),
@@ -277,49 +285,56 @@ def to_markdown(res: dict, env: dict) -> str:
     return "\n".join(lines)
 
 
+STEPS = {  # command-line part -> the measured sub-parts it (re)runs
+    "mc": ("mc_ours", "mc_lmeval"), "mc-ours": ("mc_ours",), "mc-lmeval": ("mc_lmeval",), "gen": ("gen",),
+    "fit": ("fit_loop", "fit_batched", "fit_batched_compiled"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run the requested parts and merge them into ``OUTPUT/perf.json``: parts not rerun keep their earlier
+    measurement (each part records its own git commit, command and time), so one expensive part can be
+    re-measured alone. ``perf.md`` is rewritten from the merged file."""
     import argparse
 
-    from bench.runs import environment, write_json
+    from bench.runs import environment, now_iso, write_json
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=None, help="questions for the MC and fit parts (default: all 817)")
-    p.add_argument("--parts", default="mc,gen,fit", help="comma-separated: mc, gen, fit")
+    p.add_argument("--parts", default="mc,gen,fit", help=f"comma-separated: {', '.join(STEPS)}")
     p.add_argument("--fit-epochs", type=int, default=50)
     p.add_argument("--gen-rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", default="results")
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
-    unknown = sorted(set(parts) - {"mc", "gen", "fit"})
+    unknown = sorted(set(parts) - set(STEPS))
     if unknown:
-        p.error(f"unknown part(s) {unknown}; valid: mc, gen, fit")
-    res: dict = {"command": "python -m bench.perf " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "model": a.model}
-    common = {"model": a.model, "data_dir": a.data_dir, "limit": a.limit}
-
-    def step(name: str, **kwargs) -> dict:
-        print(f"running {name} ...", flush=True)
-        out = run_part(name, **common, **kwargs)
-        print(json.dumps({k: v for k, v in out.items() if k != "per_question"}), flush=True)
-        return out
-
-    if "mc" in parts:
-        ours, theirs = step("mc_ours", batch_size=a.batch_size), step("mc_lmeval", batch_size=a.batch_size)
-        res["mc"] = {"ours": ours, "lm_eval": theirs, "compare": compare_mc(ours, theirs)}
-    if "gen" in parts:
-        res["gen"] = step("gen", new_tokens=50, rounds=a.gen_rounds)
-    if "fit" in parts:
-        res["fit"] = {"loop": step("fit_loop", epochs=a.fit_epochs),
-                      "batched": step("fit_batched", epochs=a.fit_epochs, compile=False),
-                      "batched_compiled": step("fit_batched", epochs=a.fit_epochs, compile=True)}
-    env = environment("cpu")
+        p.error(f"unknown part(s) {unknown}; valid: {', '.join(STEPS)}")
     out = Path(a.output)
+    path = out / "perf.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    env = environment("cpu")
+    command = "python -m bench.perf " + " ".join(argv if argv is not None else sys.argv[1:])
+    common = {"model": a.model, "data_dir": a.data_dir, "limit": a.limit}
+    kwargs = {"mc_ours": {"batch_size": a.batch_size}, "mc_lmeval": {"batch_size": a.batch_size},
+              "gen": {"new_tokens": 50, "rounds": a.gen_rounds}, "fit_loop": {"epochs": a.fit_epochs},
+              "fit_batched": {"epochs": a.fit_epochs, "compile": False},
+              "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True}}
+    measured = dict(previous.get("parts", {}))
+    if previous.get("parts") and any(v.get("model") != a.model for v in previous["parts"].values()):
+        measured = {}  # another model's measurements are not comparable: start afresh
+    for name in dict.fromkeys(step for part in parts for step in STEPS[part]):
+        print(f"running {name} ...", flush=True)
+        res = run_part("fit_batched" if name == "fit_batched_compiled" else name, **common, **kwargs[name])
+        print(json.dumps({k: v for k, v in res.items() if k != "per_question"}), flush=True)
+        measured[name] = {**res, "model": a.model, "limit": a.limit, "command": command, "finished": now_iso(),
+                          "git": env["git"]}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "perf.json", {**res, "environment": env})
-    (out / "perf.md").write_text(to_markdown(res, env))
+    write_json(path, {"parts": measured, "environment": env})
+    (out / "perf.md").write_text(to_markdown(measured, env))
     print((out / "perf.md").read_text())
 
 

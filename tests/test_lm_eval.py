@@ -45,7 +45,9 @@ def test_parity_with_lm_eval_tasks_on_tiny_model(tiny_llama, tiny_dir, tqa_dir, 
 
 def test_parity_with_lm_eval_on_smollm2_subset(smollm2, shared_data, tmp_path):
     questions, _ = load_truthfulqa(shared_data, use_hub=False)
-    questions = questions[:6]
+    # the first questions, and two whose answers start with a digit (" 10%.", " 300 Spartans…"): the tokenizer keeps
+    # the delimiter space as its own token there, and lm-eval scores it as part of the continuation
+    questions = questions[:4] + [questions[345], questions[688]]
     theirs = _lm_eval_scores("smollm2-135m", questions, tmp_path)
     ours = _ours(smollm2, questions)
     assert abs(theirs["mc1"] - ours["mc1"]) <= 1e-4

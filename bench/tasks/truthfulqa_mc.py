@@ -17,9 +17,11 @@ def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, m
     for q in questions:
         context, sep = mc_context(q.question, mode, fewshot)
         answers = list(dict.fromkeys([q.best_answer, *q.correct, *q.incorrect]))
+        # lm-eval scores its target delimiter with the answer (continuation " " + answer): where the tokenizer
+        # keeps that space as its own token (before digits, in Llama-3-style tokenizers) it is part of the score
+        start = len(context) if mode == "lm-eval" else len(context) + len(sep)
         for a in answers:
-            text = context + sep + a
-            seqs.append(encode(lm, text, len(context) + len(sep)))
+            seqs.append(encode(lm, context + sep + a, start))
             slots.append((q.index, a))
     scores = answer_logprobs(lm, seqs, intervention, batch_size=batch_size, prefix_cache=prefix_cache,
                              progress=f"{label} ({len(questions)} questions, {len(seqs)} answers)")
