@@ -1,0 +1,44 @@
+"""``bench.perf``: the MC comparison, and merging re-measured parts into ``perf.json`` (no model is run)."""
+
+import json
+
+import pytest
+
+from bench import perf
+
+
+def _mc(seconds, mc1, mc2, **extra):
+    return {"questions": len(mc1), "answers": 3 * len(mc1), "batch_size": 4, "seconds": seconds,
+            "per_question": {"mc1": mc1, "mc2": mc2}, **extra}
+
+
+def test_compare_mc_reports_speedup_and_largest_per_question_difference():
+    ours = _mc(10.0, [1.0, 0.0, 1.0], [0.5, 0.25, 0.75])
+    theirs = _mc(105.0, [1.0, 0.0, 1.0], [0.5, 0.25, 0.75 + 3e-5])
+    c = perf.compare_mc(ours, theirs)
+    assert c["speedup"] == pytest.approx(10.5)
+    assert c["ours"] == {"mc1": pytest.approx(2 / 3), "mc2": pytest.approx(0.5)}
+    assert c["max_abs_diff_question"] == pytest.approx(3e-5)
+    assert c["max_abs_diff_mean"] == pytest.approx(1e-5)
+
+
+def test_rerunning_one_part_keeps_the_others_and_stamps_each(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_part(name, **kwargs):
+        calls.append(name)
+        seconds = {"mc_ours": 12.0 if len(calls) > 2 else 10.0, "mc_lmeval": 100.0}[name]
+        return {**_mc(seconds, [1.0, 0.0], [0.6, 0.4], lm_eval_version="x"), "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(perf, "run_part", fake_run_part)
+    perf.main(["--parts", "mc", "--output", str(tmp_path)])
+    first = json.loads((tmp_path / "perf.json").read_text())["parts"]
+    assert set(first) == {"mc_ours", "mc_lmeval"} and "10.0×" in (tmp_path / "perf.md").read_text()
+    perf.main(["--parts", "mc-ours", "--output", str(tmp_path)])
+    second = json.loads((tmp_path / "perf.json").read_text())["parts"]
+    assert calls == ["mc_ours", "mc_lmeval", "mc_ours"]
+    assert second["mc_lmeval"] == first["mc_lmeval"]  # not rerun: kept as measured
+    assert second["mc_ours"]["seconds"] == 12.0 and "--parts mc-ours" in second["mc_ours"]["command"]
+    assert "8.3×" in (tmp_path / "perf.md").read_text()
+    with pytest.raises(SystemExit):
+        perf.main(["--parts", "bogus", "--output", str(tmp_path)])
