@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli_common import console
+from bench.cli_common import fail as _fail
 from bench.cli_reports import register_reports
 from bench.cli_toxicity import toxicity_app
 
@@ -22,12 +24,6 @@ judge_app = typer.Typer(help="Train and validate the TruthfulQA judges.", no_arg
 app.add_typer(judge_app, name="judge")
 app.add_typer(toxicity_app, name="toxicity")
 register_reports(app)  # sweep, plot, regress
-console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
 
 
 @app.callback()

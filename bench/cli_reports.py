@@ -9,14 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+from bench.cli_common import console
+from bench.cli_common import fail as _fail
 
 
 def sweep(

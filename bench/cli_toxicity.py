@@ -13,15 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli_common import console
+from bench.cli_common import fail as _fail
+
 toxicity_app = typer.Typer(help="Toxicity scorers: train the embedded scorer, validate scorers against Perspective.",
                            no_args_is_help=True)
-console = Console(stderr=True)
 out_console = Console()
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
 
 
 def _fmt(value: object, digits: int = 3) -> str:

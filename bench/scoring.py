@@ -78,39 +78,40 @@ def _sliding_window(model) -> int | None:
     return getattr(cfg, "sliding_window", None)
 
 
-def _score_plain(model, rows: list[Encoded], pad: int, intervention, lm, device) -> list[float]:
-    """Answer log-prob sums for whole texts (no cache), right-padded into one batch."""
-    t = max(len(r.ids) for r in rows)
+def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int], cache, past: int, pad: int,
+                intervention, lm, device) -> list[float]:
+    """Answer log-prob sums for ``rows``, right-padded into one batch. Row ``b`` runs its tokens from
+    ``starts[b]`` on (at their true positions) on top of a cache of ``past`` slots (``cache``: one row per batch
+    row, or None with ``past == 0``) whose first ``starts[b]`` slots are its own context; the other slots are
+    masked. Logits are computed from the first position that predicts an answer token."""
+    t = max(len(r.ids) - g for r, g in zip(rows, starts))
     ids = torch.full((len(rows), t), pad, dtype=torch.long)
-    attn = torch.zeros(len(rows), t, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, : len(r.ids)] = torch.tensor(r.ids)
-        attn[b, : len(r.ids)] = 1
-        mask[b, r.answer] = True
-    lo = min(r.answer[0] for r in rows) - 1  # first position whose logits are needed
-    logits = _forward(model, intervention, lm, mask, device, input_ids=ids.to(device), attention_mask=attn.to(device),
-                      logits_to_keep=torch.arange(lo, t - 1, device=device))
-    return _gather(logits, rows, [lo + 1] * len(rows))
-
-
-def _forward(model, intervention, lm, mask: torch.Tensor, device, **kwargs) -> torch.Tensor:
-    """Float32 log-softmax of the model's logits, with ``intervention`` at the positions ``mask`` selects."""
+    attn = torch.zeros(len(rows), past + t, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)  # where the intervention acts: the answer tokens
+    pos = torch.zeros(len(rows), t, dtype=torch.long)
+    for b, (r, g) in enumerate(zip(rows, starts)):
+        n = len(r.ids) - g
+        ids[b, :n] = torch.tensor(r.ids[g:])
+        attn[b, :g] = 1
+        attn[b, past : past + n] = 1
+        mask[b, [a - g for a in r.answer]] = True
+        pos[b] = g + torch.arange(t)
+    lo = min(r.answer[0] - g for r, g in zip(rows, starts)) - 1  # logits from here: position lo + j predicts lo + j + 1
+    kwargs = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                  logits_to_keep=torch.arange(lo, t - 1, device=device), use_cache=cache is not None)
+    if cache is not None:
+        kwargs[cache_kwarg] = cache
     if intervention is not None:
         with intervention.applied(lm, positions=mask.to(device)):
             logits = model(**kwargs).logits
     else:
         logits = model(**kwargs).logits
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _gather(logp: torch.Tensor, rows: list[Encoded], first: list[int]) -> list[float]:
-    """Sum of each row's answer-token log-probs; ``logp[b, j]`` predicts token ``first[b] + j`` of row ``b``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     out = []
-    for b, r in enumerate(rows):
-        pos = torch.tensor(r.answer) - first[b]
+    for b, (r, g) in enumerate(zip(rows, starts)):
+        where = torch.tensor(r.answer) - g - lo - 1
         tok = torch.tensor([r.ids[a] for a in r.answer])
-        out.append(float(logp[b, pos, tok].sum()))
+        out.append(float(logp[b, where, tok].sum()))
     return out
 
 
@@ -159,27 +160,10 @@ def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple
     scores: dict[int, float] = {}
     batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     for batch in batches:
-        rs = [seqs[i] for i, _ in batch]
-        gs = [lens[j] for _, j in batch]
-        t = max(len(r.ids) - g for r, g in zip(rs, gs))
-        ids = torch.full((len(rs), t), pad, dtype=torch.long)
-        attn = torch.zeros(len(rs), p + e + t, dtype=torch.long)
-        mask = torch.zeros(len(rs), t, dtype=torch.bool)
-        pos = torch.zeros(len(rs), t, dtype=torch.long)
-        for b, (r, g) in enumerate(zip(rs, gs)):
-            n = len(r.ids) - g
-            ids[b, :n] = torch.tensor(r.ids[g:])
-            attn[b, :g] = 1
-            attn[b, p + e : p + e + n] = 1
-            mask[b, [a - g for a in r.answer]] = True
-            pos[b] = g + torch.arange(t)
-        kwargs = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                      logits_to_keep=torch.arange(0, t - 1, device=device), use_cache=cache is not None)
-        if cache is not None:
-            kwargs[cache_kwarg] = _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
-        logp = _forward(model, intervention, lm, mask, device, **kwargs)
-        for (i, _), v in zip(batch, _gather(logp, rs, [g + 1 for g in gs])):
-            scores[i] = v
+        rows_cache = None if cache is None else _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
+        values = _score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
+                             rows_cache, p + e, pad, intervention, lm, device)
+        scores.update({i: v for (i, _), v in zip(batch, values)})
     return scores
 
 
@@ -201,7 +185,9 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
-                for i, v in zip(idx, _score_plain(model, [seqs[i] for i in idx], pad, intervention, lm, device)):
+                values = _score_rows(model, "", [seqs[i] for i in idx], [0] * len(idx), None, 0, pad, intervention,
+                                     lm, device)
+                for i, v in zip(idx, values):
                     out[i] = v
                 bar.advance(task, len(idx))
             return out
