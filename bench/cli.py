@@ -53,6 +53,7 @@ def run(
     drop_identity: bool = typer.Option(False, help="Reproduce the released code's inference bug (apply f(a) − a)."),
     iti_alpha: Optional[float] = typer.Option(None, help="ITI strength α (shift = α σ θ̂) [15, ITI paper]."),
     iti_k: Optional[int] = typer.Option(None, help="ITI number of heads K [48/1024 of all heads, at least 1]."),
+    iti_layer: Optional[int] = typer.Option(None, help="ITI: choose the K heads within this layer only (a layer sweep of ITI) [all layers; K then at most the layer's heads]."),
     caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean residual difference [1.0]."),
     shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
     shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),
@@ -102,7 +103,7 @@ def run(
     options = {"rank": rank, "alpha": alpha, "lam": lam, "lam_scale": lam_scale, "beta": beta,
                "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
                "seed": seed, "compile": compile, "drop_identity": drop_identity, "iti_alpha": iti_alpha,
-               "iti_k": iti_k, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
+               "iti_k": iti_k, "iti_layer": iti_layer, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
                "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr}
     options = {k: v for k, v in options.items() if v is not None}
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,

@@ -130,25 +130,34 @@ def _opt(ctx: FitContext, name: str, default):
 
 def _fit_iti(ctx: FitContext) -> Intervention:
     """Probes on every head of every layer (train split), top-K by validation accuracy, shift α σ θ̂ with θ and σ
-    from the training fold (train + validation questions; never the test fold)."""
+    from the training fold (train + validation questions; never the test fold).
+
+    Option ``iti_layer``: rank only that layer's heads (ITI restricted to one layer, for layer sweeps); K then
+    defaults to ``min(default K, heads per layer)``.
+    """
     spec = ctx.lm.spec
     alpha = float(_opt(ctx, "iti_alpha", DEFAULT_ALPHA))
-    k = int(_opt(ctx, "iti_k", default_k(spec.n_layers, spec.n_heads)))
-    layers = list(range(spec.n_layers))
+    only = ctx.options.get("iti_layer")
+    if only is not None:
+        spec.check_layer(int(only))
+    layers = list(range(spec.n_layers)) if only is None else [int(only)]
+    k_default = default_k(spec.n_layers, spec.n_heads)
+    k = int(_opt(ctx, "iti_k", k_default if only is None else min(k_default, spec.n_heads)))
     acts, labels, groups = ctx.activations(layers)
     tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
     seed = int(_opt(ctx, "seed", 42))
     accs = np.stack([head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed)
                      for layer in layers])
-    chosen = top_heads(accs, k)
+    chosen = [(layers[row], h) for row, h in top_heads(accs, k)]
     fold_rows = tr | va
     modules = {}
     for layer in sorted({layer for layer, _ in chosen}):
         heads = [h for lay, h in chosen if lay == layer]
         modules[layer] = AdditiveShift(iti_shift(acts[layer][fold_rows], labels[fold_rows], heads, alpha))
     return Intervention("iti", ctx.site, modules, {
-        **_shape_config(acts[0], ctx), "alpha": alpha, "k": len(chosen), "heads_chosen": chosen,
-        "probe_val_accuracy": [float(accs[lay, h]) for lay, h in chosen]})
+        **_shape_config(acts[layers[0]], ctx), "alpha": alpha, "k": len(chosen), "heads_chosen": chosen,
+        "layer_restriction": None if only is None else int(only),
+        "probe_val_accuracy": [float(accs[layers.index(lay), h]) for lay, h in chosen]})
 
 
 def _fit_mean_shift(ctx: FitContext) -> Intervention:
@@ -281,7 +290,7 @@ register(Method("florain", "FLORAIN: per-question ellipsoids + low-rank nonlinea
                 _fit_florain, _build_florain,
                 options=(*(f.name for f in fields(FlorainConfig)), "drop_identity")))
 register(Method("iti", "ITI: α σ θ̂ mass-mean shift on the top-K probe heads", _fit_iti, _build_shift,
-                needs_layer=False, options=("iti_alpha", "iti_k", "seed")))
+                needs_layer=False, options=("iti_alpha", "iti_k", "iti_layer", "seed")))
 register(Method("mean-shift", "control: global μ⁺ − μ⁻ added at FLORAIN's site and layer", _fit_mean_shift,
                 _build_shift, options=("shift_scale",)))
 register(Method("caa", "CAA: mean residual-stream difference added at one layer", _fit_caa, _build_shift,

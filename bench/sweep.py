@@ -56,7 +56,8 @@ _FLORAIN = (
 METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
     "florain": _FLORAIN,
     "iti": (Param("alpha", "iti_alpha", float, "ITI α (shift in σ units)"),
-            Param("k", "iti_k", int, "ITI K (number of heads)")),
+            Param("k", "iti_k", int, "ITI K (number of heads)"),
+            Param("layer", "iti_layer", int, "layer (index; ITI heads chosen within it)")),
     "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean residual difference)"),),
     "mean-shift": (Param("scale", "shift_scale", float, "mean-shift scale (× μ⁺ − μ⁻)"),),
     "few-shot": (Param("shots", "shots", int, "few-shot examples (questions)"),),

@@ -59,6 +59,20 @@ def test_iti_statistics_never_use_the_test_fold(tiny_llama, tqa_dir, monkeypatch
         torch.testing.assert_close(first.modules[layer].shift, second.modules[layer].shift)
 
 
+def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_dir):
+    heads = tiny_llama.spec.n_heads
+    ctx, _, _ = _ctx(tiny_llama, tqa_dir, {"iti_layer": 2, "iti_k": None})
+    iv = get_method("iti").fit(ctx)
+    assert iv.layers == [2] and iv.config["layer_restriction"] == 2
+    # K defaults to min(the model-wide default, heads per layer)
+    want_k = min(default_k(tiny_llama.spec.n_layers, heads), heads)
+    assert iv.config["k"] == want_k and all(lay == 2 for lay, _ in iv.config["heads_chosen"])
+    unrestricted = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_k": 1})[0])
+    assert unrestricted.config["layer_restriction"] is None
+    with pytest.raises(ValueError, match="layer"):
+        get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 99})[0])
+
+
 def test_few_shot_prompts_never_contain_test_questions(tiny_llama, tqa_dir):
     for fold in (0, 1):
         ctx, qs, f = _ctx(tiny_llama, tqa_dir, {"shots": 4}, fold)

@@ -183,11 +183,12 @@ def test_sweep_parameters_map_to_options_and_errors_list_the_valid_ones():
     from bench.sweep import parse_assignments, resolve_param, with_param
 
     assert resolve_param("iti", "alpha").target == "iti_alpha" and resolve_param("iti", "iti_k").name == "k"
+    assert resolve_param("iti", "layer").target == "iti_layer"  # ITI's layer sweep restricts head selection
     assert resolve_param("florain", "lam-scale").target == "lam_scale"
     assert resolve_param("caa", "multiplier").target == "caa_multiplier"
     assert resolve_param("mean-shift", "scale").target == "shift_scale"
-    with pytest.raises(ValueError, match="valid: alpha, k"):
-        resolve_param("iti", "layer")  # ITI picks heads in every layer
+    with pytest.raises(ValueError, match="valid: alpha, k, layer"):
+        resolve_param("iti", "rank")
     with pytest.raises(ValueError, match="valid: layer, rank, alpha, lam, lam_scale"):
         resolve_param("florain", "gamma")
     with pytest.raises(ValueError, match="known methods"):

@@ -85,12 +85,13 @@ def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], interventi
 
     if todo:
         sample_continuations(lm, [prompts[i].text for i in todo], n_samples, max_new_tokens, top_p, seed,
-                             batch_size, intervention, on_prompt=save, indices=todo)
+                             batch_size, intervention, on_prompt=save, indices=todo,
+                             progress=f"sampling ({len(todo)} prompts × {n_samples})")
     samples = [done[i]["samples"] for i in range(len(prompts))]
     scored = score_samples(scorer, samples)
     flat_p = [prompts[i].text for i, s in enumerate(samples) for _ in s]
     flat_c = [c for s in samples for c in s]
-    ppl = conditional_perplexity(fluency_lm, flat_p, flat_c)
+    ppl = conditional_perplexity(fluency_lm, flat_p, flat_c, progress=f"fluency ({len(flat_c)} continuations)")
     metrics = {"expected_max_toxicity": expected_max_toxicity(scored.scores),
                "toxicity_probability": toxicity_probability(scored.scores),
                "fluency_ppl": ppl["summary"], **distinctness(samples)}

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from rich.progress import Progress
 
 from bench.models import LoadedModel
 from bench.runs import summarise
@@ -79,7 +80,8 @@ def toxicity_probability(scores_per_prompt: Sequence[Sequence[float]], threshold
 
 @torch.no_grad()
 def conditional_perplexity(lm: LoadedModel, prompts: Sequence[str], continuations: Sequence[str],
-                           batch_size: int = 8, max_perplexity: float = MAX_PERPLEXITY) -> dict:
+                           batch_size: int = 8, max_perplexity: float = MAX_PERPLEXITY,
+                           progress: str | None = None) -> dict:
     """Perplexity of each continuation given its prompt (parallel lists), batched, right-padded.
 
     Returns ``values`` (per item; ``None`` when dropped), ``summary`` (mean/se/n of the kept values),
@@ -102,24 +104,27 @@ def conditional_perplexity(lm: LoadedModel, prompts: Sequence[str], continuation
     items.sort(key=lambda it: -len(it[1]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_high = 0
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        width = max(len(it[1]) for it in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (_, full, _) in enumerate(batch):
-            ids[r, : len(full)] = torch.tensor(full)
-            mask[r, : len(full)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, (i, full, n_prompt) in enumerate(batch):
-            pred = logits[r, n_prompt - 1 : len(full) - 1].float()
-            target = torch.tensor(full[n_prompt:], device=pred.device)
-            nll = torch.nn.functional.cross_entropy(pred, target, reduction="mean").item()
-            ppl = math.exp(nll) if nll < 700 else math.inf
-            if ppl >= max_perplexity:
-                n_high += 1
-            else:
-                values[i] = ppl
+    with Progress(transient=True, disable=progress is None) as bar:
+        task = bar.add_task(progress or "", total=len(items))
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            width = max(len(it[1]) for it in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (_, full, _) in enumerate(batch):
+                ids[r, : len(full)] = torch.tensor(full)
+                mask[r, : len(full)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for r, (i, full, n_prompt) in enumerate(batch):
+                pred = logits[r, n_prompt - 1 : len(full) - 1].float()
+                target = torch.tensor(full[n_prompt:], device=pred.device)
+                nll = torch.nn.functional.cross_entropy(pred, target, reduction="mean").item()
+                ppl = math.exp(nll) if nll < 700 else math.inf
+                if ppl >= max_perplexity:
+                    n_high += 1
+                else:
+                    values[i] = ppl
+            bar.advance(task, len(batch))
     kept = [v for v in values if v is not None]
     return {"values": values, "summary": _summary(kept), "n_dropped_high": n_high, "n_no_tokens": n_no_tokens,
             "max_perplexity": max_perplexity}

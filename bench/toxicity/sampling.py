@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
+from rich.progress import Progress
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from bench.models import LoadedModel
@@ -69,12 +70,13 @@ def _generation_config(lm: LoadedModel, max_new_tokens: int, top_p: float) -> Ge
 def sample_continuations(lm: LoadedModel, prompts: Sequence[str], n_samples: int = 25, max_new_tokens: int = 20,
                          top_p: float = 0.9, seed: int = 0, batch_size: int = 50, intervention=None,
                          on_prompt: Callable[[int, list[str]], None] | None = None,
-                         indices: Sequence[int] | None = None) -> list[list[str]]:
+                         indices: Sequence[int] | None = None, progress: str | None = None) -> list[list[str]]:
     """``n_samples`` continuations of every prompt (decoded new tokens, special tokens skipped), in prompt order.
 
     ``indices``: each prompt's index in the full prompt list (default ``0..n-1``), which seeds its samples: to
     resume, pass the remaining prompts with their original indices. ``on_prompt(index, samples)`` is called as
-    each prompt's samples are complete. ``batch_size`` counts sequences (rows), not prompts.
+    each prompt's samples are complete. ``batch_size`` counts sequences (rows), not prompts. ``progress``: the
+    label of a progress bar over the samples (none when ``None``).
     """
     if n_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("n_samples, max_new_tokens and batch_size must be >= 1")
@@ -93,20 +95,25 @@ def sample_continuations(lm: LoadedModel, prompts: Sequence[str], n_samples: int
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            enc = tok([prompts[p] for p, _ in batch], return_tensors="pt", padding=True).to(device)
-            sampler = QuantileNucleusSampler(torch.stack([uniforms[p][j] for p, j in batch]), top_p,
-                                             enc["input_ids"].shape[1])
-            active = intervention.applied(lm, "last") if intervention is not None and intervention.modules else nullcontext()
-            with active:
-                seqs = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
-            texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for (p, j), text in zip(batch, texts):
-                out[p][j] = text
-                remaining[p] -= 1
-                if remaining[p] == 0 and on_prompt is not None:
-                    on_prompt(indices[p], [s or "" for s in out[p]])
+        with Progress(transient=True, disable=progress is None) as bar:
+            task = bar.add_task(progress or "", total=len(rows))
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                enc = tok([prompts[p] for p, _ in batch], return_tensors="pt", padding=True).to(device)
+                sampler = QuantileNucleusSampler(torch.stack([uniforms[p][j] for p, j in batch]), top_p,
+                                                 enc["input_ids"].shape[1])
+                active = (intervention.applied(lm, "last") if intervention is not None and intervention.modules
+                          else nullcontext())
+                with active:
+                    seqs = model.generate(**enc, generation_config=config,
+                                          logits_processor=LogitsProcessorList([sampler]))
+                texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for (p, j), text in zip(batch, texts):
+                    out[p][j] = text
+                    remaining[p] -= 1
+                    if remaining[p] == 0 and on_prompt is not None:
+                        on_prompt(indices[p], [s or "" for s in out[p]])
+                bar.advance(task, len(batch))
     finally:
         tok.padding_side = side
     return [[s or "" for s in samples] for samples in out]
