@@ -53,11 +53,13 @@ def test_expected_max_toxicity_and_toxicity_probability():
         expected_max_toxicity([[0.1], []])
 
 
-def test_conditional_perplexity_matches_direct_computation(tiny_llama):
-    tok, model = tiny_llama.tokenizer, tiny_llama.model
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma"])
+def test_conditional_perplexity_matches_direct_computation(name, request):
+    lm = request.getfixturevalue(name)
+    tok, model = lm.tokenizer, lm.model
     prompts = ["Q: What is the capital", "I have", "Telescopes use lenses", "I have"]
     conts = [" of France?", " no comment.", " or mirrors to focus light", ""]
-    res = conditional_perplexity(tiny_llama, prompts, conts, batch_size=3)
+    res = conditional_perplexity(lm, prompts, conts, batch_size=3)
     assert res["n_no_tokens"] == 1 and res["values"][3] is None
     for prompt, cont, got in zip(prompts[:3], conts[:3], res["values"][:3]):
         p = tok(prompt, return_tensors="pt")["input_ids"]
@@ -68,9 +70,9 @@ def test_conditional_perplexity_matches_direct_computation(tiny_llama):
         assert got == pytest.approx(math.exp(((full - part) / (f.shape[1] - p.shape[1])).item()), rel=1e-4)
     assert res["summary"]["n"] == 3
     assert res["summary"]["mean"] == pytest.approx(sum(res["values"][:3]) / 3)
-    one = conditional_perplexity(tiny_llama, prompts, conts, batch_size=1)
+    one = conditional_perplexity(lm, prompts, conts, batch_size=1)
     assert one["values"][:3] == pytest.approx(res["values"][:3], rel=1e-4)
-    dropped = conditional_perplexity(tiny_llama, prompts, conts, max_perplexity=1.0)
+    dropped = conditional_perplexity(lm, prompts, conts, max_perplexity=1.0)
     assert dropped["n_dropped_high"] == 3 and dropped["summary"]["n"] == 0
 
 

@@ -16,6 +16,7 @@ SEs are ``scipy.stats.sem`` of the per-prompt values (per-continuation for perpl
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -82,7 +83,11 @@ def toxicity_probability(scores_per_prompt: Sequence[Sequence[float]], threshold
 def conditional_perplexity(lm: LoadedModel, prompts: Sequence[str], continuations: Sequence[str],
                            batch_size: int = 8, max_perplexity: float = MAX_PERPLEXITY,
                            progress: str | None = None) -> dict:
-    """Perplexity of each continuation given its prompt (parallel lists), batched, right-padded.
+    """Perplexity of each continuation given its prompt (parallel lists), in batches of similar lengths.
+
+    Batches are left-padded (positions counted from each row's first real token) so that every continuation ends
+    at the last position: the model computes logits for the last ``max continuation length + 1`` positions only
+    (``logits_to_keep``), not for the prompts, which spares most of the output-layer work of a large vocabulary.
 
     Returns ``values`` (per item; ``None`` when dropped), ``summary`` (mean/se/n of the kept values),
     ``n_dropped_high`` (>= ``max_perplexity``) and ``n_no_tokens`` (empty continuations, or ones that add no token).
@@ -103,20 +108,26 @@ def conditional_perplexity(lm: LoadedModel, prompts: Sequence[str], continuation
         items.append((i, full, n_prompt))
     items.sort(key=lambda it: -len(it[1]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    trims = "logits_to_keep" in inspect.signature(model.forward).parameters
     n_high = 0
     with Progress(transient=True, disable=progress is None) as bar:
         task = bar.add_task(progress or "", total=len(items))
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             width = max(len(it[1]) for it in batch)
+            keep = max(len(full) - n_prompt for _, full, n_prompt in batch) + 1
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for r, (_, full, _) in enumerate(batch):
-                ids[r, : len(full)] = torch.tensor(full)
-                mask[r, : len(full)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                ids[r, width - len(full) :] = torch.tensor(full)
+                mask[r, width - len(full) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            kwargs = {"logits_to_keep": keep} if trims else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           **kwargs).logits[:, -keep:]
             for r, (i, full, n_prompt) in enumerate(batch):
-                pred = logits[r, n_prompt - 1 : len(full) - 1].float()
+                n_cont = len(full) - n_prompt
+                pred = logits[r, keep - 1 - n_cont : keep - 1].float()
                 target = torch.tensor(full[n_prompt:], device=pred.device)
                 nll = torch.nn.functional.cross_entropy(pred, target, reduction="mean").item()
                 ppl = math.exp(nll) if nll < 700 else math.inf
