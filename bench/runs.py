@@ -103,6 +103,9 @@ def git_commit() -> dict:
 
 
 def environment(device: str) -> dict:
+    """Interpreter, platform, CPU and intra-op thread count (timings depend on them), package versions, git state."""
+    import torch
+
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -110,7 +113,7 @@ def environment(device: str) -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine(),
-            "cpu_count": os.cpu_count(), "device": device, "packages": versions, "git": git_commit()}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device, "packages": versions, "git": git_commit()}
 
 
 def peak_memory_mb() -> float:
