@@ -393,7 +393,6 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
                     "fit_s": sum(f["timings"]["fit_s"] for f in fold_results),
                     "eval_s": sum(f["timings"]["eval_s"] for f in fold_results)},
         "peak_memory_mb": peak_memory_mb(),
-        "torch_threads": torch.get_num_threads(),
     }
     with (out / ".per_question.jsonl.tmp").open("w") as fh:
         for f in fold_results:
