@@ -85,7 +85,7 @@ def run(
     fluency_model: str = typer.Option("gemma3-270m", help="toxicity: reference LM of the conditional perplexity."),
     steer_data: str = typer.Option("gpt2-gens", help="toxicity: fitting texts: gpt2-gens (scored GPT-2 continuations per prompt) or rtp (toxic vs non-toxic RTP prompts)."),
     sample_batch_size: int = typer.Option(50, help="toxicity: sequences per sampling batch."),
-    eval_split: str = typer.Option("test", help="Evaluate each fold's test questions, or its validation questions (val: tuning)."),
+    eval_split: str = typer.Option("test", help="Evaluate each fold's test questions, or its validation questions (val: tuning; toxicity: the last --limit prompts, disjoint from the first --limit)."),
     eval_fold: Optional[list[int]] = typer.Option(None, help="Evaluate only this fold (repeatable) [all folds]."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ data [$BENCH_DATA_DIR, then the Hub]."),
     output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),

@@ -16,9 +16,11 @@ from bench.cli_common import fail as _fail
 
 def sweep(
     method: str = typer.Option(..., help="Method: florain, iti, caa, mean-shift, lofit, few-shot."),
-    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k; caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
+    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer; caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
     values: str = typer.Option(..., help="Grid: numbers and inclusive ranges, e.g. 4-24, 4-24:2, 0.1,0.2,0.5, 0.5-2:0.5."),
     metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
+    max_fluency_ratio: Optional[float] = typer.Option(None, help="Toxicity: choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's (and at most 1 point more continuations dropped for perplexity ≥ 1e4)."),
+    samples: int = typer.Option(25, help="Toxicity: samples per prompt."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task of every grid point (as bench run)."),
     layer: Optional[int] = typer.Option(None, help="Fixed layer when another parameter is swept [the model's registry layer]."),
@@ -26,7 +28,7 @@ def sweep(
     site: str = typer.Option("heads", help="heads or attn-out."),
     folds: int = typer.Option(2, help="Cross-validation folds."),
     seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N questions."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N questions (toxicity: test prompts = the first N, validation prompts = the last N)."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the FLORAIN training step."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation tasks: new tokens per answer [50]."),
     kl_windows: int = typer.Option(100, help="KL/CE: number of text windows."),
@@ -54,12 +56,12 @@ def sweep(
     options = {"seed": seed, "compile": compile, **options}
     cfg = RunConfig(method=method, model=model, task=task, layer=fixed_layer if fixed_layer is not None else layer,
                     site=site, folds=folds, seed=seed, limit=limit, options=options, max_new_tokens=max_new_tokens,
-                    kl_windows=kl_windows, device=device, dtype=dtype)
+                    kl_windows=kl_windows, samples=samples, device=device, dtype=dtype)
     safe = Path(model).name if Path(model).is_dir() else model.replace("/", "_")
     out = output or repo_root() / "results" / "sweeps" / f"{safe}-{method}-{p.name}"
     try:
         result = run_sweep(cfg, param, values, out, metric, data_dir, baseline, final,
-                           echo=lambda m: console.print(m))
+                           echo=lambda m: console.print(m), max_fluency_ratio=max_fluency_ratio)
     except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError,
             RuntimeError) as err:
         _fail(str(err))

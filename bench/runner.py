@@ -40,9 +40,15 @@ from bench.runs import (
 from bench.sites import SITES
 from bench.tasks.kl_ce import kl_ce, load_texts, make_windows
 from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
-from bench.tasks.toxicity import STEER_SOURCES, TOXICITY_METHODS, evaluate_toxicity, steering_fold, steering_questions
+from bench.tasks.toxicity import (
+    STEER_SOURCES,
+    TOXICITY_METHODS,
+    evaluate_toxicity,
+    evaluation_prompts,
+    steering_fold,
+    steering_questions,
+)
 from bench.tasks.truthfulqa_mc import evaluate_mc
-from bench.toxicity.data import load_toxicity_prompts
 
 TASKS: dict[str, tuple[str, ...]] = {
     "truthfulqa-mc": ("mc",),
@@ -266,8 +272,6 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         raise ValueError(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
     if cfg.eval_split not in ("test", "val"):
         raise ValueError(f"unknown evaluation split {cfg.eval_split!r}; valid: test, val")
-    if toxicity and cfg.eval_split != "test":
-        raise ValueError("--task toxicity evaluates its prompts; an evaluation split does not apply")
     if cfg.eval_folds is not None:
         cfg.eval_folds = sorted({int(k) for k in cfg.eval_folds})
         bad = [k for k in cfg.eval_folds if not 0 <= k < cfg.folds]
@@ -278,8 +282,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     if "gen" in parts and cfg.judge not in judge_names():
         raise ValueError(f"unknown judge {cfg.judge!r}; valid: {', '.join(judge_names())}")
     if toxicity:
-        tox_prompts, source = load_toxicity_prompts(cfg.tox_prompts, data_dir, cfg.limit)
-        questions = steering_questions(cfg.steer_data, tox_prompts, data_dir, cfg.seed)
+        tox_prompts, avoid, source = evaluation_prompts(cfg.tox_prompts, data_dir, cfg.limit, cfg.eval_split)
+        questions = steering_questions(cfg.steer_data, avoid, data_dir, cfg.seed)
     else:
         questions, source = load_truthfulqa(data_dir)
         if cfg.limit is not None:

@@ -165,8 +165,9 @@ def task_metrics(task: str) -> tuple[str, ...] | None:
     """The metrics a TruthfulQA task produces (None when only the run can tell, e.g. lm-eval tasks)."""
     from bench.metrics.generation import GEN_METRICS
     from bench.runner import MC_METRICS, TASKS
+    from bench.tasks.toxicity import TOXICITY_METRICS
 
-    by_part = {"mc": MC_METRICS, "gen": GEN_METRICS, "klce": ("ce", "kl")}
+    by_part = {"mc": MC_METRICS, "gen": GEN_METRICS, "klce": ("ce", "kl"), "toxicity": TOXICITY_METRICS}
     parts = TASKS.get(task)
     if parts is None or any(part not in by_part for part in parts):
         return None
@@ -210,7 +211,9 @@ def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[s
 def _point(value: float | int | None, res: dict, root: Path) -> dict:
     out = Path(res["run_dir"])
     return {"value": value, "run": str(out.relative_to(root)) if out.is_relative_to(root) else str(out),
-            "metrics": res["metrics"], "folds": [{"fold": f["fold"], "metrics": f["metrics"]} for f in res["folds"]]}
+            "metrics": res["metrics"],
+            "folds": [{"fold": f["fold"], "metrics": f["metrics"], **({"counts": f["counts"]} if f.get("counts") else {})}
+                      for f in res["folds"]]}
 
 
 def _best(values: list, scores: list[float], higher: bool) -> int:
@@ -226,17 +229,59 @@ def _best(values: list, scores: list[float], higher: bool) -> int:
     return best
 
 
-def choose(points: list[dict], metric: str) -> dict:
-    """Per-fold choices (each fold's own validation score) and the choice by the fold-averaged score."""
+#: A fluency-constrained choice also bounds the share of continuations dropped for perplexity ≥ 1e4 (they are left
+#: out of the fluency mean, so a strength that wrecks the language model could otherwise look fluent).
+MAX_EXTRA_DROPPED = 0.01
+
+
+def _fold(point: dict, k: int) -> dict:
+    return next(f for f in point["folds"] if f["fold"] == k)
+
+
+def _dropped_share(fold: dict) -> float:
+    counts = fold.get("counts") or {}
+    return counts.get("ppl_dropped_high", 0) / counts["samples"] if counts.get("samples") else 0.0
+
+
+def fluency_limits(baseline: dict, ratio: float) -> dict[int, dict]:
+    """Per fold: the largest admissible fluency perplexity (``ratio`` × the unintervened model's) and dropped share."""
+    if ratio < 1:
+        raise ValueError(f"the fluency ratio must be ≥ 1 (a multiple of the unintervened perplexity), got {ratio}")
+    return {f["fold"]: {"max_ppl": ratio * f["metrics"]["fluency_ppl"]["mean"],
+                        "max_dropped_share": _dropped_share(f) + MAX_EXTRA_DROPPED} for f in baseline["folds"]}
+
+
+def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = None) -> dict:
+    """Per-fold choices (each fold's own validation score) and the choice by the fold-averaged score.
+
+    ``limits`` (toxicity, from :func:`fluency_limits`): only grid values whose validation fluency and dropped share
+    stay within the fold's limits are eligible; a fold with no eligible value is an error naming the closest one.
+    """
     higher = higher_is_better(metric)
     values = [p["value"] for p in points]
     folds = sorted({f["fold"] for p in points for f in p["folds"]})
+
+    def eligible(p: dict, k: int) -> bool:
+        if limits is None:
+            return True
+        f, lim = _fold(p, k), limits[k]
+        return f["metrics"]["fluency_ppl"]["mean"] <= lim["max_ppl"] and _dropped_share(f) <= lim["max_dropped_share"]
+
     per_fold = {}
     for k in folds:
-        scores = [next(f["metrics"][metric]["mean"] for f in p["folds"] if f["fold"] == k) for p in points]
+        scores = [_fold(p, k)["metrics"][metric]["mean"] if eligible(p, k) else math.nan for p in points]
+        if limits is not None and not any(math.isfinite(x) for x in scores):
+            ppl = {format_value(p["value"]): round(_fold(p, k)["metrics"]["fluency_ppl"]["mean"], 1) for p in points}
+            raise ValueError(f"fold {k}: no grid value keeps fluency within the limit (perplexity ≤ "
+                             f"{limits[k]['max_ppl']:.1f}, dropped share ≤ {limits[k]['max_dropped_share']:.3f}); "
+                             f"validation perplexities: {ppl}. Add weaker strengths to the grid or raise the ratio.")
         per_fold[str(k)] = values[_best(values, scores, higher)]
-    overall = values[_best(values, [p["metrics"][metric]["mean"] for p in points], higher)]
-    return {"per_fold": per_fold, "by_mean": overall, "direction": "higher" if higher else "lower"}
+    means = [p["metrics"][metric]["mean"] if all(eligible(p, k) for k in folds) else math.nan for p in points]
+    overall = values[_best(values, means, higher)] if any(math.isfinite(x) for x in means) else None
+    out = {"per_fold": per_fold, "by_mean": overall, "direction": "higher" if higher else "lower"}
+    if limits is not None:
+        out["fluency_limits"] = {str(k): v for k, v in limits.items()}
+    return out
 
 
 def _combine(per_fold: list[dict]) -> dict:
@@ -250,8 +295,12 @@ def _combine(per_fold: list[dict]) -> dict:
 
 def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, metric: str = "mc2",
               data_dir: str | None = None, baseline: bool = True, final: bool = True,
-              echo: Callable[[str], None] = print) -> dict:
-    """Run the grid, choose on validation, evaluate the choice on test; write and return ``sweep.json``'s dict."""
+              echo: Callable[[str], None] = print, max_fluency_ratio: float | None = None) -> dict:
+    """Run the grid, choose on validation, evaluate the choice on test; write and return ``sweep.json``'s dict.
+
+    ``max_fluency_ratio`` (toxicity): choose only among values whose validation fluency perplexity is at most this
+    multiple of the unintervened model's on the same prompts (toxicity at matched fluency; needs the baseline).
+    """
     p = resolve_param(base.method, param)
     values = parse_values(values if isinstance(values, str) else ",".join(str(v) for v in values), p.kind)
     if not values:
@@ -259,6 +308,12 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
     produced = task_metrics(base.task)
     if produced is not None and metric not in produced:
         raise ValueError(f"metric {metric!r} is not produced by --task {base.task}; available: {', '.join(produced)}")
+    if max_fluency_ratio is not None:
+        if base.task != "toxicity":
+            raise ValueError("--max-fluency-ratio constrains toxicity sweeps (--task toxicity) only")
+        if not baseline or base.method == "none":
+            raise ValueError("--max-fluency-ratio compares with the unintervened model: keep --baseline and sweep a method")
+        fluency_limits({"folds": []}, max_fluency_ratio)  # validates the ratio before any run
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     points = []
@@ -280,7 +335,9 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
         echo("[sweep] baseline: none (validation questions)")
         none = replace(base, method="none", options={}, layer=None, eval_split="val", eval_folds=None)
         sweep["baseline"] = _point(None, run_point(none, output / "baseline-none", data_dir, echo), output)
-    sweep["chosen"] = choose(points, metric)
+    write_json(output / SWEEP_FILE, sweep)  # the grid is kept even when no value can be chosen
+    limits = fluency_limits(sweep["baseline"], max_fluency_ratio) if max_fluency_ratio is not None else None
+    sweep["chosen"] = choose(points, metric, limits)
     write_json(output / SWEEP_FILE, sweep)
     if final:
         groups: dict = {}

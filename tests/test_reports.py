@@ -388,3 +388,24 @@ def test_regress_reference_is_committed_with_tolerances():
     assert ref["config"] == json.loads(json.dumps(DEFAULT.__dict__))
     assert set(ref["scores"]) == {"none", "iti", "florain"} and not ref["errors"]
     assert all(m in ref["tolerances"] for s in ref["scores"].values() for m in s)
+
+
+def test_fluency_limited_choice_skips_values_that_wreck_fluency():
+    from bench.sweep import choose, fluency_limits
+
+    def pt(v, tox, ppl, dropped=0):
+        metrics = {"expected_max_toxicity": _m(tox), "fluency_ppl": _m(ppl)}
+        return {"value": v, "metrics": metrics,
+                "folds": [{"fold": 0, "metrics": metrics, "counts": {"samples": 100, "ppl_dropped_high": dropped}}]}
+
+    base = pt(None, 0.6, 100.0, dropped=1)
+    limits = fluency_limits(base, 2.0)
+    assert limits[0] == {"max_ppl": 200.0, "max_dropped_share": pytest.approx(0.02)}
+    points = [pt(1, 0.5, 120.0), pt(4, 0.3, 190.0, dropped=2), pt(8, 0.2, 150.0, dropped=5), pt(16, 0.1, 900.0)]
+    assert choose(points, "expected_max_toxicity")["per_fold"] == {"0": 16}  # unconstrained: the strongest
+    chosen = choose(points, "expected_max_toxicity", limits)
+    assert chosen["per_fold"] == {"0": 4} and chosen["by_mean"] == 4  # 8 drops too many, 16 is too perplexing
+    with pytest.raises(ValueError, match="no grid value keeps fluency"):
+        choose(points[3:], "expected_max_toxicity", limits)
+    with pytest.raises(ValueError, match="≥ 1"):
+        fluency_limits(base, 0.5)

@@ -409,3 +409,47 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     assert (steered / "samples_fold0.jsonl").read_text() != (out / "samples_fold0.jsonl").read_text()
     r = runner.invoke(app, [*common, "--method", "lofit", "--output", str(tmp_path / "x")])
     assert r.exit_code == 2 and "takes: none, florain" in " ".join(r.output.split())
+
+
+# --------------------------------------------------------------------------- tuning on validation prompts
+
+
+def test_validation_prompts_are_the_last_n_and_never_the_test_prompts(tox_data: Path):
+    from bench.tasks.toxicity import evaluation_prompts
+
+    path = _write_jsonl(tox_data / "ten.jsonl", [{"text": f"Prompt {i} goes", "score": 0.1} for i in range(10)])
+    test, avoid, _ = evaluation_prompts(str(path), tox_data, 3, "test")
+    assert [p.text for p in test] == ["Prompt 0 goes", "Prompt 1 goes", "Prompt 2 goes"] and avoid == test
+    val, avoid, _ = evaluation_prompts(str(path), tox_data, 3, "val")
+    assert [p.text for p in val] == ["Prompt 7 goes", "Prompt 8 goes", "Prompt 9 goes"]
+    assert {p.text for p in avoid} == {p.text for p in test + val}  # fitting texts avoid both sets
+    for limit in (None, 6):
+        with pytest.raises(ValueError, match="N ≤ 5"):
+            evaluation_prompts(str(path), tox_data, limit, "val")
+
+
+def test_strength_sweep_on_validation_prompts_respects_the_fluency_limit(tox_data: Path, tiny_dir: Path,
+                                                                        tmp_path: Path):
+    from bench.runner import RunConfig
+    from bench.sweep import run_sweep
+
+    prompts = _write_jsonl(tox_data / "eval.jsonl", [{"text": f"The {w} said", "score": 0.3} for w in CLEAN_WORDS])
+    base = RunConfig(method="mean-shift", model=str(tiny_dir), task="toxicity", layer=1, limit=3,
+                     tox_prompts=str(prompts), samples=2, max_new_tokens=4, fluency_model=str(tiny_dir),
+                     sample_batch_size=4)
+    with pytest.raises(ValueError, match="toxicity sweeps"):
+        run_sweep(RunConfig(method="mean-shift"), "scale", "1", tmp_path / "x", "mc2", str(tox_data),
+                  max_fluency_ratio=2.0)
+    out = tmp_path / "sweep"
+    sweep = run_sweep(base, "scale", "0,500", out, "expected_max_toxicity", str(tox_data), final=True,
+                      max_fluency_ratio=1.05, echo=lambda m: None)
+    val = [json.loads((out / f"scale={v}" / "results.json").read_text()) for v in ("0", "500")]
+    assert all(r["data"]["n_prompts"] == 3 and r["config"]["eval_split"] == "val" for r in val)
+    assert (out / "scale=0" / "samples_fold0.jsonl").read_text().count("The museum said") == 1  # last 3 prompts
+    limit = sweep["chosen"]["fluency_limits"]["0"]["max_ppl"]
+    assert limit == pytest.approx(1.05 * sweep["baseline"]["metrics"]["fluency_ppl"]["mean"])
+    ok = [p["value"] for p in sweep["points"] if p["metrics"]["fluency_ppl"]["mean"] <= limit]
+    assert 0.0 in ok and sweep["chosen"]["per_fold"]["0"] in ok  # scale 0 is the unintervened model
+    final = json.loads((out / "final" / "results.json").read_text())
+    assert final["config"]["eval_split"] == "test"
+    assert "The garden said" in (out / "final" / "samples_fold0.jsonl").read_text()  # first 3 prompts

@@ -22,7 +22,13 @@ from bench.data.truthfulqa import Fold, Question
 from bench.models import LoadedModel
 from bench.runs import append_progress, read_progress, summarise
 from bench.toxicity.base import score_samples
-from bench.toxicity.data import ToxicityPrompt, exclude_prompts, load_steering_groups, normalise
+from bench.toxicity.data import (
+    ToxicityPrompt,
+    exclude_prompts,
+    load_steering_groups,
+    load_toxicity_prompts,
+    normalise,
+)
 from bench.toxicity.metrics import (
     conditional_perplexity,
     count_empty,
@@ -36,6 +42,28 @@ from bench.toxicity.sampling import sample_continuations
 STEER_SOURCES = ("gpt2-gens", "rtp")
 RTP_GROUP = 50
 TOXICITY_METHODS = ("none", "florain", "iti", "caa", "mean-shift")
+TOXICITY_METRICS = ("expected_max_toxicity", "toxicity_probability", "fluency_ppl", "dist-1", "dist-2", "dist-3",
+                    "empty_share")
+
+
+def evaluation_prompts(name: str, data_dir: str | Path | None, limit: int | None, split: str = "test"
+                       ) -> tuple[list[ToxicityPrompt], list[ToxicityPrompt], str]:
+    """``(prompts to evaluate, prompts the fitting texts must avoid, source)``.
+
+    ``split="test"``: the first ``limit`` prompts of the set (all without ``limit``). ``split="val"`` (tuning, e.g.
+    a strength sweep): the *last* ``limit`` prompts, disjoint from the test prompts, so it needs ``limit`` with
+    2 × ``limit`` ≤ the set's size; the fitting texts then avoid both the validation and the test prompts.
+    """
+    if split == "test":
+        prompts, source = load_toxicity_prompts(name, data_dir, limit)
+        return prompts, prompts, source
+    if split != "val":
+        raise ValueError(f"unknown evaluation split {split!r}; valid: test, val")
+    every, source = load_toxicity_prompts(name, data_dir)
+    if limit is None or 2 * limit > len(every):
+        raise ValueError(f"toxicity validation prompts are the last --limit N of the {len(every)} prompts, disjoint "
+                         f"from the test prompts (the first N): pass --limit N with N ≤ {len(every) // 2}")
+    return every[-limit:], every[:limit] + every[-limit:], source
 
 
 def steering_questions(source: str, eval_prompts: list[ToxicityPrompt], data_dir: str | Path | None,
