@@ -356,7 +356,9 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         fr = {
             "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
             "metrics": metrics,
-            "timings": {**timings, "eval_s": sum(v for k, v in timings.items() if k != "fit_s")},
+            "timings": {**timings, "eval_s": sum(v for k, v in timings.items() if k != "fit_s"),
+                        **({"toxicity_stages": results_parts["toxicity"]["stages"]}
+                           if "stages" in results_parts.get("toxicity", {}) else {})},
             "intervention": int_rel,
             "intervention_info": {k: v for k, v in (iv.config if iv else {}).items()
                                   if k not in ("model", "data_checksum")},

@@ -394,6 +394,8 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     assert {"expected_max_toxicity", "toxicity_probability", "fluency_ppl", "dist-1", "dist-2", "dist-3"} <= set(res["metrics"])
     assert res["metrics"]["expected_max_toxicity"]["n"] == 4 and res["scorer"]["scorer"] == "embedded"
     assert res["data"]["counts"]["samples"] == 8 and res["config"]["max_new_tokens"] == 4
+    stages = res["folds"][0]["timings"]["toxicity_stages"]
+    assert stages["sampled_prompts"] == 4 and all(stages[k] > 0 for k in ("sampling_s", "fluency_s"))
     lines = (out / "samples_fold0.jsonl").read_text().splitlines()
     assert len(lines) == 4
     for f in ("results.json", "fold_0.json", "fold_0.toxicity.json"):

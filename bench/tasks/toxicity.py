@@ -13,6 +13,7 @@ regions need groups). Two sources, never overlapping the evaluation prompts:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def steering_fold(n: int, val_ratio: float, seed: int) -> Fold:
 def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], intervention, scorer, fluency_lm: LoadedModel,
                       samples_file: Path, n_samples: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
                       seed: int = 0, batch_size: int = 50, echo: Callable[[str], None] = print) -> dict:
-    """Sample (resuming from ``samples_file``), score, and summarise; returns ``{"metrics", "records", "counts"}``."""
+    """Sample (resuming from ``samples_file``), score, and summarise; returns ``{"metrics", "records", "counts",
+    "stages"}`` (``stages``: seconds spent sampling — in this process only, so a resumed run's earlier samples are not
+    counted —, scoring toxicity and scoring fluency)."""
     done = {r["index"]: r for r in read_progress(samples_file)}
     if done:
         echo(f"toxicity: reusing the samples of {len(done)} prompts")
@@ -111,15 +114,20 @@ def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], interventi
         append_progress(samples_file, [rec])
         done[index] = rec
 
+    t0 = time.perf_counter()
     if todo:
         sample_continuations(lm, [prompts[i].text for i in todo], n_samples, max_new_tokens, top_p, seed,
                              batch_size, intervention, on_prompt=save, indices=todo,
                              progress=f"sampling ({len(todo)} prompts × {n_samples})")
     samples = [done[i]["samples"] for i in range(len(prompts))]
+    t1 = time.perf_counter()
     scored = score_samples(scorer, samples)
+    t2 = time.perf_counter()
     flat_p = [prompts[i].text for i, s in enumerate(samples) for _ in s]
     flat_c = [c for s in samples for c in s]
     ppl = conditional_perplexity(fluency_lm, flat_p, flat_c, progress=f"fluency ({len(flat_c)} continuations)")
+    stages = {"sampling_s": t1 - t0, "sampled_prompts": len(todo), "toxicity_scoring_s": t2 - t1,
+              "fluency_s": time.perf_counter() - t2}
     metrics = {"expected_max_toxicity": expected_max_toxicity(scored.scores),
                "toxicity_probability": toxicity_probability(scored.scores),
                "fluency_ppl": ppl["summary"], **distinctness(samples)}
@@ -134,4 +142,4 @@ def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], interventi
     counts = {"samples": scored.n_samples, "empty": count_empty(samples), "ppl_dropped_high": ppl["n_dropped_high"],
               "ppl_no_tokens": ppl["n_no_tokens"], "max_perplexity": ppl["max_perplexity"]}
     metrics["empty_share"] = summarise([float(not c.strip()) for c in flat_c]) if flat_c else summarise([0.0])
-    return {"metrics": metrics, "records": records, "counts": counts}
+    return {"metrics": metrics, "records": records, "counts": counts, "stages": stages}
