@@ -33,7 +33,8 @@ def top_heads(accuracies: np.ndarray, k: int) -> list[tuple[int, int]]:
     if k < 1:
         raise ValueError(f"K must be ≥ 1, got {k}")
     if k > total:
-        warnings.warn(f"K = {k} exceeds the model's {total} heads; using all {total}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"K = {k} exceeds the {total} heads to choose from; using all {total}", RuntimeWarning,
+                      stacklevel=2)
         k = total
     order = np.argsort(-accuracies.reshape(-1), kind="stable")[:k]
     return [(int(i // accuracies.shape[1]), int(i % accuracies.shape[1])) for i in order]

@@ -53,7 +53,7 @@ def run(
     drop_identity: bool = typer.Option(False, help="Reproduce the released code's inference bug (apply f(a) − a)."),
     iti_alpha: Optional[float] = typer.Option(None, help="ITI strength α (shift = α σ θ̂) [15, ITI paper]."),
     iti_k: Optional[int] = typer.Option(None, help="ITI number of heads K [48/1024 of all heads, at least 1]."),
-    iti_layer: Optional[int] = typer.Option(None, help="ITI: choose the K heads within this layer only (a layer sweep of ITI) [all layers; K then at most the layer's heads]."),
+    iti_layer: Optional[int] = typer.Option(None, help="ITI: choose the K heads within this layer only (a layer sweep of ITI) [all layers; K then defaults to 48/1024 of the layer's heads, at least 1]."),
     caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean residual difference [1.0]."),
     shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
     shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),

@@ -21,6 +21,10 @@ def sweep(
     metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
     max_fluency_ratio: Optional[float] = typer.Option(None, help="Toxicity: choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's (and at most 1 point more continuations dropped for perplexity ≥ 1e4)."),
     samples: int = typer.Option(25, help="Toxicity: samples per prompt."),
+    tox_prompts: str = typer.Option("challenging", help="Toxicity: prompt set (challenging, toxic, nontoxic or a JSONL path)."),
+    fluency_model: str = typer.Option("gemma3-270m", help="Toxicity: reference LM of the fluency perplexity."),
+    steer_data: str = typer.Option("gpt2-gens", help="Toxicity: fitting texts (gpt2-gens or rtp)."),
+    sample_batch_size: int = typer.Option(50, help="Toxicity: sequences per sampling batch."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task of every grid point (as bench run)."),
     layer: Optional[int] = typer.Option(None, help="Fixed layer when another parameter is swept [the model's registry layer]."),
@@ -56,7 +60,8 @@ def sweep(
     options = {"seed": seed, "compile": compile, **options}
     cfg = RunConfig(method=method, model=model, task=task, layer=fixed_layer if fixed_layer is not None else layer,
                     site=site, folds=folds, seed=seed, limit=limit, options=options, max_new_tokens=max_new_tokens,
-                    kl_windows=kl_windows, samples=samples, device=device, dtype=dtype)
+                    kl_windows=kl_windows, samples=samples, tox_prompts=tox_prompts, fluency_model=fluency_model,
+                    steer_data=steer_data, sample_batch_size=sample_batch_size, device=device, dtype=dtype)
     safe = Path(model).name if Path(model).is_dir() else model.replace("/", "_")
     out = output or repo_root() / "results" / "sweeps" / f"{safe}-{method}-{p.name}"
     try:

@@ -133,7 +133,7 @@ def _fit_iti(ctx: FitContext) -> Intervention:
     from the training fold (train + validation questions; never the test fold).
 
     Option ``iti_layer``: rank only that layer's heads (ITI restricted to one layer, for layer sweeps); K then
-    defaults to ``min(default K, heads per layer)``.
+    defaults to ITI's share of that layer's heads (48/1,024, at least 1), so the probes still select heads.
     """
     spec = ctx.lm.spec
     alpha = float(_opt(ctx, "iti_alpha", DEFAULT_ALPHA))
@@ -141,8 +141,7 @@ def _fit_iti(ctx: FitContext) -> Intervention:
     if only is not None:
         spec.check_layer(int(only))
     layers = list(range(spec.n_layers)) if only is None else [int(only)]
-    k_default = default_k(spec.n_layers, spec.n_heads)
-    k = int(_opt(ctx, "iti_k", k_default if only is None else min(k_default, spec.n_heads)))
+    k = int(_opt(ctx, "iti_k", default_k(len(layers), spec.n_heads)))
     acts, labels, groups = ctx.activations(layers)
     tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
     seed = int(_opt(ctx, "seed", 42))

@@ -117,9 +117,17 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
         fm = sweep["final"]["metrics"][sel]
         test = (f"\ntest folds with the chosen value{'s' if len(per_fold) > 1 else ''}: {label(sel)} "
                 f"{fm['mean']:.3f} ± {_se(fm):.3f} ({fm.get('n')} questions)")
+    if sweep.get("task") == "toxicity":
+        test = test.replace("test folds", "test prompts").replace("questions)", "prompts)")
+        limit = chosen.get("fluency_limits", {}).get("0")
+        rule = (f"least {label(sel)} with fluency PPL ≤ {limit['max_ppl']:.0f} ({sweep.get('max_fluency_ratio'):g}× "
+                f"unintervened)" if limit else f"{label(sel)} ({direction} is better)")
+        setup = f"{n} validation prompts (disjoint from the test prompts); chosen by {rule}"
+    else:
+        setup = (f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by "
+                 f"{label(sel)} ({direction} is better)")
     fig.suptitle(f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}\n"
-                 f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by "
-                 f"{label(sel)} ({direction} is better); bars: ± 1 s.e.{test}", fontsize=10)
+                 f"{setup}; bars: ± 1 s.e.{test}", fontsize=10)
     fig.tight_layout()
     stem = Path(output) if output else Path(sweep["_dir"])
     return save(fig, stem / f"sweep-{sweep['param']}")

@@ -240,7 +240,10 @@ def _fold(point: dict, k: int) -> dict:
 
 def _dropped_share(fold: dict) -> float:
     counts = fold.get("counts") or {}
-    return counts.get("ppl_dropped_high", 0) / counts["samples"] if counts.get("samples") else 0.0
+    if not counts.get("samples") or "ppl_dropped_high" not in counts:
+        raise ValueError(f"fold {fold.get('fold')} records no sample counts (counts.samples, counts.ppl_dropped_high): "
+                         "a fluency limit needs toxicity runs")
+    return counts["ppl_dropped_high"] / counts["samples"]
 
 
 def fluency_limits(baseline: dict, ratio: float) -> dict[int, dict]:
@@ -255,7 +258,8 @@ def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = Non
     """Per-fold choices (each fold's own validation score) and the choice by the fold-averaged score.
 
     ``limits`` (toxicity, from :func:`fluency_limits`): only grid values whose validation fluency and dropped share
-    stay within the fold's limits are eligible; a fold with no eligible value is an error naming the closest one.
+    stay within the fold's limits are eligible; a fold with no eligible value is an error listing every value's
+    fluency.
     """
     higher = higher_is_better(metric)
     values = [p["value"] for p in points]
@@ -270,7 +274,7 @@ def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = Non
     per_fold = {}
     for k in folds:
         scores = [_fold(p, k)["metrics"][metric]["mean"] if eligible(p, k) else math.nan for p in points]
-        if limits is not None and not any(math.isfinite(x) for x in scores):
+        if limits is not None and not any(eligible(p, k) for p in points):
             ppl = {format_value(p["value"]): round(_fold(p, k)["metrics"]["fluency_ppl"]["mean"], 1) for p in points}
             raise ValueError(f"fold {k}: no grid value keeps fluency within the limit (perplexity ≤ "
                              f"{limits[k]['max_ppl']:.1f}, dropped share ≤ {limits[k]['max_dropped_share']:.3f}); "
@@ -328,7 +332,9 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
     sweep = {
         "created": now_iso(), "method": base.method, "model": base.model, "task": base.task, "param": p.name,
         "param_target": p.target, "param_label": p.label, "values": values, "metric": metric,
-        "metric_label": label(metric), "selection_split": "val", "folds": base.folds, "limit": base.limit,
+        "metric_label": label(metric), "selection_split": "val",
+        "folds": 1 if base.task == "toxicity" else base.folds, "limit": base.limit,
+        "max_fluency_ratio": max_fluency_ratio,
         "seed": base.seed, "fixed": {"layer": base.layer, "options": base.options}, "points": points,
     }
     if baseline and base.method != "none":
@@ -367,6 +373,9 @@ def load_sweep(path: str | Path) -> dict:
     sweep = json.loads(f.read_text())
     if "points" not in sweep or "param" not in sweep:
         raise ValueError(f"{f} is not a sweep file (no points/param)")
+    if "chosen" not in sweep:
+        raise ValueError(f"{f} has no chosen value: the sweep is still running or its selection failed "
+                         "(rerun bench sweep to see why)")
     sweep["_dir"] = str(f.parent)
     return sweep
 

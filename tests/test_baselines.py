@@ -31,7 +31,7 @@ def test_top_heads_and_k_clamping():
     assert top_heads(accs, 2) == [(0, 1), (1, 0)]
     with pytest.warns(RuntimeWarning, match="exceeds"):
         assert len(top_heads(accs, 10)) == 4
-    assert default_k(32, 32) == 48 and default_k(30, 9) == 13 and default_k(1, 2) == 1
+    assert default_k(32, 32) == 48 and default_k(30, 9) == 13 and default_k(1, 2) == 1 and default_k(1, 32) == 2
 
 
 def _ctx(lm, tqa_dir, method_options=None, fold=0):
@@ -64,9 +64,13 @@ def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_
     ctx, _, _ = _ctx(tiny_llama, tqa_dir, {"iti_layer": 2, "iti_k": None})
     iv = get_method("iti").fit(ctx)
     assert iv.layers == [2] and iv.config["layer_restriction"] == 2
-    # K defaults to min(the model-wide default, heads per layer)
-    want_k = min(default_k(tiny_llama.spec.n_layers, heads), heads)
-    assert iv.config["k"] == want_k and all(lay == 2 for lay, _ in iv.config["heads_chosen"])
+    # K defaults to ITI's share of that one layer's heads (at least 1), not to every head of the layer
+    assert iv.config["k"] == default_k(1, heads) == 1 and all(lay == 2 for lay, _ in iv.config["heads_chosen"])
+    assert len(iv.config["probe_val_accuracy"]) == 1
+    wide = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 1, "iti_k": 3})[0])
+    assert [lay for lay, _ in wide.config["heads_chosen"]] == [1, 1, 1]
+    accs = wide.config["probe_val_accuracy"]
+    assert accs == sorted(accs, reverse=True)  # aligned with heads_chosen, best first
     unrestricted = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_k": 1})[0])
     assert unrestricted.config["layer_restriction"] is None
     with pytest.raises(ValueError, match="layer"):

@@ -409,3 +409,6 @@ def test_fluency_limited_choice_skips_values_that_wreck_fluency():
         choose(points[3:], "expected_max_toxicity", limits)
     with pytest.raises(ValueError, match="≥ 1"):
         fluency_limits(base, 0.5)
+    no_counts = {**points[0], "folds": [{"fold": 0, "metrics": points[0]["metrics"]}]}
+    with pytest.raises(ValueError, match="no sample counts"):
+        choose([no_counts], "expected_max_toxicity", limits)

@@ -57,23 +57,25 @@ def test_expected_max_toxicity_and_toxicity_probability():
 def test_conditional_perplexity_matches_direct_computation(name, request):
     lm = request.getfixturevalue(name)
     tok, model = lm.tokenizer, lm.model
-    prompts = ["Q: What is the capital", "I have", "Telescopes use lenses", "I have"]
-    conts = [" of France?", " no comment.", " or mirrors to focus light", ""]
+    long = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door and"
+    prompts = ["Q: What is the capital", "I have", long, "Telescopes use lenses", "I have"]
+    conts = [" of France?", " no comment.", " then the dog barks twice at the moon", " or mirrors to focus light", ""]
     res = conditional_perplexity(lm, prompts, conts, batch_size=3)
-    assert res["n_no_tokens"] == 1 and res["values"][3] is None
-    for prompt, cont, got in zip(prompts[:3], conts[:3], res["values"][:3]):
+    assert res["n_no_tokens"] == 1 and res["values"][4] is None
+    assert len(tok(long + conts[2])["input_ids"]) > 20  # longer than the tiny Gemma's sliding window (16)
+    for prompt, cont, got in zip(prompts[:4], conts[:4], res["values"][:4]):
         p = tok(prompt, return_tensors="pt")["input_ids"]
         f = tok(prompt + cont, return_tensors="pt")["input_ids"]
         with torch.no_grad():  # DExperts: full loss − prompt loss, over the continuation's tokens
             full = model(f, labels=f).loss * (f.shape[1] - 1)
             part = model(p, labels=p).loss * (p.shape[1] - 1)
         assert got == pytest.approx(math.exp(((full - part) / (f.shape[1] - p.shape[1])).item()), rel=1e-4)
-    assert res["summary"]["n"] == 3
-    assert res["summary"]["mean"] == pytest.approx(sum(res["values"][:3]) / 3)
+    assert res["summary"]["n"] == 4
+    assert res["summary"]["mean"] == pytest.approx(sum(res["values"][:4]) / 4)
     one = conditional_perplexity(lm, prompts, conts, batch_size=1)
-    assert one["values"][:3] == pytest.approx(res["values"][:3], rel=1e-4)
+    assert one["values"][:4] == pytest.approx(res["values"][:4], rel=1e-4)
     dropped = conditional_perplexity(lm, prompts, conts, max_perplexity=1.0)
-    assert dropped["n_dropped_high"] == 3 and dropped["summary"]["n"] == 0
+    assert dropped["n_dropped_high"] == 4 and dropped["summary"]["n"] == 0
 
 
 # --------------------------------------------------------------------------- sampling
@@ -432,26 +434,34 @@ def test_validation_prompts_are_the_last_n_and_never_the_test_prompts(tox_data: 
 
 def test_strength_sweep_on_validation_prompts_respects_the_fluency_limit(tox_data: Path, tiny_dir: Path,
                                                                         tmp_path: Path):
-    from bench.runner import RunConfig
-    from bench.sweep import run_sweep
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.sweep import choose
 
     prompts = _write_jsonl(tox_data / "eval.jsonl", [{"text": f"The {w} said", "score": 0.3} for w in CLEAN_WORDS])
-    base = RunConfig(method="mean-shift", model=str(tiny_dir), task="toxicity", layer=1, limit=3,
-                     tox_prompts=str(prompts), samples=2, max_new_tokens=4, fluency_model=str(tiny_dir),
-                     sample_batch_size=4)
-    with pytest.raises(ValueError, match="toxicity sweeps"):
-        run_sweep(RunConfig(method="mean-shift"), "scale", "1", tmp_path / "x", "mc2", str(tox_data),
-                  max_fluency_ratio=2.0)
+    common = ["sweep", "--method", "mean-shift", "--param", "scale", "--model", str(tiny_dir), "--task", "toxicity",
+              "--layer", "1", "--limit", "3", "--tox-prompts", str(prompts), "--samples", "2", "--max-new-tokens", "4",
+              "--fluency-model", str(tiny_dir), "--sample-batch-size", "4", "--data-dir", str(tox_data),
+              "--metric", "expected_max_toxicity", "--no-plot"]
+    runner = CliRunner()
+    r = runner.invoke(app, [*common[:5], "--values", "1", "--max-fluency-ratio", "2", "--output", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "toxicity sweeps" in " ".join(r.output.split())
     out = tmp_path / "sweep"
-    sweep = run_sweep(base, "scale", "0,500", out, "expected_max_toxicity", str(tox_data), final=True,
-                      max_fluency_ratio=1.05, echo=lambda m: None)
+    # ratio 1: only strengths that leave fluency at or below the unintervened model's are admissible
+    r = runner.invoke(app, [*common, "--values", "0,500", "--max-fluency-ratio", "1", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["folds"] == 1 and sweep["max_fluency_ratio"] == 1.0
     val = [json.loads((out / f"scale={v}" / "results.json").read_text()) for v in ("0", "500")]
     assert all(r["data"]["n_prompts"] == 3 and r["config"]["eval_split"] == "val" for r in val)
     assert (out / "scale=0" / "samples_fold0.jsonl").read_text().count("The museum said") == 1  # last 3 prompts
-    limit = sweep["chosen"]["fluency_limits"]["0"]["max_ppl"]
-    assert limit == pytest.approx(1.05 * sweep["baseline"]["metrics"]["fluency_ppl"]["mean"])
-    ok = [p["value"] for p in sweep["points"] if p["metrics"]["fluency_ppl"]["mean"] <= limit]
-    assert 0.0 in ok and sweep["chosen"]["per_fold"]["0"] in ok  # scale 0 is the unintervened model
+    base_ppl = sweep["baseline"]["metrics"]["fluency_ppl"]["mean"]
+    assert val[0]["metrics"]["fluency_ppl"]["mean"] == base_ppl  # scale 0 is the unintervened model
+    assert val[1]["metrics"]["fluency_ppl"]["mean"] > base_ppl  # the fixture's strong shift hurts fluency
+    assert sweep["chosen"]["per_fold"] == {"0": 0.0}
+    if val[1]["metrics"]["expected_max_toxicity"]["mean"] < val[0]["metrics"]["expected_max_toxicity"]["mean"]:
+        assert choose(sweep["points"], "expected_max_toxicity")["per_fold"] == {"0": 500.0}  # unconstrained
     final = json.loads((out / "final" / "results.json").read_text())
     assert final["config"]["eval_split"] == "test"
     assert "The garden said" in (out / "final" / "samples_fold0.jsonl").read_text()  # first 3 prompts
