@@ -16,12 +16,10 @@ SEs are ``scipy.stats.sem`` of the per-prompt values (per-continuation for perpl
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
 import torch
-from rich.progress import Progress
 
 from bench.models import LoadedModel
 from bench.runs import summarise
@@ -81,61 +79,45 @@ def toxicity_probability(scores_per_prompt: Sequence[Sequence[float]], threshold
 
 @torch.no_grad()
 def conditional_perplexity(lm: LoadedModel, prompts: Sequence[str], continuations: Sequence[str],
-                           batch_size: int = 8, max_perplexity: float = MAX_PERPLEXITY,
+                           batch_size: int = 16, max_perplexity: float = MAX_PERPLEXITY,
                            progress: str | None = None) -> dict:
-    """Perplexity of each continuation given its prompt (parallel lists), in batches of similar lengths.
+    """Perplexity of each continuation given its prompt (parallel lists).
 
-    Batches are left-padded (positions counted from each row's first real token) so that every continuation ends
-    at the last position: the model computes logits for the last ``max continuation length + 1`` positions only
-    (``logits_to_keep``), not for the prompts, which spares most of the output-layer work of a large vocabulary.
+    Tokens as DExperts counts them: prompt + continuation tokenised together, the continuation being the tokens
+    after the first ``len(tokenize(prompt))``. Scored with :func:`bench.scoring.answer_logprobs`, whose prefix
+    cache runs each prompt once for all of its samples; ``batch_size`` continuations per forward pass.
 
     Returns ``values`` (per item; ``None`` when dropped), ``summary`` (mean/se/n of the kept values),
     ``n_dropped_high`` (>= ``max_perplexity``) and ``n_no_tokens`` (empty continuations, or ones that add no token).
     """
+    from bench.scoring import Encoded, answer_logprobs
+
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    tok, model = lm.tokenizer, lm.model
-    device = next(model.parameters()).device
-    items = []  # (index, full ids, number of prompt tokens)
+    tok = lm.tokenizer
+    items, seqs = [], []  # (index, number of continuation tokens), Encoded
     values: list[float | None] = [None] * len(prompts)
     n_no_tokens = 0
+    prompt_tokens: dict[str, int] = {}
     for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
-        n_prompt = len(tok(prompt)["input_ids"])
+        if prompt not in prompt_tokens:
+            prompt_tokens[prompt] = len(tok(prompt)["input_ids"])
+        n_prompt = prompt_tokens[prompt]
         full = tok(prompt + cont)["input_ids"]
         if not cont or len(full) <= n_prompt or n_prompt == 0:
             n_no_tokens += 1
             continue
-        items.append((i, full, n_prompt))
-    items.sort(key=lambda it: -len(it[1]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    trims = "logits_to_keep" in inspect.signature(model.forward).parameters
+        items.append((i, len(full) - n_prompt))
+        seqs.append(Encoded(full, list(range(n_prompt, len(full)))))
+    sums = answer_logprobs(lm, seqs, batch_size=batch_size, progress=progress)
     n_high = 0
-    with Progress(transient=True, disable=progress is None) as bar:
-        task = bar.add_task(progress or "", total=len(items))
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            width = max(len(it[1]) for it in batch)
-            keep = max(len(full) - n_prompt for _, full, n_prompt in batch) + 1
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, full, _) in enumerate(batch):
-                ids[r, width - len(full) :] = torch.tensor(full)
-                mask[r, width - len(full) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            kwargs = {"logits_to_keep": keep} if trims else {}
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                           **kwargs).logits[:, -keep:]
-            for r, (i, full, n_prompt) in enumerate(batch):
-                n_cont = len(full) - n_prompt
-                pred = logits[r, keep - 1 - n_cont : keep - 1].float()
-                target = torch.tensor(full[n_prompt:], device=pred.device)
-                nll = torch.nn.functional.cross_entropy(pred, target, reduction="mean").item()
-                ppl = math.exp(nll) if nll < 700 else math.inf
-                if ppl >= max_perplexity:
-                    n_high += 1
-                else:
-                    values[i] = ppl
-            bar.advance(task, len(batch))
+    for (i, n), total in zip(items, sums):
+        nll = -total / n
+        ppl = math.exp(nll) if nll < 700 else math.inf
+        if ppl >= max_perplexity:
+            n_high += 1
+        else:
+            values[i] = ppl
     kept = [v for v in values if v is not None]
     return {"values": values, "summary": _summary(kept), "n_dropped_high": n_high, "n_no_tokens": n_no_tokens,
             "max_perplexity": max_perplexity}
