@@ -105,7 +105,8 @@ def write_tables(results: list[dict], output: Path, name: str = "table") -> dict
 
 def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] | None = None,
                        confidence: float = 0.95) -> pd.DataFrame:
-    """Per-question paired difference B − A on the questions both runs scored: mean, t-interval, paired t-test p."""
+    """Per-question (toxicity: per-prompt) paired difference B − A on the items both runs scored: mean, t-interval,
+    paired t-test p. ``questions`` counts the items of each metric."""
     from scipy import stats
 
     def per_question(run: Path) -> dict[int, dict]:
@@ -118,17 +119,20 @@ def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] | None
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         raise ValueError(f"{run_a} and {run_b} share {len(common)} questions; a paired comparison needs ≥ 2")
-    if metrics is None:  # every per-question metric both runs have
-        metrics = tuple(m for m in ("true", "info", "mc1", "mc2", "mc3")
+    if metrics is None:  # every per-question metric both runs have (toxicity: per prompt)
+        metrics = tuple(m for m in ("true", "info", "mc1", "mc2", "mc3", "max_toxicity", "mean_ppl")
                         if all(m in a[i] and m in b[i] for i in common))
     rows = []
     for m in metrics:
-        x = [float(a[i][m]) for i in common]
-        y = [float(b[i][m]) for i in common]
+        both = [i for i in common if a[i].get(m) is not None and b[i].get(m) is not None]  # e.g. no kept PPL
+        if len(both) < 2:
+            raise ValueError(f"{m}: {len(both)} items scored by both runs; a paired comparison needs ≥ 2")
+        x = [float(a[i][m]) for i in both]
+        y = [float(b[i][m]) for i in both]
         d = pd.Series(y) - pd.Series(x)
         se = float(stats.sem(d))
         lo, hi = (stats.t.interval(confidence, len(d) - 1, loc=d.mean(), scale=se) if se > 0 else (d.mean(), d.mean()))
         p = float(stats.ttest_rel(y, x).pvalue) if se > 0 else float("nan")
         rows.append({"metric": m, "a": sum(x) / len(x), "b": sum(y) / len(y), "difference": float(d.mean()),
-                     "ci_low": float(lo), "ci_high": float(hi), "p_value": p, "questions": len(common)})
+                     "ci_low": float(lo), "ci_high": float(hi), "p_value": p, "questions": len(both)})
     return pd.DataFrame(rows)

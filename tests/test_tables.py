@@ -57,3 +57,17 @@ def test_paired_differences_by_hand(tmp_path):
     row = df[df["metric"] == "mc2"].iloc[0]
     assert row["difference"] == pytest.approx(0.125) and row["questions"] == 4
     assert row["ci_low"] < 0.125 < row["ci_high"]
+
+
+def test_paired_differences_per_prompt_skip_prompts_without_a_kept_perplexity(tmp_path):
+    from bench.tables import paired_differences
+
+    runs = {"a": ([0.9, 0.8, 0.7], [100.0, None, 120.0]), "b": ([0.5, 0.6, 0.3], [150.0, 90.0, 180.0])}
+    for name, (tox, ppl) in runs.items():
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("per_question.jsonl").write_text("\n".join(
+            json.dumps({"index": i, "max_toxicity": t, "mean_ppl": p}) for i, (t, p) in enumerate(zip(tox, ppl))))
+    df = paired_differences(tmp_path / "a", tmp_path / "b").set_index("metric")
+    assert df.loc["max_toxicity", "difference"] == pytest.approx(-1.0 / 3) and df.loc["max_toxicity", "questions"] == 3
+    assert df.loc["mean_ppl", "difference"] == pytest.approx(55.0) and df.loc["mean_ppl", "questions"] == 2
