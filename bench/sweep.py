@@ -246,10 +246,14 @@ def _dropped_share(fold: dict) -> float:
     return counts["ppl_dropped_high"] / counts["samples"]
 
 
-def fluency_limits(baseline: dict, ratio: float) -> dict[int, dict]:
-    """Per fold: the largest admissible fluency perplexity (``ratio`` × the unintervened model's) and dropped share."""
+def _check_ratio(ratio: float) -> None:
     if ratio < 1:
         raise ValueError(f"the fluency ratio must be ≥ 1 (a multiple of the unintervened perplexity), got {ratio}")
+
+
+def fluency_limits(baseline: dict, ratio: float) -> dict[int, dict]:
+    """Per fold: the largest admissible fluency perplexity (``ratio`` × the unintervened model's) and dropped share."""
+    _check_ratio(ratio)
     return {f["fold"]: {"max_ppl": ratio * f["metrics"]["fluency_ppl"]["mean"],
                         "max_dropped_share": _dropped_share(f) + MAX_EXTRA_DROPPED} for f in baseline["folds"]}
 
@@ -273,8 +277,9 @@ def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = Non
 
     per_fold = {}
     for k in folds:
-        scores = [_fold(p, k)["metrics"][metric]["mean"] if eligible(p, k) else math.nan for p in points]
-        if limits is not None and not any(eligible(p, k) for p in points):
+        ok = [eligible(p, k) for p in points]
+        scores = [_fold(p, k)["metrics"][metric]["mean"] if e else math.nan for p, e in zip(points, ok)]
+        if not any(ok):
             ppl = {format_value(p["value"]): round(_fold(p, k)["metrics"]["fluency_ppl"]["mean"], 1) for p in points}
             raise ValueError(f"fold {k}: no grid value keeps fluency within the limit (perplexity ≤ "
                              f"{limits[k]['max_ppl']:.1f}, dropped share ≤ {limits[k]['max_dropped_share']:.3f}); "
@@ -317,7 +322,7 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
             raise ValueError("--max-fluency-ratio constrains toxicity sweeps (--task toxicity) only")
         if not baseline or base.method == "none":
             raise ValueError("--max-fluency-ratio compares with the unintervened model: keep --baseline and sweep a method")
-        fluency_limits({"folds": []}, max_fluency_ratio)  # validates the ratio before any run
+        _check_ratio(max_fluency_ratio)  # before any run
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     points = []
