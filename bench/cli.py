@@ -106,6 +106,7 @@ def run(
                "iti_k": iti_k, "iti_layer": iti_layer, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
                "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr}
     options = {k: v for k, v in options.items() if v is not None}
+    _check_method_flags(method, layer, {k for k, v in options.items() if k not in _SHARED_OPTIONS and v is not False})
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
@@ -124,6 +125,38 @@ def run(
     print(results_table([results], tuple(results["metrics"])))
     console.print(f"results: {results['run_dir']}/results.json  ({results['timings']['total_s']:.0f} s, "
                   f"peak memory {results['peak_memory_mb']:.0f} MB)")
+
+
+#: Options every method receives (the runner keeps each method's own); never an error to pass.
+_SHARED_OPTIONS = ("seed", "compile")
+#: Method option → its `bench run` flag, where the two names differ.
+_OPTION_FLAGS = {"batch_size": "--fit-batch-size"}
+
+
+def _flag(option: str) -> str:
+    return _OPTION_FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def _check_method_flags(method: str, layer: int | None, given: set[str]) -> None:
+    """Refuse flags the method would ignore: ``--layer`` for a method that picks its own layers or none, and
+    another method's hyper-parameters (say ``--rank`` with ``--method iti``)."""
+    from bench.interventions import METHODS, get_method
+
+    try:
+        m = get_method(method)
+    except ValueError as err:
+        _fail(str(err))
+    if layer is not None and not m.needs_layer:
+        hint = " ITI chooses heads across all layers; to restrict it to one layer use --iti-layer." \
+            if method == "iti" else ""
+        _fail(f"--layer does not apply to --method {method}: it does not act at one chosen layer.{hint} "
+              "Methods that take --layer: " + ", ".join(n for n, x in METHODS.items() if x.needs_layer))
+    foreign = sorted(given - set(m.options))
+    if foreign:
+        own = sorted(_flag(o) for o in m.options if o not in _SHARED_OPTIONS)
+        verb = "does" if len(foreign) == 1 else "do"
+        _fail(f"{', '.join(_flag(o) for o in foreign)} {verb} not apply to --method {method}; its own options: "
+              f"{', '.join(own) or 'none'}")
 
 
 def _judge_options(judge: str, base_url: str | None, model: str | None, info_model: str | None,

@@ -17,10 +17,10 @@ def _run(*args):
 
 
 def test_florain_and_none_runs_write_results(tiny_dir, tqa_dir, tmp_path):
-    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--layer", "1", "--limit", "12"]
+    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
     r_none = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
     assert r_none.exit_code == 0, r_none.output
-    r_fl = _run("--method", "florain", *common, "--epochs", "3", "--rank", "2", "--lam", "5", "--no-compile",
+    r_fl = _run("--method", "florain", *common, "--layer", "1", "--epochs", "3", "--rank", "2", "--lam", "5", "--no-compile",
                 "--output", str(tmp_path / "fl"))
     assert r_fl.exit_code == 0, r_fl.output
     res_none = json.loads((tmp_path / "none" / "results.json").read_text())
@@ -106,10 +106,11 @@ def test_layers_command_ranks_layers_by_probe_accuracy(tiny_dir, tqa_dir, tmp_pa
 
 @pytest.mark.parametrize("method", ["iti", "mean-shift", "caa", "lofit", "few-shot"])
 def test_every_baseline_runs_and_differs_from_none(method, tiny_dir, tqa_dir, tmp_path):
-    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--layer", "1", "--limit", "12"]
+    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
+    own = {"iti": ["--iti-k", "2", "--iti-alpha", "50"], "mean-shift": ["--layer", "1", "--shift-scale", "8"],
+           "caa": ["--layer", "1", "--caa-multiplier", "8"], "lofit": ["--lofit-lr", "0.1"], "few-shot": ["--shots", "3"]}
     r0 = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
-    r1 = _run("--method", method, *common, "--shots", "3", "--iti-k", "2", "--iti-alpha", "50",
-              "--caa-multiplier", "8", "--shift-scale", "8", "--lofit-lr", "0.1", "--output", str(tmp_path / method))
+    r1 = _run("--method", method, *common, *own[method], "--output", str(tmp_path / method))
     assert r0.exit_code == 0 and r1.exit_code == 0, r1.output
     a = json.loads((tmp_path / "none" / "results.json").read_text())["metrics"]["mc2"]["mean"]
     res = json.loads((tmp_path / method / "results.json").read_text())
@@ -180,7 +181,7 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     assert "reusing 2 saved generations" in r.text
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     steered = tmp_path / "iti"
-    r = _run("--method", "iti", "--layer", "1", "--iti-alpha", "50", *common, "--output", str(steered))
+    r = _run("--method", "iti", "--iti-alpha", "50", *common, "--output", str(steered))
     assert r.exit_code == 0, r.output
     assert json.loads((steered / "results.json").read_text())["metrics"]["kl"]["mean"] > 0
 
@@ -205,3 +206,18 @@ def test_eval_split_and_eval_fold_flags_select_the_questions(tiny_dir, tqa_dir, 
     assert res["metrics"]["mc2"]["n"] == len(make_folds(12, 2, 0.2, 42)[1].val)
     bad = _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--eval-split", "train")
     assert bad.exit_code == 2 and "valid: test, val" in bad.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "iti", "--layer", "1"], "--layer does not apply to --method iti"),
+    (["--method", "none", "--layer", "1"], "Methods that take --layer: florain, mean-shift, caa"),
+    (["--method", "iti", "--rank", "4"], "--rank does not apply to --method iti; its own options: --iti-alpha"),
+    (["--method", "florain", "--layer", "1", "--shots", "2", "--fit-batch-size", "8"],
+     "--shots does not apply to --method florain"),
+    (["--method", "caa", "--layer", "1", "--drop-identity"], "--drop-identity does not apply to --method caa"),
+])
+def test_flags_the_method_would_ignore_are_refused(args, message, tiny_dir, tqa_dir, tmp_path):
+    out = tmp_path / "run"
+    r = _run(*args, "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "4", "--output", str(out))
+    assert r.exit_code == 2 and message in r.text, r.output
+    assert not out.exists()

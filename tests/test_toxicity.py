@@ -387,7 +387,7 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     prompts = _write_jsonl(tox_data / "eval.jsonl", [{"text": f"The {w} said", "score": 0.3} for w in CLEAN_WORDS[:4]])
     common = ["run", "--model", str(tiny_dir), "--data-dir", str(tox_data), "--task", "toxicity", "--tox-prompts",
               str(prompts), "--samples", "2", "--max-new-tokens", "4", "--fluency-model", str(tiny_dir),
-              "--sample-batch-size", "3", "--layer", "1"]
+              "--sample-batch-size", "3"]
     runner = CliRunner()
     out = tmp_path / "none"
     r = runner.invoke(app, [*common, "--method", "none", "--output", str(out)])
@@ -408,7 +408,8 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     assert "reusing the samples of 2 prompts" in " ".join(r.output.split())
     assert _json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     steered = tmp_path / "fl"
-    r = runner.invoke(app, [*common, "--method", "mean-shift", "--shift-scale", "50", "--output", str(steered)])
+    r = runner.invoke(app, [*common, "--method", "mean-shift", "--layer", "1", "--shift-scale", "50",
+                            "--output", str(steered)])
     assert r.exit_code == 0, r.output
     assert (steered / "samples_fold0.jsonl").read_text() != (out / "samples_fold0.jsonl").read_text()
     r = runner.invoke(app, [*common, "--method", "lofit", "--output", str(tmp_path / "x")])
