@@ -8,7 +8,7 @@ function (saved config + tensors → edit module); the pure maths lives in ``flo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +120,11 @@ class Method:
     build: Callable[[dict, dict[str, torch.Tensor]], nn.Module]
     needs_layer: bool = True
     options: tuple[str, ...] = ()  # the hyper-parameter names it reads from the run's options
+    defaults: Mapping[str, object] = field(default_factory=dict)  # values of options that are not given
+
+    def effective_options(self, options: Mapping[str, object]) -> dict:
+        """The method's own options with its known defaults filled in (``--rank 32`` equals no ``--rank``)."""
+        return {k: v for k, v in {**self.defaults, **options}.items() if k in self.options}
 
 
 METHODS: dict[str, Method] = {}

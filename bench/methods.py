@@ -287,7 +287,8 @@ def _build_lofit(config: dict, tensors: dict[str, torch.Tensor]) -> HeadScaleBia
 register(Method("none", "no intervention (the unintervened model)", _fit_none, _build_none, needs_layer=False))
 register(Method("florain", "FLORAIN: per-question ellipsoids + low-rank nonlinear map on all heads of one layer",
                 _fit_florain, _build_florain,
-                options=(*(f.name for f in fields(FlorainConfig)), "drop_identity")))
+                options=(*(f.name for f in fields(FlorainConfig)), "drop_identity"),
+                defaults={**{f.name: f.default for f in fields(FlorainConfig)}, "drop_identity": False}))
 register(Method("iti", "ITI: α σ θ̂ mass-mean shift on the top-K probe heads", _fit_iti, _build_shift,
                 needs_layer=False, options=("iti_alpha", "iti_k", "iti_layer", "seed")))
 register(Method("mean-shift", "control: global μ⁺ − μ⁻ added at FLORAIN's site and layer", _fit_mean_shift,

@@ -191,9 +191,9 @@ def _same_run(res: dict, cfg: RunConfig) -> bool:
         default = f.default_factory() if callable(f.default_factory) else f.default
         if rc.get(f.name, default) != want:
             return False
-    own = set(get_method(cfg.method).options) - {"compile"}
-    mine = {k: v for k, v in cfg.options.items() if k in own}
-    return mine == {k: v for k, v in rc.get("options", {}).items() if k in own}
+    method = get_method(cfg.method)
+    mine, theirs = (method.effective_options(o) for o in (cfg.options, rc.get("options", {})))
+    return {k: v for k, v in mine.items() if k != "compile"} == {k: v for k, v in theirs.items() if k != "compile"}
 
 
 def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[str], None]) -> dict:

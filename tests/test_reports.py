@@ -412,3 +412,22 @@ def test_fluency_limited_choice_skips_values_that_wreck_fluency():
     no_counts = {**points[0], "folds": [{"fold": 0, "metrics": points[0]["metrics"]}]}
     with pytest.raises(ValueError, match="no sample counts"):
         choose([no_counts], "expected_max_toxicity", limits)
+
+
+def test_a_finished_run_is_reused_when_its_effective_options_match():
+    """`bench run` records drop_identity=False; a sweep or table-1 run that leaves it unset means the same."""
+    from dataclasses import asdict
+
+    from bench.runner import RunConfig
+    from bench.sweep import _same_run
+
+    recorded = RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
+                         options={"seed": 42, "compile": True, "drop_identity": False})
+    res = {"config": asdict(recorded)}
+    assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
+                                    options={"seed": 42, "compile": False}))
+    assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3, options={"rank": 32}))
+    assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3, options={"rank": 8}))
+    assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
+                                        options={"drop_identity": True}))
+    assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=4))
