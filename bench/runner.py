@@ -130,6 +130,7 @@ class _Run:
         self._windows = None
         self.kl_source: str | None = None
         self.tox_prompts: list = []
+        self.reused: list[str] = []  # files of an earlier process this run continued from (resume)
 
     def _options(self, backend: str, options: dict) -> dict:
         """Backend options; the ``embedded`` backends also get the run's data directory (to train on first use)."""
@@ -217,6 +218,7 @@ class _Run:
             info = json.loads(fit_file.read_text())
             iv = Intervention.from_pretrained(int_dir) if info["intervention"] else None
             self.echo(f"fold {k}: reusing the fitted {self.cfg.method} in {int_dir if iv else '(none)'}")
+            self.reused.append(fit_file.name)
             return iv, info["fit_s"], info["intervention"]
         t = time.perf_counter()
         iv = method.fit(ctx)
@@ -327,6 +329,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         fold_file = out / f"fold_{fold.fold}.json"
         if resume and fold_file.exists():
             echo(f"fold {fold.fold}: already done, reusing {fold_file}")
+            state.reused.append(fold_file.name)
             fold_results.append(json.loads(fold_file.read_text()))
             continue
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
@@ -339,6 +342,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             part_file = out / f"fold_{fold.fold}.{part}.json"
             if resume and part_file.exists():
                 results_parts[part] = json.loads(part_file.read_text())
+                state.reused.append(part_file.name)
                 timings[f"{part}_s"] = results_parts[part]["seconds"]
                 continue
             tp = time.perf_counter()
@@ -395,9 +399,12 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "environment": env,
         "metrics": combined,
         "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows")} for f in fold_results],
+        # total_s: this process's wall time; fit_s/eval_s: the work behind every number, summed over the
+        # processes of a resumed run (``reused`` lists what an earlier process had finished)
         "timings": {"total_s": time.perf_counter() - t0,
                     "fit_s": sum(f["timings"]["fit_s"] for f in fold_results),
-                    "eval_s": sum(f["timings"]["eval_s"] for f in fold_results)},
+                    "eval_s": sum(f["timings"]["eval_s"] for f in fold_results),
+                    "reused": state.reused},
         "peak_memory_mb": peak_memory_mb(),
     }
     with (out / ".per_question.jsonl.tmp").open("w") as fh:

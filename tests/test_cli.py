@@ -179,7 +179,11 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     r = _run("--method", "none", *common, "--output", str(out), "--resume")
     assert r.exit_code == 0, r.output
     assert "reusing 2 saved generations" in r.text
-    assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["metrics"] == res["metrics"]
+    assert res["timings"]["reused"] == [] and resumed["timings"]["reused"] == ["fold_0.json", "fold_1.fit.json",
+                                                                                "fold_1.mc.json"]
+    assert resumed["timings"]["fit_s"] == res["timings"]["fit_s"]  # the earlier process's work still counts
     steered = tmp_path / "iti"
     r = _run("--method", "iti", "--iti-alpha", "50", *common, "--output", str(steered))
     assert r.exit_code == 0, r.output
