@@ -178,6 +178,14 @@ def test_grid_errors(spec, kind, message):
         parse_values(spec, kind)
 
 
+def test_sweep_refuses_a_layer_the_method_would_ignore(tmp_path):
+    r = runner.invoke(app, ["sweep", "--method", "iti", "--param", "alpha", "--values", "5,10", "--layer", "18",
+                            "--output", str(tmp_path / "s")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--layer does not apply to --method iti" in text and "--set layer=N" in text
+    assert not (tmp_path / "s").exists()
+
+
 def test_sweep_parameters_map_to_options_and_errors_list_the_valid_ones():
     from bench.runner import RunConfig
     from bench.sweep import parse_assignments, resolve_param, with_param
