@@ -54,6 +54,7 @@ def run(
     iti_alpha: Optional[float] = typer.Option(None, help="ITI strength α (shift = α σ θ̂) [15, ITI paper]."),
     iti_k: Optional[int] = typer.Option(None, help="ITI number of heads K [48/1024 of all heads, at least 1]."),
     iti_layer: Optional[int] = typer.Option(None, help="ITI: choose the K heads within this layer only (a layer sweep of ITI) [all layers; K then defaults to 48/1024 of the layer's heads, at least 1]."),
+    iti_rank: Optional[str] = typer.Option(None, help="ITI: rank heads by validation probe accuracy (ITI) or auroc (for class-imbalanced fitting texts, where every probe predicts the majority and accuracies tie) [accuracy]."),
     caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean residual difference [1.0]."),
     shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
     shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),
@@ -103,7 +104,7 @@ def run(
     options = {"rank": rank, "alpha": alpha, "lam": lam, "lam_scale": lam_scale, "beta": beta,
                "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
                "seed": seed, "compile": compile, "drop_identity": drop_identity, "iti_alpha": iti_alpha,
-               "iti_k": iti_k, "iti_layer": iti_layer, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
+               "iti_k": iti_k, "iti_layer": iti_layer, "iti_rank": iti_rank, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
                "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr}
     options = {k: v for k, v in options.items() if v is not None}
     _check_method_flags(method, layer, {k for k, v in options.items() if k not in _SHARED_OPTIONS and v is not False})

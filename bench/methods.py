@@ -134,6 +134,7 @@ def _fit_iti(ctx: FitContext) -> Intervention:
 
     Option ``iti_layer``: rank only that layer's heads (ITI restricted to one layer, for layer sweeps); K then
     defaults to ITI's share of that layer's heads (48/1,024, at least 1), so the probes still select heads.
+    Option ``iti_rank``: rank by validation ``accuracy`` (ITI) or ``auroc`` (for class-imbalanced fitting data).
     """
     spec = ctx.lm.spec
     alpha = float(_opt(ctx, "iti_alpha", DEFAULT_ALPHA))
@@ -145,7 +146,8 @@ def _fit_iti(ctx: FitContext) -> Intervention:
     acts, labels, groups = ctx.activations(layers)
     tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
     seed = int(_opt(ctx, "seed", 42))
-    accs = np.stack([head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed)
+    rank_by = str(_opt(ctx, "iti_rank", "accuracy"))
+    accs = np.stack([head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed, rank_by)
                      for layer in layers])
     chosen = [(layers[row], h) for row, h in top_heads(accs, k)]
     fold_rows = tr | va
@@ -155,8 +157,8 @@ def _fit_iti(ctx: FitContext) -> Intervention:
         modules[layer] = AdditiveShift(iti_shift(acts[layer][fold_rows], labels[fold_rows], heads, alpha))
     return Intervention("iti", ctx.site, modules, {
         **_shape_config(acts[layers[0]], ctx), "alpha": alpha, "k": len(chosen), "heads_chosen": chosen,
-        "layer_restriction": None if only is None else int(only),
-        "probe_val_accuracy": [float(accs[layers.index(lay), h]) for lay, h in chosen]})
+        "layer_restriction": None if only is None else int(only), "probe_score": rank_by,
+        f"probe_val_{rank_by}": [float(accs[layers.index(lay), h]) for lay, h in chosen]})
 
 
 def _fit_mean_shift(ctx: FitContext) -> Intervention:
@@ -290,7 +292,7 @@ register(Method("florain", "FLORAIN: per-question ellipsoids + low-rank nonlinea
                 options=(*(f.name for f in fields(FlorainConfig)), "drop_identity"),
                 defaults={**{f.name: f.default for f in fields(FlorainConfig)}, "drop_identity": False}))
 register(Method("iti", "ITI: α σ θ̂ mass-mean shift on the top-K probe heads", _fit_iti, _build_shift,
-                needs_layer=False, options=("iti_alpha", "iti_k", "iti_layer", "seed")))
+                needs_layer=False, options=("iti_alpha", "iti_k", "iti_layer", "iti_rank", "seed")))
 register(Method("mean-shift", "control: global μ⁺ − μ⁻ added at FLORAIN's site and layer", _fit_mean_shift,
                 _build_shift, options=("shift_scale",)))
 register(Method("caa", "CAA: mean residual-stream difference added at one layer", _fit_caa, _build_shift,

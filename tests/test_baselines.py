@@ -75,6 +75,9 @@ def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_
     assert unrestricted.config["layer_restriction"] is None
     with pytest.raises(ValueError, match="layer"):
         get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 99})[0])
+    by_auc = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 1, "iti_k": 3, "iti_rank": "auroc"})[0])
+    assert by_auc.config["probe_score"] == "auroc" and len(by_auc.config["probe_val_auroc"]) == 3
+    assert all(0.0 <= a <= 1.0 for a in by_auc.config["probe_val_auroc"])
 
 
 def test_few_shot_prompts_never_contain_test_questions(tiny_llama, tqa_dir):
