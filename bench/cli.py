@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.cli_common import console
+from bench.cli_common import check_layer_flag, console
 from bench.cli_common import fail as _fail
 from bench.cli_reports import register_reports
 from bench.cli_toxicity import toxicity_app
@@ -108,6 +108,11 @@ def run(
                "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr}
     options = {k: v for k, v in options.items() if v is not None}
     _check_method_flags(method, layer, {k for k, v in options.items() if k not in _SHARED_OPTIONS and v is not False})
+    if iti_rank is not None:
+        from bench.probes import PROBE_SCORES
+
+        if iti_rank not in PROBE_SCORES:
+            _fail(f"--iti-rank {iti_rank!r} is not a probe score; valid: {', '.join(PROBE_SCORES)}")
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
@@ -141,17 +146,10 @@ def _flag(option: str) -> str:
 def _check_method_flags(method: str, layer: int | None, given: set[str]) -> None:
     """Refuse flags the method would ignore: ``--layer`` for a method that picks its own layers or none, and
     another method's hyper-parameters (say ``--rank`` with ``--method iti``)."""
-    from bench.interventions import METHODS, get_method
+    from bench.interventions import get_method
 
-    try:
-        m = get_method(method)
-    except ValueError as err:
-        _fail(str(err))
-    if layer is not None and not m.needs_layer:
-        hint = " ITI chooses heads across all layers; to restrict it to one layer use --iti-layer." \
-            if method == "iti" else ""
-        _fail(f"--layer does not apply to --method {method}: it does not act at one chosen layer.{hint} "
-              "Methods that take --layer: " + ", ".join(n for n, x in METHODS.items() if x.needs_layer))
+    check_layer_flag(method, layer, iti_hint="--iti-layer")
+    m = get_method(method)
     foreign = sorted(given - set(m.options))
     if foreign:
         own = sorted(_flag(o) for o in m.options if o not in _SHARED_OPTIONS)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli_common import console
+from bench.cli_common import check_layer_flag, console
 from bench.cli_common import fail as _fail
 
 
@@ -47,7 +47,6 @@ def sweep(
     """Run a grid of one parameter (each point: fitted per training fold, scored on the validation questions),
     choose per fold, evaluate the choice on the test folds; writes sweep.json, a table and the plot."""
     from bench.data.truthfulqa import DataNotFoundError
-    from bench.interventions import get_method
     from bench.models import ModelNotAvailableError
     from bench.paths import repo_root
     from bench.runner import RunConfig
@@ -58,9 +57,7 @@ def sweep(
         fixed_layer, options = parse_assignments(method, set_)
     except ValueError as err:
         _fail(str(err))
-    if layer is not None and not get_method(method).needs_layer:
-        hint = " To fix ITI's heads within one layer use --set layer=N." if method == "iti" else ""
-        _fail(f"--layer does not apply to --method {method}: it does not act at one chosen layer.{hint}")
+    check_layer_flag(method, layer, iti_hint="--set layer=N")
     options = {"seed": seed, "compile": compile, **options}
     cfg = RunConfig(method=method, model=model, task=task, layer=fixed_layer if fixed_layer is not None else layer,
                     site=site, folds=folds, seed=seed, limit=limit, options=options, max_new_tokens=max_new_tokens,

@@ -120,11 +120,13 @@ class Method:
     build: Callable[[dict, dict[str, torch.Tensor]], nn.Module]
     needs_layer: bool = True
     options: tuple[str, ...] = ()  # the hyper-parameter names it reads from the run's options
-    defaults: Mapping[str, object] = field(default_factory=dict)  # values of options that are not given
+    defaults: Mapping[str, object] = field(default_factory=dict, hash=False)  # values of options not given
 
     def effective_options(self, options: Mapping[str, object]) -> dict:
-        """The method's own options with its known defaults filled in (``--rank 32`` equals no ``--rank``)."""
-        return {k: v for k, v in {**self.defaults, **options}.items() if k in self.options}
+        """The method's own options with its known defaults filled in (``--rank 32`` equals no ``--rank``; a
+        ``None`` value means "not given", as in the fit functions)."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return {k: v for k, v in {**self.defaults, **given}.items() if k in self.options}
 
 
 METHODS: dict[str, Method] = {}

@@ -25,7 +25,7 @@ from bench.capture import capture, qa_text
 from bench.data.truthfulqa import Fold, Question
 from bench.interventions import Intervention, Method, register
 from bench.models import LoadedModel
-from bench.probes import head_probe_accuracies
+from bench.probes import PROBE_SCORES, head_probe_accuracies
 from bench.scoring import Encoded, encode
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
 
@@ -123,6 +123,15 @@ def _shape_config(acts: torch.Tensor, ctx: FitContext) -> dict:
             "data_checksum": ctx.data_checksum, "fold": ctx.fold.fold}
 
 
+#: Each method's fixed option defaults (model-dependent ones, such as ITI's K, are computed in its fit). The
+#: registry holds them too, so a run that states a default equals one that leaves it unset.
+ITI_DEFAULTS = {"iti_alpha": DEFAULT_ALPHA, "iti_rank": "accuracy", "seed": 42}
+SHIFT_DEFAULTS = {"shift_scale": 1.0}
+CAA_DEFAULTS = {"caa_multiplier": 1.0}
+FEW_SHOT_DEFAULTS = {"shots": DEFAULT_SHOTS}
+LOFIT_DEFAULTS = {"lofit_l1": LOFIT_L1, "lofit_lr": LOFIT_LR, "seed": 42}
+
+
 def _opt(ctx: FitContext, name: str, default):
     value = ctx.options.get(name)
     return default if value is None else value
@@ -137,7 +146,10 @@ def _fit_iti(ctx: FitContext) -> Intervention:
     Option ``iti_rank``: rank by validation ``accuracy`` (ITI) or ``auroc`` (for class-imbalanced fitting data).
     """
     spec = ctx.lm.spec
-    alpha = float(_opt(ctx, "iti_alpha", DEFAULT_ALPHA))
+    alpha = float(_opt(ctx, "iti_alpha", ITI_DEFAULTS["iti_alpha"]))
+    rank_by = str(_opt(ctx, "iti_rank", ITI_DEFAULTS["iti_rank"]))
+    if rank_by not in PROBE_SCORES:  # before the activation capture, not after it
+        raise ValueError(f"unknown ITI head ranking {rank_by!r}; valid: {', '.join(PROBE_SCORES)}")
     only = ctx.options.get("iti_layer")
     if only is not None:
         spec.check_layer(int(only))
@@ -145,8 +157,7 @@ def _fit_iti(ctx: FitContext) -> Intervention:
     k = int(_opt(ctx, "iti_k", default_k(len(layers), spec.n_heads)))
     acts, labels, groups = ctx.activations(layers)
     tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
-    seed = int(_opt(ctx, "seed", 42))
-    rank_by = str(_opt(ctx, "iti_rank", "accuracy"))
+    seed = int(_opt(ctx, "seed", ITI_DEFAULTS["seed"]))
     accs = np.stack([head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed, rank_by)
                      for layer in layers])
     chosen = [(layers[row], h) for row, h in top_heads(accs, k)]
@@ -163,7 +174,7 @@ def _fit_iti(ctx: FitContext) -> Intervention:
 
 def _fit_mean_shift(ctx: FitContext) -> Intervention:
     """The probe-free control: add scale × (μ⁺ − μ⁻) (training split, all heads) at FLORAIN's site and layer."""
-    scale = float(_opt(ctx, "shift_scale", 1.0))
+    scale = float(_opt(ctx, "shift_scale", SHIFT_DEFAULTS["shift_scale"]))
     acts, labels, groups = ctx.activations()
     tr = ctx.split(groups, "train")
     shift = scale * mean_difference(acts[ctx.layer][tr], labels[tr])
@@ -173,7 +184,7 @@ def _fit_mean_shift(ctx: FitContext) -> Intervention:
 
 def _fit_caa(ctx: FitContext) -> Intervention:
     """Contrastive Activation Addition: multiplier × mean residual-stream difference (training fold) at one layer."""
-    multiplier = float(_opt(ctx, "caa_multiplier", 1.0))
+    multiplier = float(_opt(ctx, "caa_multiplier", CAA_DEFAULTS["caa_multiplier"]))
     acts, labels, groups = ctx.activations(site="residual")
     rows = ctx.split(groups, "train") | ctx.split(groups, "val")
     shift = multiplier * mean_difference(acts[ctx.layer][rows], labels[rows])
@@ -183,7 +194,7 @@ def _fit_caa(ctx: FitContext) -> Intervention:
 
 def _fit_few_shot(ctx: FitContext) -> Intervention:
     """Prepend N question/best-answer pairs from the fold's training questions (never test questions)."""
-    shots = int(_opt(ctx, "shots", DEFAULT_SHOTS))
+    shots = int(_opt(ctx, "shots", FEW_SHOT_DEFAULTS["shots"]))
     train = [ctx.questions[i] for i in ctx.fold.train]
     prefix = few_shot_prefix([(q.question, q.best_answer) for q in train], shots)
     return Intervention("few-shot", ctx.site, {}, {"shots": shots, "heads": None, "head_dim": None,
@@ -246,10 +257,10 @@ def _fit_lofit(ctx: FitContext) -> Intervention:
     if ctx.site != "heads":
         raise ValueError("LoFiT edits attention-head outputs: use --site heads")
     k = int(_opt(ctx, "lofit_k", max(1, round(LOFIT_K_FRACTION * spec.n_layers * spec.n_heads))))
-    l1 = float(_opt(ctx, "lofit_l1", LOFIT_L1))
-    lr = float(_opt(ctx, "lofit_lr", LOFIT_LR))
+    l1 = float(_opt(ctx, "lofit_l1", LOFIT_DEFAULTS["lofit_l1"]))
+    lr = float(_opt(ctx, "lofit_lr", LOFIT_DEFAULTS["lofit_lr"]))
     epochs1, epochs2 = LOFIT_EPOCHS
-    seed = int(_opt(ctx, "seed", 42))
+    seed = int(_opt(ctx, "seed", LOFIT_DEFAULTS["seed"]))
     gen = torch.Generator().manual_seed(seed)
     rows = [encode(ctx.lm, f"Q: {ctx.questions[i].question}\nA: {a}", len(f"Q: {ctx.questions[i].question}\nA: "))
             for i in ctx.fold.train for a in ctx.questions[i].correct]  # tokenised once, reused every epoch
@@ -292,12 +303,12 @@ register(Method("florain", "FLORAIN: per-question ellipsoids + low-rank nonlinea
                 options=(*(f.name for f in fields(FlorainConfig)), "drop_identity"),
                 defaults={**{f.name: f.default for f in fields(FlorainConfig)}, "drop_identity": False}))
 register(Method("iti", "ITI: α σ θ̂ mass-mean shift on the top-K probe heads", _fit_iti, _build_shift,
-                needs_layer=False, options=("iti_alpha", "iti_k", "iti_layer", "iti_rank", "seed")))
+                needs_layer=False, options=("iti_alpha", "iti_k", "iti_layer", "iti_rank", "seed"), defaults=ITI_DEFAULTS))
 register(Method("mean-shift", "control: global μ⁺ − μ⁻ added at FLORAIN's site and layer", _fit_mean_shift,
-                _build_shift, options=("shift_scale",)))
+                _build_shift, options=("shift_scale",), defaults=SHIFT_DEFAULTS))
 register(Method("caa", "CAA: mean residual-stream difference added at one layer", _fit_caa, _build_shift,
-                options=("caa_multiplier",)))
+                options=("caa_multiplier",), defaults=CAA_DEFAULTS))
 register(Method("lofit", "LoFiT: learned per-head scaling (head selection) and bias offsets, LM loss",
-                _fit_lofit, _build_lofit, needs_layer=False, options=("lofit_k", "lofit_l1", "lofit_lr", "seed")))
+                _fit_lofit, _build_lofit, needs_layer=False, options=("lofit_k", "lofit_l1", "lofit_lr", "seed"), defaults=LOFIT_DEFAULTS))
 register(Method("few-shot", "few-shot prompting with training-fold questions", _fit_few_shot, _build_none,
-                needs_layer=False, options=("shots",)))
+                needs_layer=False, options=("shots",), defaults=FEW_SHOT_DEFAULTS))

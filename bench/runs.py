@@ -93,11 +93,15 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@functools.cache
 def git_commit() -> dict:
     """The repository's commit and whether tracked files differ from it, read once per process: the code this
     process loaded, even when later commits land while it runs (a long sweep records the same state for every
     point)."""
+    return dict(_git_state())
+
+
+@functools.cache
+def _git_state() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10).stdout.strip()
 

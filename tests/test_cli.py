@@ -219,6 +219,7 @@ def test_eval_split_and_eval_fold_flags_select_the_questions(tiny_dir, tqa_dir, 
     (["--method", "florain", "--layer", "1", "--shots", "2", "--fit-batch-size", "8"],
      "--shots does not apply to --method florain"),
     (["--method", "caa", "--layer", "1", "--drop-identity"], "--drop-identity does not apply to --method caa"),
+    (["--method", "iti", "--iti-rank", "AUROC"], "valid: accuracy, auroc"),
 ])
 def test_flags_the_method_would_ignore_are_refused(args, message, tiny_dir, tqa_dir, tmp_path):
     out = tmp_path / "run"

@@ -439,3 +439,8 @@ def test_a_finished_run_is_reused_when_its_effective_options_match():
     assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
                                         options={"drop_identity": True}))
     assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=4))
+    iti = {"config": asdict(RunConfig(method="iti", model="m", task="truthfulqa", options={"seed": 42}))}
+    assert _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa",
+                                    options={"iti_rank": "accuracy", "iti_alpha": 15.0, "iti_k": None}))
+    assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_rank": "auroc"}))
+    assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_k": 13}))

@@ -11,7 +11,7 @@ def test_the_git_state_is_read_once_per_process(monkeypatch):
 
     from bench import runs
 
-    runs.git_commit.cache_clear()
+    runs._git_state.cache_clear()
     first = runs.git_commit()
     real = subprocess.run
 
