@@ -16,7 +16,7 @@ from bench.cli_common import fail as _fail
 
 def sweep(
     method: str = typer.Option(..., help="Method: florain, iti, caa, mean-shift, lofit, few-shot."),
-    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer; caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
+    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer (and rank, accuracy or auroc, with --set only); caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
     values: str = typer.Option(..., help="Grid: numbers and inclusive ranges, e.g. 4-24, 4-24:2, 0.1,0.2,0.5, 0.5-2:0.5."),
     metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
     max_fluency_ratio: Optional[float] = typer.Option(None, help="Toxicity: choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's (and at most 1 point more continuations dropped for perplexity ≥ 1e4)."),

@@ -36,8 +36,9 @@ class Param:
 
     name: str
     target: str  # "layer" (RunConfig.layer) or a method option key
-    kind: type  # int or float
+    kind: type  # int or float; str: a choice, settable with --set but not swept (no numeric axis)
     label: str  # axis label, with units
+    choices: tuple[str, ...] = ()  # the valid values of a str parameter
 
 
 _LAYER = Param("layer", "layer", int, "layer (index)")
@@ -57,7 +58,8 @@ METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
     "florain": _FLORAIN,
     "iti": (Param("alpha", "iti_alpha", float, "ITI α (shift in σ units)"),
             Param("k", "iti_k", int, "ITI K (number of heads)"),
-            Param("layer", "iti_layer", int, "layer (index; ITI heads chosen within it)")),
+            Param("layer", "iti_layer", int, "layer (index; ITI heads chosen within it)"),
+            Param("rank", "iti_rank", str, "ITI head ranking", ("accuracy", "auroc"))),
     "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean residual difference)"),),
     "mean-shift": (Param("scale", "shift_scale", float, "mean-shift scale (× μ⁺ − μ⁻)"),),
     "few-shot": (Param("shots", "shots", int, "few-shot examples (questions)"),),
@@ -151,9 +153,14 @@ def parse_assignments(method: str, items: list[str]) -> tuple[int | None, dict]:
         if not sep:
             raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. epochs=300")
         p = resolve_param(method, name)
-        (value,) = parse_values(raw, p.kind) if raw.strip() else (None,)
-        if value is None:
+        if not raw.strip():
             raise ValueError(f"--set {item!r}: missing value")
+        if p.kind is str:
+            if raw.strip() not in p.choices:
+                raise ValueError(f"--set {item!r}: valid values of {p.name}: {', '.join(p.choices)}")
+            value = raw.strip()
+        else:
+            (value,) = parse_values(raw, p.kind)
         if p.target == "layer":
             layer = value
         else:
@@ -311,6 +318,9 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
     multiple of the unintervened model's on the same prompts (toxicity at matched fluency; needs the baseline).
     """
     p = resolve_param(base.method, param)
+    if p.kind is str:
+        raise ValueError(f"{p.name} is a choice ({', '.join(p.choices)}), not a number to sweep: fix it with "
+                         f"--set {p.name}=VALUE and sweep a numeric parameter")
     values = parse_values(values if isinstance(values, str) else ",".join(str(v) for v in values), p.kind)
     if not values:
         raise ValueError("the grid is empty")

@@ -188,19 +188,24 @@ def test_sweep_refuses_a_layer_the_method_would_ignore(tmp_path):
 
 def test_sweep_parameters_map_to_options_and_errors_list_the_valid_ones():
     from bench.runner import RunConfig
-    from bench.sweep import parse_assignments, resolve_param, with_param
+    from bench.sweep import parse_assignments, resolve_param, run_sweep, with_param
 
     assert resolve_param("iti", "alpha").target == "iti_alpha" and resolve_param("iti", "iti_k").name == "k"
     assert resolve_param("iti", "layer").target == "iti_layer"  # ITI's layer sweep restricts head selection
     assert resolve_param("florain", "lam-scale").target == "lam_scale"
     assert resolve_param("caa", "multiplier").target == "caa_multiplier"
     assert resolve_param("mean-shift", "scale").target == "shift_scale"
-    with pytest.raises(ValueError, match="valid: alpha, k, layer"):
-        resolve_param("iti", "rank")
+    with pytest.raises(ValueError, match="valid: alpha, k, layer, rank"):
+        resolve_param("iti", "lam")
     with pytest.raises(ValueError, match="valid: layer, rank, alpha, lam, lam_scale"):
         resolve_param("florain", "gamma")
     with pytest.raises(ValueError, match="known methods"):
         resolve_param("magic", "layer")
+    assert parse_assignments("iti", ["rank=auroc", "alpha=5"]) == (None, {"iti_rank": "auroc", "iti_alpha": 5.0})
+    with pytest.raises(ValueError, match="valid values of rank: accuracy, auroc"):
+        parse_assignments("iti", ["rank=f1"])
+    with pytest.raises(ValueError, match="not a number to sweep"):
+        run_sweep(RunConfig(method="iti"), "rank", "1,2", Path("unused"))
     base = RunConfig(method="florain", options={"epochs": 3})
     cfg = with_param(base, resolve_param("florain", "layer"), 7, eval_split="val")
     assert cfg.layer == 7 and cfg.eval_split == "val" and base.layer is None and base.eval_split == "test"
