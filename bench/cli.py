@@ -146,10 +146,7 @@ def _flag(option: str) -> str:
 def _check_method_flags(method: str, layer: int | None, given: set[str]) -> None:
     """Refuse flags the method would ignore: ``--layer`` for a method that picks its own layers or none, and
     another method's hyper-parameters (say ``--rank`` with ``--method iti``)."""
-    from bench.interventions import get_method
-
-    check_layer_flag(method, layer, iti_hint="--iti-layer")
-    m = get_method(method)
+    m = check_layer_flag(method, layer, iti_hint="--iti-layer")
     foreign = sorted(given - set(m.options))
     if foreign:
         own = sorted(_flag(o) for o in m.options if o not in _SHARED_OPTIONS)

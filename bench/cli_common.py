@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from bench.interventions import Method
 
 console = Console(stderr=True)
 
@@ -16,9 +19,9 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def check_layer_flag(method: str, layer: int | None, iti_hint: str) -> None:
-    """Refuse ``--layer`` for a method that does not act at one chosen layer (it would be ignored silently).
-    ``iti_hint``: how this command restricts ITI to one layer."""
+def check_layer_flag(method: str, layer: int | None, iti_hint: str) -> Method:
+    """The registered method; refuses ``--layer`` for one that does not act at one chosen layer (it would be
+    ignored silently). ``iti_hint``: how this command restricts ITI to one layer."""
     from bench.interventions import METHODS, get_method
 
     try:
@@ -30,3 +33,4 @@ def check_layer_flag(method: str, layer: int | None, iti_hint: str) -> None:
             if method == "iti" else ""
         fail(f"--layer does not apply to --method {method}: it does not act at one chosen layer.{hint} "
              "Methods that take --layer: " + ", ".join(n for n, x in METHODS.items() if x.needs_layer))
+    return m

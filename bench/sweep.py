@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench.metrics import higher_is_better, label
 from bench.metrics.generation import combine_product
+from bench.probes import PROBE_SCORES
 from bench.runner import RunConfig, run
 from bench.runs import combine_folds, now_iso, write_json
 
@@ -59,7 +60,7 @@ METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
     "iti": (Param("alpha", "iti_alpha", float, "ITI α (shift in σ units)"),
             Param("k", "iti_k", int, "ITI K (number of heads)"),
             Param("layer", "iti_layer", int, "layer (index; ITI heads chosen within it)"),
-            Param("rank", "iti_rank", str, "ITI head ranking", ("accuracy", "auroc"))),
+            Param("rank", "iti_rank", str, "ITI head ranking", PROBE_SCORES)),
     "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean residual difference)"),),
     "mean-shift": (Param("scale", "shift_scale", float, "mean-shift scale (× μ⁺ − μ⁻)"),),
     "few-shot": (Param("shots", "shots", int, "few-shot examples (questions)"),),
