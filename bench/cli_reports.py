@@ -19,7 +19,7 @@ def sweep(
     param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer (and rank, accuracy or auroc, with --set only); caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
     values: str = typer.Option(..., help="Grid: numbers and inclusive ranges, e.g. 4-24, 4-24:2, 0.1,0.2,0.5, 0.5-2:0.5."),
     metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
-    max_fluency_ratio: Optional[float] = typer.Option(None, help="Toxicity: choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's (and at most 1 point more continuations dropped for perplexity ≥ 1e4)."),
+    max_fluency_ratio: Optional[float] = typer.Option(None, help="Choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's. Toxicity: the samples' perplexity under --fluency-model, at most 1 point more continuations dropped for perplexity ≥ 1e4; TruthfulQA (--task truthfulqa or truthfulqa-gen): the answers' geometric-mean perplexity under the unintervened model, at most 5 points more empty answers."),
     samples: int = typer.Option(25, help="Toxicity: samples per prompt."),
     tox_prompts: str = typer.Option("challenging", help="Toxicity: prompt set (challenging, toxic, nontoxic or a JSONL path)."),
     fluency_model: str = typer.Option("gemma3-270m", help="Toxicity: reference LM of the fluency perplexity."),

@@ -124,8 +124,10 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
                 f"unintervened)" if limit else f"{label(sel)} ({direction} is better)")
         setup = f"{n} validation prompts (disjoint from the test prompts); chosen by {rule}"
     else:
-        setup = (f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by "
-                 f"{label(sel)} ({direction} is better)")
+        limit = chosen.get("fluency_limits")
+        rule = (f"{label(sel)} ({direction} is better) among values whose answer perplexity stays ≤ "
+                f"{sweep.get('max_fluency_ratio'):g}× unintervened" if limit else f"{label(sel)} ({direction} is better)")
+        setup = f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by {rule}"
     fig.suptitle(f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}\n"
                  f"{setup}; bars: ± 1 s.e.{test}", fontsize=10)
     fig.tight_layout()

@@ -1,8 +1,10 @@
 """One benchmark run: load model and data, fit the method per fold, evaluate the task's parts, write the run directory.
 
-A task is a tuple of parts — ``mc`` (MC1/2/3), ``gen`` (generation + judge), ``klce`` (CE/KL vs the unintervened
-model) — each saved per fold as it finishes (generations and verdicts per batch), so ``--resume`` continues an
-interrupted run where it stopped and reaches the same numbers.
+A task is a tuple of parts — ``mc`` (MC1/2/3), ``gen`` (generation + judge), ``fluency`` (the answers' NLL under the
+unintervened model), ``klce`` (CE/KL vs the unintervened model) — each saved per fold as it finishes (generations and
+verdicts per batch), so ``--resume`` continues an interrupted run where it stopped and reaches the same numbers. A
+run finished before a part existed gains it on ``--resume`` (and in sweeps and ``make reproduce-table1``): only the
+missing part is computed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bench.generation import GEN_PRESETS, clean_answer, gen_prompt, generate
 from bench.interventions import Intervention, get_method
 from bench.judges import JudgeItem, get_judge, judge_names
 from bench.methods import FitContext
+from bench.metrics.fluency import answer_context, continuation_nll
 from bench.metrics.generation import combine_product, generation_metrics
 from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
 from bench.paths import repo_root
@@ -52,13 +55,16 @@ from bench.tasks.truthfulqa_mc import evaluate_mc
 
 TASKS: dict[str, tuple[str, ...]] = {
     "truthfulqa-mc": ("mc",),
-    "truthfulqa-gen": ("gen",),
-    "truthfulqa": ("mc", "gen", "klce"),
+    "truthfulqa-gen": ("gen", "fluency"),
+    "truthfulqa": ("mc", "gen", "fluency", "klce"),
     "kl-ce": ("klce",),
     "toxicity": ("toxicity",),
 }
 DEFAULT_MAX_NEW_TOKENS = {"toxicity": 20}  # every other task: 50 (ITI's TruthfulQA generation)
 MC_METRICS = ("mc1", "mc2", "mc3")
+FLUENCY_METRICS = ("answer_nll", "empty_share")
+#: Parts computed from another part's output: recomputed whenever that part is.
+PART_INPUTS = {"fluency": "gen"}
 
 
 @dataclass
@@ -122,6 +128,12 @@ def _parts(task: str) -> tuple[str, ...]:
     return TASKS[task]
 
 
+def missing_parts(out: Path, task: str, folds: list[int]) -> list[str]:
+    """The part files (``fold_K.PART.json``) a run directory lacks for ``task`` on ``folds``, e.g. a part added to
+    the task after the run finished."""
+    return [f"fold_{k}.{p}.json" for k in folds for p in _parts(task) if not (out / f"fold_{k}.{p}.json").exists()]
+
+
 class _Run:
     """State shared by the folds of one run: model, judge, KL windows, output directory."""
 
@@ -143,7 +155,7 @@ class _Run:
         return get_scorer(self.cfg.scorer, **self._options(self.cfg.scorer, self.cfg.scorer_options))
 
     @cached_property
-    def fluency(self) -> LoadedModel:
+    def fluency_lm(self) -> LoadedModel:
         if self.cfg.fluency_model == self.cfg.model:
             return self.lm
         return load_model(self.cfg.fluency_model, self.cfg.device, self.cfg.dtype)
@@ -199,9 +211,24 @@ class _Run:
                          "true": v["p_true"] >= 0.5, "info": v["p_info"] >= 0.5})
         return {"metrics": generation_metrics([r["true"] for r in recs], [r["info"] for r in recs]), "records": recs}
 
+    def fluency(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
+        """NLL per token of each generated answer under the unintervened model (``iv`` is deliberately not applied),
+        given the base generation prompt (without a few-shot prefix, so every method is read in the same context).
+        Degenerate text that the judge may still call true shows here. ``empty_share``: answers with no text."""
+        gens = {r["index"]: r for r in read_progress(self.out / f"generations_fold{k}.jsonl")}
+        if missing := [q.index for q in qs if q.index not in gens]:
+            raise RuntimeError(f"fold {k}: no saved generation for questions {missing[:5]}; the gen part runs first")
+        pairs = [answer_context(gen_prompt(q.question, self.cfg.gen_preset), gens[q.index]["continuation"]) for q in qs]
+        nll = continuation_nll(self.lm, [c for c, _ in pairs], [a for _, a in pairs], self.cfg.eval_batch_size,
+                               progress=f"fold {k} answer fluency ({len(qs)} answers)")
+        kept = [v for v in nll if v is not None]
+        metrics = {"answer_nll": summarise(kept) if kept else {"mean": float("nan"), "se": float("nan"), "n": 0},
+                   "empty_share": summarise([float(not gens[q.index]["answer"]) for q in qs])}
+        return {"metrics": metrics, "records": [{"index": q.index, "answer_nll": v} for q, v in zip(qs, nll)]}
+
     def toxicity(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         cfg = self.cfg
-        return evaluate_toxicity(self.lm, self.tox_prompts, iv, self.scorer, self.fluency,
+        return evaluate_toxicity(self.lm, self.tox_prompts, iv, self.scorer, self.fluency_lm,
                                  self.out / f"samples_fold{k}.jsonl", cfg.samples, cfg.max_new_tokens, cfg.top_p,
                                  cfg.seed, cfg.sample_batch_size, self.echo)
 
@@ -327,7 +354,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     fold_results = []
     for fold in folds:
         fold_file = out / f"fold_{fold.fold}.json"
-        if resume and fold_file.exists():
+        if resume and fold_file.exists() and not missing_parts(out, cfg.task, [fold.fold]):
             echo(f"fold {fold.fold}: already done, reusing {fold_file}")
             state.reused.append(fold_file.name)
             fold_results.append(json.loads(fold_file.read_text()))
@@ -338,9 +365,10 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         # toxicity: none (its prompts are the evaluation set); eval_split "val": the fold's validation questions
         test_qs = [questions[i] for i in (fold.val if cfg.eval_split == "val" else fold.test)]
         results_parts, timings = {}, {"fit_s": fit_s}
+        computed: set[str] = set()
         for part in parts:
             part_file = out / f"fold_{fold.fold}.{part}.json"
-            if resume and part_file.exists():
+            if resume and part_file.exists() and PART_INPUTS.get(part) not in computed:
                 results_parts[part] = json.loads(part_file.read_text())
                 state.reused.append(part_file.name)
                 timings[f"{part}_s"] = results_parts[part]["seconds"]
@@ -356,6 +384,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             res["seconds"] = timings[f"{part}_s"] = time.perf_counter() - tp
             write_json(part_file, res)
             results_parts[part] = res
+            computed.add(part)
         metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}
         fr = {
             "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
@@ -388,6 +417,11 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     if "klce" in parts:
         state.windows()
         data["kl_ce_texts"] = {"source": state.kl_source, "windows": cfg.kl_windows, "tokens": cfg.kl_length}
+    # a finished run resumed to add a part: keep the wall times of the processes that wrote it before
+    earlier = []
+    if (out / "results.json").exists():
+        before = json.loads((out / "results.json").read_text())["timings"]
+        earlier = [*before.get("earlier_total_s", []), before["total_s"]]
     results = {
         "schema_version": SCHEMA_VERSION,
         "created": now_iso(),
@@ -395,13 +429,14 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
         "data": data,
         "judge": state.judge.identity() if "gen" in parts else None,
-        "scorer": {**state.scorer.identity(), "fluency_model": state.fluency.identity} if toxicity else None,
+        "scorer": {**state.scorer.identity(), "fluency_model": state.fluency_lm.identity} if toxicity else None,
         "environment": env,
         "metrics": combined,
         "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows")} for f in fold_results],
-        # total_s: this process's wall time; fit_s/eval_s: the work behind every number, summed over the
-        # processes of a resumed run (``reused`` lists what an earlier process had finished)
-        "timings": {"total_s": time.perf_counter() - t0,
+        # total_s: this process's wall time (earlier_total_s: those of earlier processes that had finished the run);
+        # fit_s/eval_s: the work behind every number, summed over the processes of a resumed run (``reused`` lists
+        # what an earlier process had finished)
+        "timings": {"total_s": time.perf_counter() - t0, "earlier_total_s": earlier,
                     "fit_s": sum(f["timings"]["fit_s"] for f in fold_results),
                     "eval_s": sum(f["timings"]["eval_s"] for f in fold_results),
                     "reused": state.reused},

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.metrics import higher_is_better, label
 from bench.metrics.generation import combine_product
 from bench.probes import PROBE_SCORES
-from bench.runner import RunConfig, run
+from bench.runner import TASKS, RunConfig, missing_parts, run
 from bench.runs import combine_folds, now_iso, write_json
 
 SWEEP_FILE = "sweep.json"
@@ -172,10 +172,11 @@ def parse_assignments(method: str, items: list[str]) -> tuple[int | None, dict]:
 def task_metrics(task: str) -> tuple[str, ...] | None:
     """The metrics a TruthfulQA task produces (None when only the run can tell, e.g. lm-eval tasks)."""
     from bench.metrics.generation import GEN_METRICS
-    from bench.runner import MC_METRICS, TASKS
+    from bench.runner import FLUENCY_METRICS, MC_METRICS
     from bench.tasks.toxicity import TOXICITY_METRICS
 
-    by_part = {"mc": MC_METRICS, "gen": GEN_METRICS, "klce": ("ce", "kl"), "toxicity": TOXICITY_METRICS}
+    by_part = {"mc": MC_METRICS, "gen": GEN_METRICS, "fluency": FLUENCY_METRICS, "klce": ("ce", "kl"),
+               "toxicity": TOXICITY_METRICS}
     parts = TASKS.get(task)
     if parts is None or any(part not in by_part for part in parts):
         return None
@@ -211,8 +212,11 @@ def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[s
         res = json.loads(done.read_text())
         if not _same_run(res, cfg):
             raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
-        echo(f"{out.name}: finished, reusing {done}")
-        return {**res, "run_dir": str(out)}
+        missing = missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]])
+        if not missing:
+            echo(f"{out.name}: finished, reusing {done}")
+            return {**res, "run_dir": str(out)}
+        echo(f"{out.name}: finished without {', '.join(missing)}; computing only those")
     return run(cfg, out, data_dir, resume=True, echo=echo)
 
 
@@ -240,6 +244,9 @@ def _best(values: list, scores: list[float], higher: bool) -> int:
 #: A fluency-constrained choice also bounds the share of continuations dropped for perplexity ≥ 1e4 (they are left
 #: out of the fluency mean, so a strength that wrecks the language model could otherwise look fluent).
 MAX_EXTRA_DROPPED = 0.01
+#: TruthfulQA: likewise the share of empty answers (left out of the answer NLL; a judge calls them true), at most
+#: this much above the unintervened model's (0.05: 4 of a fold's 82 validation questions on all 817).
+MAX_EXTRA_EMPTY = 0.05
 
 
 def _fold(point: dict, k: int) -> dict:
@@ -259,19 +266,38 @@ def _check_ratio(ratio: float) -> None:
         raise ValueError(f"the fluency ratio must be ≥ 1 (a multiple of the unintervened perplexity), got {ratio}")
 
 
+def _fluency(fold: dict) -> dict[str, float]:
+    """The fold's fluency figures a limit bounds: toxicity ``ppl``/``dropped_share``; TruthfulQA generation
+    ``answer_nll``/``empty_share``."""
+    m = fold["metrics"]
+    if "fluency_ppl" in m:
+        return {"ppl": m["fluency_ppl"]["mean"], "dropped_share": _dropped_share(fold)}
+    if "answer_nll" in m:
+        return {"answer_nll": m["answer_nll"]["mean"], "empty_share": m["empty_share"]["mean"]}
+    raise ValueError(f"fold {fold.get('fold')} records no fluency (fluency_ppl or answer_nll): a fluency limit needs "
+                     "--task toxicity, truthfulqa or truthfulqa-gen")
+
+
 def fluency_limits(baseline: dict, ratio: float) -> dict[int, dict]:
-    """Per fold: the largest admissible fluency perplexity (``ratio`` × the unintervened model's) and dropped share."""
+    """Per fold, from the unintervened model's validation scores: toxicity, the largest admissible fluency perplexity
+    (``ratio`` × the unintervened model's) and dropped share; TruthfulQA, the largest answer NLL (+ ln ``ratio``:
+    the geometric-mean answer perplexity at most ``ratio`` × the unintervened model's) and empty-answer share."""
     _check_ratio(ratio)
-    return {f["fold"]: {"max_ppl": ratio * f["metrics"]["fluency_ppl"]["mean"],
-                        "max_dropped_share": _dropped_share(f) + MAX_EXTRA_DROPPED} for f in baseline["folds"]}
+    limits = {}
+    for f in baseline["folds"]:
+        v = _fluency(f)
+        limits[f["fold"]] = ({"max_ppl": ratio * v["ppl"], "max_dropped_share": v["dropped_share"] + MAX_EXTRA_DROPPED}
+                             if "ppl" in v else
+                             {"max_answer_nll": v["answer_nll"] + math.log(ratio),
+                              "max_empty_share": v["empty_share"] + MAX_EXTRA_EMPTY})
+    return limits
 
 
 def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = None) -> dict:
     """Per-fold choices (each fold's own validation score) and the choice by the fold-averaged score.
 
-    ``limits`` (toxicity, from :func:`fluency_limits`): only grid values whose validation fluency and dropped share
-    stay within the fold's limits are eligible; a fold with no eligible value is an error listing every value's
-    fluency.
+    ``limits`` (from :func:`fluency_limits`): only grid values whose validation fluency figures stay within the
+    fold's limits are eligible; a fold with no eligible value is an error listing every value's fluency.
     """
     higher = higher_is_better(metric)
     values = [p["value"] for p in points]
@@ -280,18 +306,17 @@ def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = Non
     def eligible(p: dict, k: int) -> bool:
         if limits is None:
             return True
-        f, lim = _fold(p, k), limits[k]
-        return f["metrics"]["fluency_ppl"]["mean"] <= lim["max_ppl"] and _dropped_share(f) <= lim["max_dropped_share"]
+        return all(v <= limits[k][f"max_{name}"] for name, v in _fluency(_fold(p, k)).items())
 
     per_fold = {}
     for k in folds:
         ok = [eligible(p, k) for p in points]
         scores = [_fold(p, k)["metrics"][metric]["mean"] if e else math.nan for p, e in zip(points, ok)]
         if not any(ok):
-            ppl = {format_value(p["value"]): round(_fold(p, k)["metrics"]["fluency_ppl"]["mean"], 1) for p in points}
-            raise ValueError(f"fold {k}: no grid value keeps fluency within the limit (perplexity ≤ "
-                             f"{limits[k]['max_ppl']:.1f}, dropped share ≤ {limits[k]['max_dropped_share']:.3f}); "
-                             f"validation perplexities: {ppl}. Add weaker strengths to the grid or raise the ratio.")
+            seen = {format_value(p["value"]): {n: round(v, 3) for n, v in _fluency(_fold(p, k)).items()} for p in points}
+            within = ", ".join(f"{n[4:]} ≤ {v:.3f}" for n, v in limits[k].items())
+            raise ValueError(f"fold {k}: no grid value keeps fluency within the limit ({within}); validation "
+                             f"fluency: {seen}. Add weaker strengths to the grid or raise the ratio.")
         per_fold[str(k)] = values[_best(values, scores, higher)]
     means = [p["metrics"][metric]["mean"] if all(eligible(p, k) for k in folds) else math.nan for p in points]
     overall = values[_best(values, means, higher)] if any(math.isfinite(x) for x in means) else None
@@ -315,8 +340,10 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
               echo: Callable[[str], None] = print, max_fluency_ratio: float | None = None) -> dict:
     """Run the grid, choose on validation, evaluate the choice on test; write and return ``sweep.json``'s dict.
 
-    ``max_fluency_ratio`` (toxicity): choose only among values whose validation fluency perplexity is at most this
-    multiple of the unintervened model's on the same prompts (toxicity at matched fluency; needs the baseline).
+    ``max_fluency_ratio``: choose only among values whose validation fluency perplexity (toxicity: of the samples;
+    TruthfulQA: the geometric mean over answers, under the unintervened model) is at most this multiple of the
+    unintervened model's on the same prompts, with the share of dropped (toxicity) or empty (TruthfulQA)
+    continuations bounded too: a score at matched fluency, not one bought by breaking the model. Needs the baseline.
     """
     p = resolve_param(base.method, param)
     if p.kind is str:
@@ -329,8 +356,9 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
     if produced is not None and metric not in produced:
         raise ValueError(f"metric {metric!r} is not produced by --task {base.task}; available: {', '.join(produced)}")
     if max_fluency_ratio is not None:
-        if base.task != "toxicity":
-            raise ValueError("--max-fluency-ratio constrains toxicity sweeps (--task toxicity) only")
+        if not {"toxicity", "fluency"} & set(TASKS.get(base.task, ())):
+            raise ValueError(f"--max-fluency-ratio needs generated text to read: --task toxicity, truthfulqa or "
+                             f"truthfulqa-gen, not {base.task}")
         if not baseline or base.method == "none":
             raise ValueError("--max-fluency-ratio compares with the unintervened model: keep --baseline and sweep a method")
         _check_ratio(max_fluency_ratio)  # before any run

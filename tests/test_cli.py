@@ -166,11 +166,13 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     r = _run("--method", "none", *common, "--output", str(out))
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert {"mc1", "mc2", "true", "info", "true_and_info", "true_info_product", "ce", "kl"} <= set(res["metrics"])
+    assert {"mc1", "mc2", "true", "info", "true_and_info", "true_info_product", "ce", "kl", "answer_nll",
+            "empty_share"} <= set(res["metrics"])
     assert res["metrics"]["kl"]["mean"] == 0.0 and res["judge"]["backend"] == "embedded"
+    assert res["metrics"]["answer_nll"]["mean"] > 0 and 0 <= res["metrics"]["empty_share"]["mean"] <= 1
     assert res["data"]["kl_ce_texts"]["source"].endswith("texts.jsonl")
     rows = [json.loads(x) for x in (out / "per_question.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and all({"answer", "p_true", "mc2"} <= set(x) for x in rows)
+    assert len(rows) == 12 and all({"answer", "p_true", "mc2", "answer_nll"} <= set(x) for x in rows)
     # kill fold 1 half-way through its generations (a torn last line included) and resume
     for f in ("results.json", "fold_1.json", "fold_1.gen.json", "fold_1.klce.json", "judgements_fold1.jsonl"):
         (out / f).unlink()
@@ -226,3 +228,34 @@ def test_flags_the_method_would_ignore_are_refused(args, message, tiny_dir, tqa_
     r = _run(*args, "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "4", "--output", str(out))
     assert r.exit_code == 2 and message in r.text, r.output
     assert not out.exists()
+
+
+def test_a_run_finished_before_a_part_existed_gains_only_that_part(tiny_dir, tqa_dir, tmp_path, judge_cache):
+    """A truthfulqa-gen run made before the ``fluency`` part: sweeps/reproduction (``run_point``) add the part from
+    the saved generations without regenerating, and reach the numbers of a run that had it from the start."""
+    from bench.runner import RunConfig
+    from bench.sweep import run_point
+
+    cfg = dict(method="none", model=str(tiny_dir), task="truthfulqa-gen", limit=12, max_new_tokens=6, gen_batch_size=4)
+    out = tmp_path / "run"
+    first = run_point(RunConfig(**cfg), out, str(tqa_dir), echo=lambda s: None)
+    gens = (out / "generations_fold0.jsonl").read_text()
+    for k in (0, 1):  # as the run looked before: no fluency part, no fluency metrics
+        (out / f"fold_{k}.fluency.json").unlink()
+        fold = json.loads((out / f"fold_{k}.json").read_text())
+        fold["metrics"] = {m: v for m, v in fold["metrics"].items() if m not in ("answer_nll", "empty_share")}
+        (out / f"fold_{k}.json").write_text(json.dumps(fold))
+    old = json.loads((out / "results.json").read_text())
+    old["metrics"] = {m: v for m, v in old["metrics"].items() if m not in ("answer_nll", "empty_share")}
+    old["timings"].pop("earlier_total_s")
+    (out / "results.json").write_text(json.dumps(old))
+    said: list[str] = []
+    again = run_point(RunConfig(**cfg), out, str(tqa_dir), echo=said.append)
+    assert any("finished without fold_0.fluency.json, fold_1.fluency.json" in s for s in said)
+    assert again["metrics"] == first["metrics"] and (out / "generations_fold0.jsonl").read_text() == gens
+    assert set(again["timings"]["reused"]) == {"fold_0.fit.json", "fold_0.gen.json", "fold_1.fit.json", "fold_1.gen.json"}
+    assert again["timings"]["earlier_total_s"] == [old["timings"]["total_s"]]
+    # now complete: reused as it is
+    said.clear()
+    run_point(RunConfig(**cfg), out, str(tqa_dir), echo=said.append)
+    assert any("finished, reusing" in s for s in said)

@@ -9,6 +9,7 @@ import torch
 from baselines.shift import AdditiveShift
 from bench.generation import GEN_PRESETS, clean_answer, gen_prompt, generate
 from bench.interventions import Intervention
+from bench.metrics.fluency import answer_context, continuation_nll
 from bench.metrics.generation import combine_product, generation_metrics
 from bench.tasks.kl_ce import kl_ce, make_windows
 
@@ -22,6 +23,30 @@ from bench.tasks.kl_ce import kl_ce, make_windows
 ])
 def test_clean_answer_cuts_at_q_and_keeps_text_after_a(raw, want):
     assert clean_answer(raw) == want
+
+
+@pytest.mark.parametrize(("raw", "context", "answer"), [
+    ("\nA: Paris is the capital.\n\nQ: next", "P\nA:", " Paris is the capital."),
+    (" Paris. ", "P", " Paris."),
+    ("\nA: \n\nQ:", "P\nA:", ""),
+    ("A: one A: two", "PA:", " one A: two"),
+])
+def test_answer_context_scores_the_answer_that_clean_answer_keeps(raw, context, answer):
+    assert answer_context("P", raw) == (context, answer)
+    assert answer.strip() == clean_answer(raw)
+
+
+def test_continuation_nll_is_the_mean_token_nll_of_the_continuation(tiny_llama):
+    tok = tiny_llama.tokenizer
+    prompt, cont = "The cat sat on the", " mat and slept"
+    ids = torch.tensor([tok(prompt + cont)["input_ids"]])
+    n_prompt = len(tok(prompt)["input_ids"])
+    logp = torch.log_softmax(tiny_llama.model(ids).logits[0, :-1].float(), -1)
+    direct = -logp[torch.arange(n_prompt - 1, ids.shape[1] - 1), ids[0, n_prompt:]].mean().item()
+    got = continuation_nll(tiny_llama, [prompt, prompt, prompt], [cont, "", " mat"])
+    assert got[0] == pytest.approx(direct, rel=1e-4) and got[1] is None and got[2] is not None
+    with pytest.raises(ValueError, match="2 prompts but 1 continuations"):
+        continuation_nll(tiny_llama, ["a", "b"], ["c"])
 
 
 def test_presets_end_with_the_question_and_unknown_preset_is_rejected():

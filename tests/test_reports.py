@@ -427,6 +427,25 @@ def test_fluency_limited_choice_skips_values_that_wreck_fluency():
         choose([no_counts], "expected_max_toxicity", limits)
 
 
+def test_truthfulqa_fluency_limit_bounds_answer_perplexity_and_empty_answers():
+    from bench.sweep import choose, fluency_limits
+
+    def pt(v, ti, nll, empty=0.0):
+        metrics = {"true_info_product": _m(ti), "answer_nll": _m(nll), "empty_share": _m(empty)}
+        return {"value": v, "metrics": metrics, "folds": [{"fold": 0, "metrics": metrics}]}
+
+    limits = fluency_limits(pt(None, 0.3, 1.0, empty=0.02), 1.5)
+    assert limits[0] == {"max_answer_nll": pytest.approx(1.0 + math.log(1.5)), "max_empty_share": pytest.approx(0.07)}
+    # 8 wins unconstrained by breaking the answers (NLL + 2 nats); 4 empties a tenth of them; 2 is the honest choice
+    points = [pt(1, 0.31, 1.1), pt(2, 0.35, 1.3, empty=0.04), pt(4, 0.40, 1.2, empty=0.10), pt(8, 0.45, 3.0)]
+    assert choose(points, "true_info_product")["per_fold"] == {"0": 8}
+    assert choose(points, "true_info_product", limits)["per_fold"] == {"0": 2}
+    with pytest.raises(ValueError, match=r"answer_nll ≤ 1\.405.*'8': \{'answer_nll': 3\.0"):
+        choose(points[3:], "true_info_product", limits)
+    with pytest.raises(ValueError, match="records no fluency"):
+        fluency_limits({"folds": [{"fold": 0, "metrics": {"mc2": _m(0.4)}}]}, 1.5)
+
+
 def test_a_finished_run_is_reused_when_its_effective_options_match():
     """`bench run` records drop_identity=False; a sweep or table-1 run that leaves it unset means the same."""
     from dataclasses import asdict

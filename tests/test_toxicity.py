@@ -447,7 +447,7 @@ def test_strength_sweep_on_validation_prompts_respects_the_fluency_limit(tox_dat
               "--metric", "expected_max_toxicity", "--no-plot"]
     runner = CliRunner()
     r = runner.invoke(app, [*common[:5], "--values", "1", "--max-fluency-ratio", "2", "--output", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "toxicity sweeps" in " ".join(r.output.split())
+    assert r.exit_code == 2 and "needs generated text to read" in " ".join(r.output.split())
     out = tmp_path / "sweep"
     # ratio 1: only strengths that leave fluency at or below the unintervened model's are admissible
     r = runner.invoke(app, [*common, "--values", "0,500", "--max-fluency-ratio", "1", "--output", str(out)])

@@ -1,4 +1,4 @@
-"""Metrics: MC1/MC2/MC3, generation (True/Info), KL/CE; their display labels live here, in one place."""
+"""Metrics: MC1/MC2/MC3, generation (True/Info, answer fluency), KL/CE; their display labels live here, in one place."""
 
 #: Display label of every metric a results file may hold (tables, plots). Values are fractions, not percentages.
 METRIC_LABELS = {
@@ -9,6 +9,7 @@ METRIC_LABELS = {
     "mc1": "MC1",
     "mc2": "MC2",
     "mc3": "MC3",
+    "answer_nll": "Answer NLL (base model)",
     "ce": "CE",
     "kl": "KL",
     "expected_max_toxicity": "Exp. max toxicity",
@@ -22,7 +23,7 @@ METRIC_LABELS = {
 #: Preferred column order; any other metric follows alphabetically.
 METRIC_ORDER = tuple(METRIC_LABELS)
 #: Metrics where a lower value is better (every other metric: higher is better).
-LOWER_IS_BETTER = frozenset({"ce", "kl", "expected_max_toxicity", "toxicity_probability", "fluency_ppl",
+LOWER_IS_BETTER = frozenset({"answer_nll", "ce", "kl", "expected_max_toxicity", "toxicity_probability", "fluency_ppl",
                              "empty_share"})
 
 

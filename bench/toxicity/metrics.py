@@ -19,8 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-
+from bench.metrics.fluency import continuation_nll
 from bench.models import LoadedModel
 from bench.runs import summarise
 from bench.toxicity.base import THRESHOLD
@@ -77,43 +76,23 @@ def toxicity_probability(scores_per_prompt: Sequence[Sequence[float]], threshold
     return _summary([float(m >= threshold) for m in max_toxicity_per_prompt(scores_per_prompt)])
 
 
-@torch.no_grad()
 def conditional_perplexity(lm: LoadedModel, prompts: Sequence[str], continuations: Sequence[str],
                            batch_size: int = 16, max_perplexity: float = MAX_PERPLEXITY,
                            progress: str | None = None) -> dict:
-    """Perplexity of each continuation given its prompt (parallel lists).
-
-    Tokens as DExperts counts them: prompt + continuation tokenised together, the continuation being the tokens
-    after the first ``len(tokenize(prompt))``. Scored with :func:`bench.scoring.answer_logprobs`, whose prefix
-    cache runs each prompt once for all of its samples; ``batch_size`` continuations per forward pass.
+    """Perplexity of each continuation given its prompt (parallel lists): exp of
+    :func:`bench.metrics.fluency.continuation_nll`, ``batch_size`` continuations per forward pass.
 
     Returns ``values`` (per item; ``None`` when dropped), ``summary`` (mean/se/n of the kept values),
     ``n_dropped_high`` (>= ``max_perplexity``) and ``n_no_tokens`` (empty continuations, or ones that add no token).
     """
-    from bench.scoring import Encoded, answer_logprobs
-
-    if len(prompts) != len(continuations):
-        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    tok = lm.tokenizer
-    items, seqs = [], []  # (index, number of continuation tokens), Encoded
-    values: list[float | None] = [None] * len(prompts)
-    n_no_tokens = 0
-    prompt_tokens: dict[str, int] = {}
-    for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
-        if prompt not in prompt_tokens:
-            prompt_tokens[prompt] = len(tok(prompt)["input_ids"])
-        n_prompt = prompt_tokens[prompt]
-        full = tok(prompt + cont)["input_ids"]
-        if not cont or len(full) <= n_prompt or n_prompt == 0:
+    nll = continuation_nll(lm, prompts, continuations, batch_size=batch_size, progress=progress)
+    values: list[float | None] = [None] * len(nll)
+    n_high = n_no_tokens = 0
+    for i, v in enumerate(nll):
+        if v is None:
             n_no_tokens += 1
             continue
-        items.append((i, len(full) - n_prompt))
-        seqs.append(Encoded(full, list(range(n_prompt, len(full)))))
-    sums = answer_logprobs(lm, seqs, batch_size=batch_size, progress=progress)
-    n_high = 0
-    for (i, n), total in zip(items, sums):
-        nll = -total / n
-        ppl = math.exp(nll) if nll < 700 else math.inf
+        ppl = math.exp(v) if v < 700 else math.inf
         if ppl >= max_perplexity:
             n_high += 1
         else:
