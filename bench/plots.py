@@ -25,11 +25,11 @@ from bench.metrics import higher_is_better, label, ordered  # noqa: E402
 plt.rcParams.update({"svg.fonttype": "none", "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
 
 #: Unit of each metric's values on an axis (any other metric: a fraction of questions/answers).
-METRIC_UNITS = {"ce": "nats/token", "kl": "nats/token", "fluency_ppl": "perplexity",
+METRIC_UNITS = {"ce": "nats/token", "kl": "nats/token", "answer_nll": "nats/token", "fluency_ppl": "perplexity",
                 "expected_max_toxicity": "score 0–1", "toxicity_probability": "fraction of prompts"}
 #: Metrics drawn by default in a sweep plot (with the selection metric), grouped into panels by unit.
-SWEEP_METRICS = ("mc1", "mc2", "true", "info", "true_info_product", "ce", "kl", "expected_max_toxicity",
-                 "fluency_ppl")
+SWEEP_METRICS = ("mc1", "mc2", "true", "info", "true_info_product", "empty_share", "ce", "kl", "answer_nll",
+                 "expected_max_toxicity", "fluency_ppl")
 
 
 def unit(metric: str) -> str:
@@ -124,9 +124,12 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
                 f"unintervened)" if limit else f"{label(sel)} ({direction} is better)")
         setup = f"{n} validation prompts (disjoint from the test prompts); chosen by {rule}"
     else:
+        from bench.sweep import MAX_EXTRA_EMPTY
+
         limit = chosen.get("fluency_limits")
-        rule = (f"{label(sel)} ({direction} is better) among values whose answer perplexity stays ≤ "
-                f"{sweep.get('max_fluency_ratio'):g}× unintervened" if limit else f"{label(sel)} ({direction} is better)")
+        rule = (f"{label(sel)} ({direction} is better) among values with answer perplexity ≤ "
+                f"{sweep.get('max_fluency_ratio'):g}× unintervened and ≤ {MAX_EXTRA_EMPTY:g} more empty answers"
+                if limit else f"{label(sel)} ({direction} is better)")
         setup = f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by {rule}"
     fig.suptitle(f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}\n"
                  f"{setup}; bars: ± 1 s.e.{test}", fontsize=10)

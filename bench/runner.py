@@ -23,7 +23,7 @@ from bench.interventions import Intervention, get_method
 from bench.judges import JudgeItem, get_judge, judge_names
 from bench.methods import FitContext
 from bench.metrics.fluency import answer_context, continuation_nll
-from bench.metrics.generation import combine_product, generation_metrics
+from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
 from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
 from bench.paths import repo_root
 from bench.report import results_table
@@ -46,6 +46,7 @@ from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
 from bench.tasks.toxicity import (
     STEER_SOURCES,
     TOXICITY_METHODS,
+    TOXICITY_METRICS,
     evaluate_toxicity,
     evaluation_prompts,
     steering_fold,
@@ -63,6 +64,9 @@ TASKS: dict[str, tuple[str, ...]] = {
 DEFAULT_MAX_NEW_TOKENS = {"toxicity": 20}  # every other task: 50 (ITI's TruthfulQA generation)
 MC_METRICS = ("mc1", "mc2", "mc3")
 FLUENCY_METRICS = ("answer_nll", "empty_share")
+#: The metrics each part adds to a fold (``lm-eval``: whatever the lm-eval tasks report).
+PART_METRICS = {"mc": MC_METRICS, "gen": GEN_METRICS, "fluency": FLUENCY_METRICS, "klce": ("ce", "kl"),
+                "toxicity": TOXICITY_METRICS}
 #: Parts computed from another part's output: recomputed whenever that part is.
 PART_INPUTS = {"fluency": "gen"}
 
@@ -129,9 +133,16 @@ def _parts(task: str) -> tuple[str, ...]:
 
 
 def missing_parts(out: Path, task: str, folds: list[int]) -> list[str]:
-    """The part files (``fold_K.PART.json``) a run directory lacks for ``task`` on ``folds``, e.g. a part added to
-    the task after the run finished."""
-    return [f"fold_{k}.{p}.json" for k in folds for p in _parts(task) if not (out / f"fold_{k}.{p}.json").exists()]
+    """The parts (as ``fold_K.PART``) whose metrics the fold files of a run directory lack for ``task`` on ``folds``:
+    a fold not finished, or a part added to the task after the run finished. A finished fold counts by its metrics,
+    not its part files, so runs written before part files existed stay complete."""
+    missing = []
+    for k in folds:
+        f = out / f"fold_{k}.json"
+        have = set(json.loads(f.read_text())["metrics"]) if f.exists() else None
+        missing += [f"fold_{k}.{p}" for p in _parts(task)
+                    if have is None or not set(PART_METRICS.get(p, ())) <= have]
+    return missing
 
 
 class _Run:
@@ -215,16 +226,20 @@ class _Run:
         """NLL per token of each generated answer under the unintervened model (``iv`` is deliberately not applied),
         given the base generation prompt (without a few-shot prefix, so every method is read in the same context).
         Degenerate text that the judge may still call true shows here. ``empty_share``: answers with no text."""
-        gens = {r["index"]: r for r in read_progress(self.out / f"generations_fold{k}.jsonl")}
+        gen_file = self.out / f"generations_fold{k}.jsonl"
+        gens = {r["index"]: r for r in read_progress(gen_file)}
         if missing := [q.index for q in qs if q.index not in gens]:
-            raise RuntimeError(f"fold {k}: no saved generation for questions {missing[:5]}; the gen part runs first")
+            raise RuntimeError(f"fold {k}: {gen_file} lacks the answers to {len(missing)} questions (e.g. {missing[:5]}); "
+                               f"remove fold_{k}.gen.json and resume to generate them again")
         pairs = [answer_context(gen_prompt(q.question, self.cfg.gen_preset), gens[q.index]["continuation"]) for q in qs]
         nll = continuation_nll(self.lm, [c for c, _ in pairs], [a for _, a in pairs], self.cfg.eval_batch_size,
                                progress=f"fold {k} answer fluency ({len(qs)} answers)")
         kept = [v for v in nll if v is not None]
         metrics = {"answer_nll": summarise(kept) if kept else {"mean": float("nan"), "se": float("nan"), "n": 0},
                    "empty_share": summarise([float(not gens[q.index]["answer"]) for q in qs])}
-        return {"metrics": metrics, "records": [{"index": q.index, "answer_nll": v} for q, v in zip(qs, nll)]}
+        return {"metrics": metrics, "records": [{"index": q.index, "answer_nll": v,
+                                                 "empty_share": float(not gens[q.index]["answer"])}
+                                                for q, v in zip(qs, nll)]}
 
     def toxicity(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         cfg = self.cfg

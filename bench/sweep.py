@@ -171,16 +171,12 @@ def parse_assignments(method: str, items: list[str]) -> tuple[int | None, dict]:
 
 def task_metrics(task: str) -> tuple[str, ...] | None:
     """The metrics a TruthfulQA task produces (None when only the run can tell, e.g. lm-eval tasks)."""
-    from bench.metrics.generation import GEN_METRICS
-    from bench.runner import FLUENCY_METRICS, MC_METRICS
-    from bench.tasks.toxicity import TOXICITY_METRICS
+    from bench.runner import PART_METRICS
 
-    by_part = {"mc": MC_METRICS, "gen": GEN_METRICS, "fluency": FLUENCY_METRICS, "klce": ("ce", "kl"),
-               "toxicity": TOXICITY_METRICS}
     parts = TASKS.get(task)
-    if parts is None or any(part not in by_part for part in parts):
+    if parts is None or any(part not in PART_METRICS for part in parts):
         return None
-    return tuple(m for part in parts for m in by_part[part])
+    return tuple(m for part in parts for m in PART_METRICS[part])
 
 
 def _same_run(res: dict, cfg: RunConfig) -> bool:

@@ -120,7 +120,8 @@ def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] | None
     if len(common) < 2:
         raise ValueError(f"{run_a} and {run_b} share {len(common)} questions; a paired comparison needs ≥ 2")
     if metrics is None:  # every per-question metric both runs have (toxicity: per prompt)
-        metrics = tuple(m for m in ("true", "info", "mc1", "mc2", "mc3", "answer_nll", "max_toxicity", "mean_ppl")
+        metrics = tuple(m for m in ("true", "info", "mc1", "mc2", "mc3", "answer_nll", "empty_share", "max_toxicity",
+                                  "mean_ppl")
                         if all(m in a[i] and m in b[i] for i in common))
     rows = []
     for m in metrics:
