@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -122,6 +122,14 @@ def _identity_config(cfg: RunConfig) -> dict:
         if d[name] == default:
             d.pop(name)
     return d
+
+
+def _same_identity(recorded: dict, ident: dict) -> bool:
+    """Whether a run directory's recorded identity is ``ident``; a field either side lacks counts as its default
+    (runs recorded before a field existed, or with a later field left out at its default)."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(RunConfig)}
+    return all(recorded.get(k, defaults.get(k)) == ident.get(k, defaults.get(k)) for k in set(recorded) | set(ident))
 
 
 def _parts(task: str) -> tuple[str, ...]:
@@ -349,7 +357,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     marker = out / "run_config.json"
     if out.exists() and (out / "results.json").exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; choose another --output or pass --resume")
-    if marker.exists() and config_hash(json.loads(marker.read_text()).get("config", {})) != config_hash(ident):
+    if marker.exists() and not _same_identity(json.loads(marker.read_text()).get("config", {}), ident):
         raise ValueError(f"cannot {'resume' if resume else 'reuse'} {out}: it was started with a different "
                          "configuration (see its run_config.json); choose another --output")
     if marker.exists() and not resume:

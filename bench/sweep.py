@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bench.metrics import higher_is_better, label
@@ -213,6 +213,9 @@ def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[s
             echo(f"{out.name}: finished, reusing {done}")
             return {**res, "run_dir": str(out)}
         echo(f"{out.name}: finished without {', '.join(missing)}; computing only those")
+        # as the run recorded itself: ``cfg`` may differ in what _same_run ignores (e.g. options at their defaults)
+        known = {f.name for f in fields(RunConfig)}
+        cfg = RunConfig(**{k: v for k, v in res["config"].items() if k in known})
     return run(cfg, out, data_dir, resume=True, echo=echo)
 
 

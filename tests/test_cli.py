@@ -248,9 +248,16 @@ def test_a_run_finished_before_a_part_existed_gains_only_that_part(tiny_dir, tqa
     old = json.loads((out / "results.json").read_text())
     old["metrics"] = {m: v for m, v in old["metrics"].items() if m not in ("answer_nll", "empty_share")}
     old["timings"].pop("earlier_total_s")
+    # recorded before the toxicity fields existed (their defaults then are the run's settings)
+    later = ("fluency_model", "samples", "top_p", "scorer", "scorer_options", "steer_data", "tox_prompts")
+    old["config"] = {k: v for k, v in old["config"].items() if k not in later}
     (out / "results.json").write_text(json.dumps(old))
+    marker = json.loads((out / "run_config.json").read_text())
+    marker["config"] = {k: v for k, v in marker["config"].items() if k not in later}
+    (out / "run_config.json").write_text(json.dumps(marker))
     said: list[str] = []
-    again = run_point(RunConfig(**cfg), out, str(tqa_dir), echo=said.append)
+    # options the run left at their defaults and the caller spells out (as make reproduce-table1 does) are the same run
+    again = run_point(RunConfig(**cfg, options={"seed": 42, "compile": True}), out, str(tqa_dir), echo=said.append)
     assert any("finished without fold_0.fluency, fold_1.fluency" in s for s in said)
     assert again["metrics"] == first["metrics"] and (out / "generations_fold0.jsonl").read_text() == gens
     assert set(again["timings"]["reused"]) == {"fold_0.fit.json", "fold_0.gen.json", "fold_1.fit.json", "fold_1.gen.json"}
@@ -260,3 +267,8 @@ def test_a_run_finished_before_a_part_existed_gains_only_that_part(tiny_dir, tqa
     said.clear()
     run_point(RunConfig(**cfg), out, str(tqa_dir), echo=said.append)
     assert any("finished, reusing" in s for s in said)
+    # a run directory started with other settings is never resumed into
+    from bench.runner import run
+
+    with pytest.raises(ValueError, match="started with a different configuration"):
+        run(RunConfig(**{**cfg, "max_new_tokens": 7}), out, str(tqa_dir), resume=True, echo=lambda s: None)
