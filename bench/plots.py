@@ -12,6 +12,7 @@ Every function takes data (dicts) and an output stem, and returns the files it w
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -87,6 +88,11 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
             if "baseline" in sweep and m in sweep["baseline"]["metrics"]:
                 ax.axhline(sweep["baseline"]["metrics"][m]["mean"], ls="--", lw=1, color=c, alpha=0.8,
                            label=f"{label(m)}, none (unintervened)", gid=f"baseline-{m}")
+            limits = chosen.get("fluency_limits") or {}
+            if m == "answer_nll" and limits:  # the admissible ceiling (fold mean of the per-fold limits)
+                ceiling = sum(lim["max_answer_nll"] for lim in limits.values()) / len(limits)
+                ax.axhline(ceiling, ls=":", lw=1.5, color="black", gid="limit-answer_nll",
+                           label=f"fluency limit ({sweep.get('max_fluency_ratio'):g}× unintervened perplexity)")
             if m == sel:
                 for v in per_fold:
                     y = points[xs.index(v)]["metrics"][m]["mean"]
@@ -100,7 +106,7 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
                             gid=f"test-{m}")
         for v in per_fold:
             ax.axvline(v, color="grey", ls=":", lw=1.2)
-        ax.set_ylabel(", ".join(label(m) for m in ms) + f" ({u})")
+        ax.set_ylabel(textwrap.fill(", ".join(label(m) for m in ms) + f" ({u})", 45))
         ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     ax = axes[-1, 0]
     ax.set_xlabel(sweep.get("param_label") or sweep["param"])
@@ -131,8 +137,9 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
                 f"{sweep.get('max_fluency_ratio'):g}× unintervened and ≤ {MAX_EXTRA_EMPTY:g} more empty answers"
                 if limit else f"{label(sel)} ({direction} is better)")
         setup = f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by {rule}"
-    fig.suptitle(f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}\n"
-                 f"{setup}; bars: ± 1 s.e.{test}", fontsize=10)
+    lines = [f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}",
+             f"{setup}; bars: ± 1 s.e.", *test.strip().splitlines()]
+    fig.suptitle("\n".join(textwrap.fill(line, 120) for line in lines), fontsize=10)
     fig.tight_layout()
     stem = Path(output) if output else Path(sweep["_dir"])
     return save(fig, stem / f"sweep-{sweep['param']}")

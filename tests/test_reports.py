@@ -128,6 +128,25 @@ def test_plot_sweep_writes_png_and_svg_with_the_series(tmp_path):
         plot_sweep(_sweep(tmp_path), metrics=["kl"])
 
 
+def test_plot_sweep_draws_the_truthfulqa_fluency_limit(tmp_path):
+    from bench.plots import plot_sweep
+    from bench.sweep import choose, fluency_limits
+
+    def metrics(v):
+        return {"true_info_product": _m(0.3 + 0.05 * v), "answer_nll": _m(0.7 + 0.3 * v), "empty_share": _m(0.0)}
+
+    pts = [{"value": v, "metrics": metrics(v), "folds": [{"fold": 0, "metrics": metrics(v)}]} for v in (1, 2, 4)]
+    base = {"metrics": metrics(0), "folds": [{"fold": 0, "metrics": metrics(0)}]}
+    sweep = {"method": "florain", "model": "m", "param": "lam_scale", "metric": "true_info_product", "folds": 1,
+             "task": "truthfulqa-gen", "max_fluency_ratio": 1.5, "points": pts, "baseline": base,
+             "chosen": choose(pts, "true_info_product", fluency_limits(base, 1.5)), "_dir": str(tmp_path)}
+    assert sweep["chosen"]["per_fold"] == {"0": 1}  # 0.7 + ln 1.5 admits only 1.0 of 1.0, 1.3, 1.9
+    svg = plot_sweep(sweep)[1].read_text()
+    for gid in ("series-answer_nll", "series-empty_share", "limit-answer_nll", "chosen-true_info_product"):
+        assert f'id="{gid}' in svg
+    assert "fluency limit (1.5× unintervened perplexity)" in svg and "answer perplexity ≤ 1.5×" in svg
+
+
 def test_plot_tradeoff_and_toxicity_fluency(tmp_path):
     from bench.plots import plot_results, plot_tradeoff
 
