@@ -50,12 +50,18 @@ def gen_prompt(question: str, preset: str = "iti", fewshot: str = "") -> str:
     return GEN_PRESETS[preset].template.format(question=question, fewshot=fewshot)
 
 
+def answer_context(prompt: str, continuation: str) -> tuple[str, str]:
+    """Split a generation into (context, answer): the continuation is cut at the next ``Q:`` and everything up to
+    its first ``A:`` joins the prompt (ITI's rule), trailing whitespace dropped. The answer is what the judge reads
+    (stripped, :func:`clean_answer`) and what the fluency part scores in its context."""
+    text = continuation.split("Q:", 1)[0].rstrip()
+    i = text.find("A:")
+    return (prompt + text[: i + 2], text[i + 2:]) if i >= 0 else (prompt, text)
+
+
 def clean_answer(text: str) -> str:
     """Cut a continuation at the next ``Q:``, keep what follows ``A:`` (ITI's rule), strip whitespace."""
-    text = text.split("Q:", 1)[0]
-    if "A:" in text:
-        text = text.split("A:", 1)[1]
-    return text.strip()
+    return answer_context("", text)[1].strip()
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from bench.data.truthfulqa import Question, checksum, load_truthfulqa, make_folds
-from bench.generation import GEN_PRESETS, clean_answer, gen_prompt, generate
+from bench.generation import GEN_PRESETS, answer_context, clean_answer, gen_prompt, generate
 from bench.interventions import Intervention, get_method
 from bench.judges import JudgeItem, get_judge, judge_names
 from bench.methods import FitContext
-from bench.metrics.fluency import answer_context, continuation_nll
+from bench.metrics.fluency import continuation_nll
 from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
 from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
 from bench.paths import repo_root
@@ -110,17 +110,9 @@ class RunConfig:
     eval_folds: list[int] | None = None  # evaluate only these folds (None: all), e.g. [0] for a quick check
 
 
-#: Fields added after runs were recorded: left out of the identity while at their default, so that existing run
-#: directories keep their configuration hash (and stay resumable).
-_LATER_DEFAULTS = {"eval_split": "test", "eval_folds": None}
-
-
 def _identity_config(cfg: RunConfig) -> dict:
     d = asdict(cfg)
     d.pop("eval_batch_size")  # does not change the numbers beyond float noise
-    for name, default in _LATER_DEFAULTS.items():
-        if d[name] == default:
-            d.pop(name)
     return d
 
 
@@ -242,12 +234,12 @@ class _Run:
         pairs = [answer_context(gen_prompt(q.question, self.cfg.gen_preset), gens[q.index]["continuation"]) for q in qs]
         nll = continuation_nll(self.lm, [c for c, _ in pairs], [a for _, a in pairs], self.cfg.eval_batch_size,
                                progress=f"fold {k} answer fluency ({len(qs)} answers)")
+        empty = [float(not gens[q.index]["answer"]) for q in qs]
         kept = [v for v in nll if v is not None]
         metrics = {"answer_nll": summarise(kept) if kept else {"mean": float("nan"), "se": float("nan"), "n": 0},
-                   "empty_share": summarise([float(not gens[q.index]["answer"]) for q in qs])}
-        return {"metrics": metrics, "records": [{"index": q.index, "answer_nll": v,
-                                                 "empty_share": float(not gens[q.index]["answer"])}
-                                                for q, v in zip(qs, nll)]}
+                   "empty_share": summarise(empty)}
+        return {"metrics": metrics, "records": [{"index": q.index, "answer_nll": v, "empty_share": e}
+                                                for q, v, e in zip(qs, nll, empty)]}
 
     def toxicity(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         cfg = self.cfg

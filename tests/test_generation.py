@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from baselines.shift import AdditiveShift
-from bench.generation import GEN_PRESETS, clean_answer, gen_prompt, generate
+from bench.generation import GEN_PRESETS, answer_context, clean_answer, gen_prompt, generate
 from bench.interventions import Intervention
-from bench.metrics.fluency import answer_context, continuation_nll
+from bench.metrics.fluency import continuation_nll
 from bench.metrics.generation import combine_product, generation_metrics
 from bench.tasks.kl_ce import kl_ce, make_windows
 

@@ -40,12 +40,3 @@ def continuation_nll(lm: LoadedModel, prompts: Sequence[str], continuations: Seq
     for (i, n), total in zip(items, answer_logprobs(lm, seqs, batch_size=batch_size, progress=progress)):
         values[i] = -total / n
     return values
-
-
-def answer_context(prompt: str, continuation: str) -> tuple[str, str]:
-    """Split a TruthfulQA generation into (context, answer) for scoring the answer alone: the continuation is cut
-    at the next ``Q:`` and everything up to its first ``A:`` joins the prompt (the same cut as
-    :func:`bench.generation.clean_answer`), trailing whitespace dropped."""
-    text = continuation.split("Q:", 1)[0].rstrip()
-    i = text.find("A:")
-    return (prompt + text[: i + 2], text[i + 2:]) if i >= 0 else (prompt, text)
