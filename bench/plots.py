@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from bench.metrics import higher_is_better, label, ordered  # noqa: E402
 
@@ -174,10 +175,45 @@ def _scatter(results: list[dict], x: str, y: str, scale: float, ax: plt.Axes) ->
                            marker=marker[model], ms=8, capsize=3, color=colour[method], ls="none",
                            label=f"{method} ({model})" if many else method)
         cont.lines[0].set_gid(f"series-{model}-{method}")
-        ax.annotate(method, (mx["mean"] * scale, my["mean"] * scale), textcoords="offset points", xytext=(6, 5),
-                    fontsize=8)
+        ann = ax.annotate(method, (mx["mean"] * scale, my["mean"] * scale), textcoords="offset points",
+                          xytext=(6, 5), fontsize=8)
+        ann.set_gid(f"label-{model}-{method}")
         drawn += 1
     return drawn
+
+
+def _unclutter_labels(ax: plt.Axes) -> None:
+    """Move each point label that would overlap another text to the nearest free place, with a leader line.
+
+    Call once the axis limits and the layout are final. Labels are placed from the lowest point up, right of the
+    point or else left of it, on the point's row or the nearest free row above or below; a moved label is redrawn
+    with a thin grey line to its point.
+    """
+    labels = sorted((a for a in ax.texts if (a.get_gid() or "").startswith("label-")), key=lambda a: a.xy[::-1])
+    renderer = ax.figure.canvas.get_renderer()
+    px = ax.figure.dpi / 72  # pixels per point
+    placed = [t.get_window_extent(renderer) for t in ax.texts if t not in labels]  # e.g. the iso-line labels
+    for ann in labels:  # the markers (8 points wide)
+        x, y = ax.transData.transform(ann.xy)
+        placed.append(Bbox.from_extents(x - 5 * px, y - 5 * px, x + 5 * px, y + 5 * px))
+    for ann in labels:
+        box = ann.get_window_extent(renderer)
+        row, left = box.height + px, box.width + 12 * px  # one text row; right of the point → left of it
+        for k in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+            choice = next(((k, side) for side in (0, 1)
+                           if not any(box.translated(-side * left, k * row).overlaps(b) for b in placed)), None)
+            if choice:
+                break
+        k, side = choice or (0, 0)
+        placed.append(box.translated(-side * left, k * row))
+        if k or side:
+            x, y = ann.xyann
+            text, xy, gid = ann.get_text(), ann.xy, ann.get_gid()
+            ann.remove()
+            ax.annotate(text, xy, textcoords="offset points", xytext=(-x if side else x, y + k * row / px),
+                        ha="right" if side else "left", fontsize=8, gid=gid,
+                        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkA": 0, "shrinkB": 4}
+                        if k else None)
 
 
 def plot_tradeoff(results: list[dict], output: Path, name: str = "tradeoff") -> list[Path]:
@@ -209,6 +245,7 @@ def plot_tradeoff(results: list[dict], output: Path, name: str = "tradeoff") -> 
                  "bars: ± 1 s.e. over folds", fontsize=10)
     _legend(ax, results)
     fig.tight_layout()
+    _unclutter_labels(ax)
     return save(fig, Path(output) / name)
 
 
@@ -225,6 +262,7 @@ def plot_toxicity_fluency(results: list[dict], output: Path, name: str = "toxici
                  f"fluency: conditional perplexity under {', '.join(sorted(flu))}; bars: ± 1 s.e.", fontsize=10)
     _legend(ax, results)
     fig.tight_layout()
+    _unclutter_labels(ax)
     return save(fig, Path(output) / name)
 
 

@@ -4,8 +4,8 @@
 3 folds of which only fold 0 is evaluated (fitted on 48 training questions with 12 for validation, scored on the
 30 test questions 0-29; with fewer training questions FLORAIN barely moves the scores, so a broken FLORAIN would
 go unnoticed), methods none / ITI / FLORAIN (300 epochs instead of 1,000 to keep it short), task
-``truthfulqa`` (MC1/MC2, greedy generation judged by the embedded judge, CE/KL on 20 windows of the offline RTP
-texts) — from scratch (fresh run directories and a fresh activation cache, so capture is exercised too), compares every score with ``results/regress/reference.json`` and fails when one is worse by more than its
+``truthfulqa`` (MC1/MC2, greedy generation judged by the embedded judge, the answers' fluency under the
+unintervened model, CE/KL on 20 windows of the offline RTP texts) — from scratch (fresh run directories and a fresh activation cache, so capture is exercised too), compares every score with ``results/regress/reference.json`` and fails when one is worse by more than its
 tolerance (direction-aware: lower is better for CE/KL), a score is missing, a method fails to run, or a method
 that changed the scores in the reference now leaves every score equal to the unintervened model's (its edit is
 no longer applied: ``NO EFFECT``, whichever direction its effect had).
@@ -34,7 +34,7 @@ OUTPUT_DIR = repo_root() / "results" / "regress" / "latest"
 
 #: Largest tolerated worsening per metric (absolute, in the metric's units), and why.
 TOLERANCES = {"mc1": 0.04, "mc2": 0.02, "true": 0.07, "info": 0.07, "true_info_product": 0.07, "ce": 0.05,
-              "kl": 0.05}
+              "kl": 0.05, "answer_nll": 0.1, "empty_share": 0.07}
 TOLERANCE_NOTES = (
     "The benchmark is deterministic (fixed seed, CPU float32, no sampling), so on unchanged code the scores repeat "
     "up to float noise from thread counts and library versions; the tolerances absorb that noise and small "
@@ -42,7 +42,8 @@ TOLERANCE_NOTES = (
     "shows. MC1 and True/Info are shares of 30 questions (one question = 0.033): MC1 tolerates one flipped "
     "question (0.04; its s.e. is about 0.08), True, Info and True*Info two (0.07; s.e. about 0.09). MC2 is a "
     "mean of per-question probabilities (s.e. about 0.03; tolerance 0.02). CE and KL (nats/token, lower is "
-    "better) tolerate 0.05."
+    "better) tolerate 0.05. The answers' NLL under the unintervened model (nats/token, lower is better; s.e. "
+    "0.06-0.19 here) tolerates 0.1 (about 10 % in perplexity), the share of empty answers two questions (0.07)."
 )
 
 
@@ -59,7 +60,7 @@ class RegressConfig:
     layer: int | None = None  # None: the model's registry layer (smollm2-135m: 16)
     methods: dict[str, dict] = field(default_factory=lambda: {"none": {}, "iti": {}, "florain": {"epochs": 300}})
     metrics: list[str] = field(default_factory=lambda: ["mc1", "mc2", "true", "info", "true_info_product", "ce",
-                                                        "kl"])
+                                                        "kl", "answer_nll", "empty_share"])
     judge: str = "embedded"
     max_new_tokens: int = 50
     kl_windows: int = 20

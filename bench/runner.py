@@ -249,7 +249,7 @@ class _Run:
 
     def klce(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         vals = kl_ce(self.lm, self.windows(), iv, batch_size=self.cfg.eval_batch_size)
-        return {"metrics": {m: summarise(v) for m, v in vals.items()}, "windows": vals}
+        return {"metrics": {m: summarise(v) for m, v in vals.items()}, "windows": vals, "source": self.kl_source}
 
     # ------------------------------------------------------------------ folds
 
@@ -411,6 +411,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             "intervention_info": {k: v for k, v in (iv.config if iv else {}).items()
                                   if k not in ("model", "data_checksum")},
             "kl_ce_windows": results_parts.get("klce", {}).get("windows"),
+            "kl_ce_source": results_parts.get("klce", {}).get("source"),
             "counts": results_parts.get("toxicity", {}).get("counts"),
             "per_question": _merge_records(results_parts),
         }
@@ -430,8 +431,14 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     else:
         data = {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)}
     if "klce" in parts:
-        state.windows()
-        data["kl_ce_texts"] = {"source": state.kl_source, "windows": cfg.kl_windows, "tokens": cfg.kl_length}
+        # the texts' source as each fold's KL/CE part recorded it (a part written before parts recorded it: load
+        # the texts again, which may ask the Hub)
+        sources = {f.get("kl_ce_source") for f in fold_results}
+        if None in sources:
+            state.windows()
+            sources = (sources - {None}) | {state.kl_source}
+        data["kl_ce_texts"] = {"source": " + ".join(sorted(sources)), "windows": cfg.kl_windows,
+                               "tokens": cfg.kl_length}
     # a finished run resumed to add a part: keep the wall times of the processes that wrote it before
     earlier = []
     if (out / "results.json").exists():
@@ -447,7 +454,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "scorer": {**state.scorer.identity(), "fluency_model": state.fluency_lm.identity} if toxicity else None,
         "environment": env,
         "metrics": combined,
-        "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows")} for f in fold_results],
+        "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows", "kl_ce_source")}
+                  for f in fold_results],
         # total_s: this process's wall time (earlier_total_s: those of earlier processes that had finished the run);
         # fit_s/eval_s: the work behind every number, summed over the processes of a resumed run (``reused`` lists
         # what an earlier process had finished)

@@ -186,6 +186,16 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     assert res["timings"]["reused"] == [] and resumed["timings"]["reused"] == ["fold_0.json", "fold_1.fit.json",
                                                                                 "fold_1.mc.json"]
     assert resumed["timings"]["fit_s"] == res["timings"]["fit_s"]  # the earlier process's work still counts
+    # a resume that reuses every KL/CE part takes the texts' source from the parts: the texts are not loaded again
+    # (offline, loading the default source asks the Hub several times first)
+    for f in ("results.json", "fold_1.json", "fold_1.fluency.json"):
+        (out / f).unlink()
+    (tqa_dir / "texts.jsonl").rename(tqa_dir / "moved.jsonl")
+    r = _run("--method", "none", *common, "--output", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["metrics"] == res["metrics"] and again["data"]["kl_ce_texts"] == res["data"]["kl_ce_texts"]
+    (tqa_dir / "moved.jsonl").rename(tqa_dir / "texts.jsonl")
     steered = tmp_path / "iti"
     r = _run("--method", "iti", "--iti-alpha", "50", *common, "--output", str(steered))
     assert r.exit_code == 0, r.output

@@ -168,6 +168,34 @@ def test_plot_tradeoff_and_toxicity_fluency(tmp_path):
         plot_tradeoff([{"config": {"model": "a", "method": "none"}, "metrics": {"mc2": _m(0.4)}}], tmp_path)
 
 
+def test_point_labels_of_crowded_methods_do_not_overlap():
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from bench.plots import _scatter, _unclutter_labels
+
+    methods = ["none", "few-shot", "caa", "mean-shift", "lofit", "florain"]  # all within a point of each other
+    runs = [{"config": {"model": "m", "method": me}, "metrics": {"true": _m(0.35 + 0.003 * i), "info": _m(0.85)}}
+            for i, me in enumerate(methods)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _scatter(runs, "info", "true", 100.0, ax)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(30, 100)
+    renderer = fig.canvas.get_renderer()
+
+    def boxes():  # the text alone, without its leader line
+        return {t.get_text(): Text.get_window_extent(t, renderer) for t in ax.texts}
+
+    before = boxes()
+    assert any(before[a].overlaps(before[b]) for a in methods for b in methods if a < b)  # the problem
+    _unclutter_labels(ax)
+    fig.canvas.draw()  # as saving does: places the redrawn labels
+    after = boxes()
+    assert sorted(after) == sorted(methods)
+    assert not any(after[a].overlaps(after[b]) for a in methods for b in methods if a < b)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- sweeps
 
 
