@@ -8,7 +8,10 @@ from bench.metrics import label, ordered
 
 
 def fmt(metric: dict, digits: int = 3) -> str:
+    """``mean ± se``; ``mean`` alone without a finite s.e.; "–" when there is no finite mean (nothing to score)."""
     mean, se = metric["mean"], metric.get("se", float("nan"))
+    if mean is None or not math.isfinite(mean):
+        return "–"
     return f"{mean:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{mean:.{digits}f}"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.metrics import label, ordered
-from bench.report import markdown_table
+from bench.report import fmt, markdown_table
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
 WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
@@ -61,8 +61,7 @@ def long_table(results: list[dict]) -> pd.DataFrame:
 def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     """Rows (model, method, task, layer, run); a "mean ± se" column per metric, and the number of questions."""
     long = long.assign(
-        cell=[f"{m:.3f} ± {s:.3f}" if pd.notna(s) and math.isfinite(s) else f"{m:.3f}"
-              for m, s in zip(long["mean"], long["se"])],
+        cell=[fmt({"mean": m, "se": s}) for m, s in zip(long["mean"], long["se"])],
         layer=["–" if pd.isna(x) else str(int(x)) for x in long["layer"]])
     keys = ["model", "method", "task", "layer", "run"]
     wide = long.groupby([*keys, "metric"], sort=False)["cell"].first().unstack("metric").reset_index()

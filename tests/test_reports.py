@@ -73,6 +73,9 @@ def test_table_means_standard_errors_and_reference_differences(tmp_path):
     assert wide.loc[wide["method"] == "iti", METRIC_LABELS["mc2"]].iloc[0] == f"0.500 ± {row['se']:.3f}"
     assert wide.loc[wide["method"] == "none", METRIC_LABELS["kl"]].iloc[0] == ""  # absent metric: empty cell
     assert list(wide["questions"]) == [8, 8]  # questions, not the 12 KL/CE windows
+    # a metric with nothing to score (answer NLL when every answer is empty) is "–", not "nan"
+    nothing = long.assign(mean=long["mean"].where(long["metric"] != "mc1", math.nan))
+    assert set(wide_table(nothing)[METRIC_LABELS["mc1"]]) == {"–"}
     comp = reference_comparison(long)
     ce = comp[(comp["method"] == "iti") & (comp["metric"] == "ce")].iloc[0]
     assert ce["ours"] == pytest.approx(2.225) and ce["reference"] == pytest.approx(2.28)
