@@ -196,15 +196,12 @@ def _unclutter_labels(ax: plt.Axes) -> None:
     for ann in labels:  # the markers (8 points wide)
         x, y = ax.transData.transform(ann.xy)
         placed.append(Bbox.from_extents(x - 5 * px, y - 5 * px, x + 5 * px, y + 5 * px))
+    places = [(k, side) for k in (0, 1, -1, 2, -2, 3, -3, 4, -4) for side in (0, 1)]  # (rows up, left of point)
     for ann in labels:
         box = ann.get_window_extent(renderer)
         row, left = box.height + px, box.width + 12 * px  # one text row; right of the point → left of it
-        for k in (0, 1, -1, 2, -2, 3, -3, 4, -4):
-            choice = next(((k, side) for side in (0, 1)
-                           if not any(box.translated(-side * left, k * row).overlaps(b) for b in placed)), None)
-            if choice:
-                break
-        k, side = choice or (0, 0)
+        k, side = next(((k, side) for k, side in places
+                        if not any(box.translated(-side * left, k * row).overlaps(b) for b in placed)), (0, 0))
         placed.append(box.translated(-side * left, k * row))
         if k or side:
             x, y = ann.xyann
