@@ -33,6 +33,7 @@ from bench.runs import (
     combine_folds,
     config_hash,
     environment,
+    git_commit,
     new_run_id,
     now_iso,
     peak_memory_mb,
@@ -154,6 +155,7 @@ class _Run:
         self.kl_source: str | None = None
         self.tox_prompts: list = []
         self.reused: list[str] = []  # files of an earlier process this run continued from (resume)
+        self.git: dict[str, dict | None] = {}  # fit/part file → git state of the process that wrote it
 
     def _options(self, backend: str, options: dict) -> dict:
         """Backend options; the ``embedded`` backends also get the run's data directory (to train on first use)."""
@@ -261,6 +263,7 @@ class _Run:
             iv = Intervention.from_pretrained(int_dir) if info["intervention"] else None
             self.echo(f"fold {k}: reusing the fitted {self.cfg.method} in {int_dir if iv else '(none)'}")
             self.reused.append(fit_file.name)
+            self.git[fit_file.name] = info.get("git")
             return iv, info["fit_s"], info["intervention"]
         t = time.perf_counter()
         iv = method.fit(ctx)
@@ -271,7 +274,8 @@ class _Run:
             rel = int_dir.name
             where = f"layer(s) {iv.layers}" if iv.layers else "the prompt"
             self.echo(f"fold {k}: fitted {self.cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
-        write_json(fit_file, {"fit_s": fit_s, "intervention": rel})
+        self.git[fit_file.name] = git_commit()
+        write_json(fit_file, {"fit_s": fit_s, "intervention": rel, "git": git_commit()})
         return iv, fit_s, rel
 
 
@@ -373,6 +377,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             echo(f"fold {fold.fold}: already done, reusing {fold_file}")
             state.reused.append(fold_file.name)
             fold_results.append(json.loads(fold_file.read_text()))
+            state.git.update(fold_results[-1].get("git") or {fold_file.name: None})
             continue
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
                          dict(cfg.options), data_sum, text_format="continuation" if toxicity else "qa")
@@ -386,6 +391,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             if resume and part_file.exists() and PART_INPUTS.get(part) not in computed:
                 results_parts[part] = json.loads(part_file.read_text())
                 state.reused.append(part_file.name)
+                state.git[part_file.name] = results_parts[part].get("git")
                 timings[f"{part}_s"] = results_parts[part]["seconds"]
                 continue
             tp = time.perf_counter()
@@ -397,6 +403,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             else:
                 res = getattr(state, part)(fold.fold, test_qs, iv)
             res["seconds"] = timings[f"{part}_s"] = time.perf_counter() - tp
+            res["git"] = state.git[part_file.name] = git_commit()
             write_json(part_file, res)
             results_parts[part] = res
             computed.add(part)
@@ -413,6 +420,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             "kl_ce_windows": results_parts.get("klce", {}).get("windows"),
             "kl_ce_source": results_parts.get("klce", {}).get("source"),
             "counts": results_parts.get("toxicity", {}).get("counts"),
+            # the code behind each number: git state of the process that wrote the fit and each part
+            "git": {n: g for n, g in state.git.items() if n.startswith(f"fold_{fold.fold}.")},
             "per_question": _merge_records(results_parts),
         }
         write_json(fold_file, fr)
@@ -452,9 +461,11 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "data": data,
         "judge": state.judge.identity() if "gen" in parts else None,
         "scorer": {**state.scorer.identity(), "fluency_model": state.fluency_lm.identity} if toxicity else None,
-        "environment": env,
+        # environment: this process; git_by_file: the process that computed each fit and part (None: written
+        # before parts recorded it), which differs from ``environment.git`` for a resumed or upgraded run
+        "environment": {**env, "git_by_file": dict(sorted(state.git.items()))},
         "metrics": combined,
-        "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows", "kl_ce_source")}
+        "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows", "kl_ce_source", "git")}
                   for f in fold_results],
         # total_s: this process's wall time (earlier_total_s: those of earlier processes that had finished the run);
         # fit_s/eval_s: the work behind every number, summed over the processes of a resumed run (``reused`` lists

@@ -52,6 +52,32 @@ def test_resume_reuses_finished_folds(tiny_dir, tqa_dir, tmp_path):
     assert second["metrics"] == first["metrics"]
 
 
+def test_a_resumed_run_records_which_commit_computed_each_part(tiny_dir, tqa_dir, tmp_path, monkeypatch):
+    """``environment.git`` is the last process's; ``git_by_file`` names the code behind every fit and part."""
+    from bench import runner, runs
+
+    def at(commit):
+        state = {"commit": commit, "dirty": False}
+        monkeypatch.setattr(runs, "git_commit", lambda: dict(state))
+        monkeypatch.setattr(runner, "git_commit", lambda: dict(state))
+
+    common = ["--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
+    out = tmp_path / "run"
+    at("a" * 40)
+    assert _run(*common, "--output", str(out)).exit_code == 0
+    for name in ("results.json", "fold_1.json", "fold_1.mc.json"):  # killed during fold 1's MC part
+        (out / name).unlink()
+    at("b" * 40)
+    r = _run(*common, "--output", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["environment"]["git"]["commit"] == "b" * 40
+    by_file = {name: g["commit"] for name, g in res["environment"]["git_by_file"].items()}
+    assert by_file == {"fold_0.fit.json": "a" * 40, "fold_0.mc.json": "a" * 40,
+                       "fold_1.fit.json": "a" * 40, "fold_1.mc.json": "b" * 40}
+    assert json.loads((out / "fold_1.json").read_text())["git"]["fold_1.mc.json"]["commit"] == "b" * 40
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
