@@ -94,9 +94,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 def git_commit() -> dict:
-    """The repository's commit and whether tracked files differ from it, read once per process: the code this
-    process loaded, even when later commits land while it runs (a long sweep records the same state for every
-    point)."""
+    """The repository's commit and whether tracked files outside ``results/`` differ from it (``dirty``: the code
+    or configuration, not committed outputs a run rewrites), read once per process: the code this process loaded,
+    even when later commits land while it runs (a long sweep records the same state for every point)."""
     return dict(_git_state())
 
 
@@ -106,7 +106,8 @@ def _git_state() -> dict:
         return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
