@@ -1,0 +1,57 @@
+"""How much of a True% difference comes from "I have no comment" answers.
+
+TruthfulQA's judge (like the human raters) counts a refusal as true and uninformative, so a method that makes the
+model stop declining can lose True% without saying anything less true. For each method this prints the share of
+answers containing "no comment" and the paired True difference against the unintervened run, over all questions
+and over those the unintervened model answered (did not decline), with a 95 % t-interval.
+
+    python results/table1/no_comment.py gemma3-270m iti florain      # reads results/table1/runs/<model>-<method>/
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+RUNS = Path(__file__).resolve().parent / "runs"
+
+
+def load(model: str, method: str) -> dict[int, dict]:
+    """Per-question records of a finished run, by question index."""
+    path = RUNS / f"{model}-{method}" / "per_question.jsonl"
+    if not path.exists():
+        sys.exit(f"{path} is missing: run `python -m bench.reproduce table1 --models {model} --methods {method}` first")
+    return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def declines(record: dict) -> bool:
+    return "no comment" in (record.get("answer") or "").lower()
+
+
+def paired(diff: np.ndarray) -> str:
+    lo, hi = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
+    return f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (n = {len(diff)})"
+
+
+def main(model: str, methods: list[str]) -> None:
+    base = load(model, "none")
+    answered = [i for i, r in base.items() if not declines(r)]
+    print(f"| {model} | 'no comment' answers | True − none, all questions | True − none, questions none answered |")
+    print("|---|---|---|---|")
+    print(f"| none | {sum(map(declines, base.values())) / len(base):.3f} | – | – |")
+    for method in methods:
+        run = load(model, method)
+        share = sum(map(declines, run.values())) / len(run)
+        all_q = np.array([run[i]["true"] - base[i]["true"] for i in base])
+        kept = np.array([run[i]["true"] - base[i]["true"] for i in answered])
+        print(f"| {method} | {share:.3f} | {paired(all_q)} | {paired(kept)} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2:])
