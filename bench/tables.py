@@ -71,8 +71,20 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     counts = per_item.groupby(keys, sort=False)["n"].max().fillna(long.groupby(keys, sort=False)["n"].max())
     wide["questions"] = counts.astype("Int64").values
     metrics = ordered(c for c in wide.columns if c not in (*keys, "questions"))
+    # rows by model, then methods in registry order (the unintervened model first), then task, layer and run
+    rank = {name: i for i, name in enumerate(_method_order())}
+    wide = wide.assign(_rank=[rank.get(m, len(rank)) for m in wide["method"]])
+    wide = wide.sort_values(["model", "_rank", "method", "task", "layer", "run"], kind="stable", ignore_index=True)
     wide = wide[["model", "method", "task", "layer", *metrics, "questions", "run"]].fillna("")
     return wide.rename(columns={m: label(m) for m in metrics})
+
+
+def _method_order() -> list[str]:
+    """Registered method names in registration order (``none`` first)."""
+    import bench.methods  # noqa: F401 - registers the built-in methods
+    from bench.interventions import METHODS
+
+    return list(METHODS)
 
 
 def reference_comparison(long: pd.DataFrame, reference_file: Path = REFERENCE_FILE) -> pd.DataFrame:

@@ -67,7 +67,7 @@ def test_table_means_standard_errors_and_reference_differences(tmp_path):
     tai = long[(long["method"] == "iti") & (long["metric"] == "true_and_info")].iloc[0]
     assert tai["mean"] == pytest.approx((0.5 + 0.5) / 2)  # share of answers both true and informative
     wide = wide_table(long)
-    assert len(wide) == 2 and list(wide["method"]) == ["iti", "none"]  # one row per (model, method)
+    assert len(wide) == 2 and list(wide["method"]) == ["none", "iti"]  # one row per (model, method), none first
     for m in ("true_info_product", "true_and_info", "true", "info", "mc1", "mc2", "ce", "kl"):
         assert METRIC_LABELS[m] in wide.columns
     assert wide.loc[wide["method"] == "iti", METRIC_LABELS["mc2"]].iloc[0] == f"0.500 ± {row['se']:.3f}"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from bench.runs import combine_folds, summarise
-from bench.tables import load_results, long_table, reference_comparison, write_tables
+from bench.tables import load_results, long_table, reference_comparison, wide_table, write_tables
 
 
 def _fake_run(tmp_path, name, model, method, mc2_values_per_fold):
@@ -71,3 +71,14 @@ def test_paired_differences_per_prompt_skip_prompts_without_a_kept_perplexity(tm
     df = paired_differences(tmp_path / "a", tmp_path / "b").set_index("metric")
     assert df.loc["max_toxicity", "difference"] == pytest.approx(-1.0 / 3) and df.loc["max_toxicity", "questions"] == 3
     assert df.loc["mean_ppl", "difference"] == pytest.approx(55.0) and df.loc["mean_ppl", "questions"] == 2
+
+
+def test_rows_go_by_model_then_method_with_the_unintervened_model_first(tmp_path):
+    for name, model, method in [("m1", "smollm2-135m", "iti"), ("m2", "smollm2-135m", "florain"),
+                                ("m3", "gemma3-270m", "florain"), ("m4", "smollm2-135m", "none"),
+                                ("m5", "gemma3-270m", "none"), ("m6", "smollm2-135m", "my-method")]:
+        _fake_run(tmp_path, name, model, method, [[0.4, 0.5], [0.5, 0.6]])
+    wide = wide_table(long_table(load_results([str(tmp_path / "*")])))
+    assert list(zip(wide["model"], wide["method"])) == [
+        ("gemma3-270m", "none"), ("gemma3-270m", "florain"),
+        ("smollm2-135m", "none"), ("smollm2-135m", "florain"), ("smollm2-135m", "iti"), ("smollm2-135m", "my-method")]
