@@ -274,8 +274,8 @@ class _Run:
             rel = int_dir.name
             where = f"layer(s) {iv.layers}" if iv.layers else "the prompt"
             self.echo(f"fold {k}: fitted {self.cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
-        self.git[fit_file.name] = git_commit()
-        write_json(fit_file, {"fit_s": fit_s, "intervention": rel, "git": git_commit()})
+        self.git[fit_file.name] = git = git_commit()
+        write_json(fit_file, {"fit_s": fit_s, "intervention": rel, "git": git})
         return iv, fit_s, rel
 
 

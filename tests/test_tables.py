@@ -82,3 +82,11 @@ def test_rows_go_by_model_then_method_with_the_unintervened_model_first(tmp_path
     assert list(zip(wide["model"], wide["method"])) == [
         ("gemma3-270m", "none"), ("gemma3-270m", "florain"),
         ("smollm2-135m", "none"), ("smollm2-135m", "florain"), ("smollm2-135m", "iti"), ("smollm2-135m", "my-method")]
+
+
+def test_question_counts_stay_with_their_rows(tmp_path):
+    """Run directories load in path order (z-model first) but rows come out by model: counts follow their row."""
+    _fake_run(tmp_path, "a", "z-model", "none", [[0.4, 0.5], [0.5, 0.6]])  # 4 questions
+    _fake_run(tmp_path, "b", "a-model", "none", [[0.4, 0.5, 0.1], [0.5, 0.6, 0.2]])  # 6 questions
+    wide = wide_table(long_table(load_results([str(tmp_path / "*")])))
+    assert dict(zip(wide["model"], wide["questions"])) == {"a-model": 6, "z-model": 4}
