@@ -16,7 +16,7 @@ class AdditiveShift(nn.Module):
         self.register_buffer("shift", shift.detach().clone().float())
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return a + self.shift.to(a.dtype)
+        return a + self.shift.to(device=a.device, dtype=a.dtype)
 
 
 def mean_difference(acts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from bench.models import LoadedModel
 from bench.paths import activation_cache_dir
-from bench.sites import recorded
+from bench.sites import recorded, site_module
 
 
-def cache_key(identity: str, site: str, layer: int, texts: list[str]) -> str:
-    payload = json.dumps({"model": identity, "site": site, "layer": layer, "texts": texts})
+def cache_key(identity: str, dtype: str, site: str, layer: int, texts: list[str]) -> str:
+    """Key of one cached capture: the model, its compute dtype (bf16 activations differ from fp32 ones), site,
+    layer and texts."""
+    payload = json.dumps({"model": identity, "dtype": dtype, "site": site, "layer": layer, "texts": texts})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -38,10 +40,6 @@ def _stop_after(module: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def _last_module(spec, model, layer: int, site: str) -> torch.nn.Module:
-    return spec.decoder_layer(model, layer) if site == "residual" else spec.o_proj(model, layer)
-
-
 @torch.no_grad()
 def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, batch_size: int) -> dict[int, torch.Tensor]:
     tok, model, spec = lm.tokenizer, lm.model, lm.spec
@@ -56,13 +54,14 @@ def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, ba
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right")
             enc = {k: v.to(device) for k, v in enc.items()}
             last = enc["attention_mask"].sum(1) - 1
-            with recorded(model, spec, layers, site) as store, _stop_after(_last_module(spec, model, max(layers), site)):
+            with recorded(model, spec, layers, site) as store, _stop_after(site_module(model, spec, max(layers), site)):
                 try:
                     model.model(**enc, use_cache=False)
                 except _StopForward:
                     pass
             for layer in layers:
-                acts = store[layer][torch.arange(len(idx), device=device), last].float().cpu()
+                rows = store[layer]  # on its layer's device (several devices under device_map="auto")
+                acts = rows[torch.arange(len(idx), device=rows.device), last.to(rows.device)].float().cpu()
                 if not torch.isfinite(acts).all():
                     bad = idx[int((~torch.isfinite(acts)).reshape(len(idx), -1).any(1).nonzero()[0])]
                     raise FloatingPointError(
@@ -79,7 +78,8 @@ def capture(lm: LoadedModel, texts: list[str], layers: list[int], site: str = "h
     for layer in layers:
         lm.spec.check_layer(layer)
     root = activation_cache_dir()
-    paths = {layer: root / f"{cache_key(lm.identity, site, layer, texts)}.safetensors" for layer in layers}
+    dtype = str(lm.model.dtype)
+    paths = {layer: root / f"{cache_key(lm.identity, dtype, site, layer, texts)}.safetensors" for layer in layers}
     result = {}
     if use_cache:
         result = {layer: load_file(p)["acts"] for layer, p in paths.items() if p.exists()}

@@ -19,7 +19,7 @@ from torch import nn
 
 from bench.models import LoadedModel
 from bench.runs import atomic_directory
-from bench.sites import Positions, hooked
+from bench.sites import Positions, hooked, site_device
 
 FORMAT_VERSION = 1
 
@@ -53,12 +53,9 @@ class Intervention:
     @contextmanager
     def applied(self, lm: LoadedModel, positions: Positions = "all") -> Iterator[None]:
         """Active on ``lm`` for the duration of the block, at ``positions``; hooks are always removed."""
-        device = next(lm.model.parameters()).device
         with ExitStack() as stack:
             for layer, module in self.modules.items():
-                param = next(module.parameters(), None)
-                if param is not None and param.device != device:
-                    module.to(device)
+                module.to(site_device(lm.model, lm.spec, layer, self.site))  # parameters and buffers; no-op if there
                 where = "all" if self.position_policy == "all" else positions
                 stack.enter_context(hooked(lm.model, lm.spec, layer, self.site, module, where))
             yield

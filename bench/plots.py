@@ -2,8 +2,9 @@
 
 * :func:`plot_sweep` — validation metric(s) against the swept parameter, mean ± s.e. over folds, the unintervened
   baseline dashed, the chosen value marked and the chosen value's test score beside it.
-* :func:`plot_tradeoff` — True% against Info% per (model, method), with lines of equal True×Info.
-* :func:`plot_toxicity_fluency` — expected maximum toxicity against conditional perplexity per (model, method).
+* :func:`plot_tradeoff` — True% against Info%, one panel per model, a point per method, with lines of equal
+  True×Info and a dashed cross through the unintervened run.
+* :func:`plot_toxicity_fluency` — expected maximum toxicity against conditional perplexity, one panel per model.
 
 Every function takes data (dicts) and an output stem, and returns the files it wrote. Series carry SVG ids
 (``series-<name>``), and SVG text stays text, so tests and readers can find them.
@@ -146,40 +147,70 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
     return save(fig, stem / f"sweep-{sweep['param']}")
 
 
-def _groups(results: list[dict]) -> tuple[dict, dict]:
+def _colours(results: list[dict]) -> dict[str, str]:
+    """One colour per method, the same in every panel and figure built from these results."""
     methods = sorted({r["config"]["method"] for r in results})
-    models = sorted({r["config"]["model"] for r in results})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = "osD^vP*Xh"
-    return ({m: colours[i % len(colours)] for i, m in enumerate(methods)},
-            {m: markers[i % len(markers)] for i, m in enumerate(models)})
+    return {m: colours[i % len(colours)] for i, m in enumerate(methods)}
 
 
-def _legend(ax: plt.Axes, results: list[dict]) -> None:
-    many = len({r["config"]["model"] for r in results}) > 1
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (model)" if many else "method",
-              title_fontsize=8)
+def _scatter(results: list[dict], x: str, y: str, scale: float, ax: plt.Axes,
+             colour: dict[str, str] | None = None) -> int:
+    """One point per run with both metrics, ± 1 s.e. bars, labelled by method; returns the count.
 
-
-def _scatter(results: list[dict], x: str, y: str, scale: float, ax: plt.Axes) -> int:
-    """One point per run with both metrics, ± 1 s.e. bars; colour = method, marker = model; returns the count."""
-    colour, marker = _groups(results)
+    Points of the unintervened run (method ``none``) also get a dashed cross through them, so that every other
+    point reads as better or worse than it on each axis.
+    """
+    colour = colour or _colours(results)
     drawn = 0
     for r in sorted(results, key=lambda r: (r["config"]["model"], r["config"]["method"])):
         mx, my = r["metrics"].get(x), r["metrics"].get(y)
         if mx is None or my is None:
             continue
         method, model = r["config"]["method"], r["config"]["model"]
-        many = len(marker) > 1
-        cont = ax.errorbar([mx["mean"] * scale], [my["mean"] * scale], xerr=[_se(mx) * scale], yerr=[_se(my) * scale],
-                           marker=marker[model], ms=8, capsize=3, color=colour[method], ls="none",
-                           label=f"{method} ({model})" if many else method)
+        px, py = mx["mean"] * scale, my["mean"] * scale
+        cont = ax.errorbar([px], [py], xerr=[_se(mx) * scale], yerr=[_se(my) * scale], marker="o", ms=8, capsize=3,
+                           color=colour[method], ls="none", label=method)
         cont.lines[0].set_gid(f"series-{model}-{method}")
-        ann = ax.annotate(method, (mx["mean"] * scale, my["mean"] * scale), textcoords="offset points",
-                          xytext=(6, 5), fontsize=8)
+        if method == "none":
+            for line in (ax.axvline(px, ls="--", lw=0.8), ax.axhline(py, ls="--", lw=0.8)):
+                line.set(color=colour[method], alpha=0.6, zorder=0, gid=f"reference-{model}")
+        ann = ax.annotate(method, (px, py), textcoords="offset points", xytext=(6, 5), fontsize=8)
         ann.set_gid(f"label-{model}-{method}")
         drawn += 1
     return drawn
+
+
+def _panels(results: list[dict], x: str, y: str, scale: float) -> tuple[plt.Figure, list[tuple[str, plt.Axes]]]:
+    """One panel per model (each with its own axis ranges), the method colours shared; only models with points."""
+    colour = _colours(results)
+    models = sorted({r["config"]["model"] for r in results
+                     if r["metrics"].get(x) is not None and r["metrics"].get(y) is not None})
+    cols = min(len(models), 2) or 1
+    rows = math.ceil(len(models) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols + 1.8, 5.0 * rows), squeeze=False)
+    panels = []
+    for ax, model in zip(axes.flat, models):
+        _scatter([r for r in results if r["config"]["model"] == model], x, y, scale, ax, colour)
+        panels.append((model, ax))
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    return fig, panels
+
+
+def _finish(fig: plt.Figure, panels: list[tuple[str, plt.Axes]], title: str, stem: Path) -> list[Path]:
+    """Shared method legend right of the panels, the title, uncluttered point labels; writes PNG and SVG."""
+    handles: dict[str, object] = {}
+    for _, ax in panels:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1))
+    fig.legend(handles.values(), handles.keys(), fontsize=8, title="method", title_fontsize=8, loc="upper left",
+               bbox_to_anchor=(1.0, 0.9))
+    for _, ax in panels:
+        _unclutter_labels(ax)
+    return save(fig, stem)
 
 
 def _unclutter_labels(ax: plt.Axes) -> None:
@@ -214,53 +245,62 @@ def _unclutter_labels(ax: plt.Axes) -> None:
 
 
 def plot_tradeoff(results: list[dict], output: Path, name: str = "tradeoff") -> list[Path]:
-    """True% against Info% for every run that has both, with dotted lines of equal True×Info."""
+    """True% against Info%, one panel per model, with the unintervened run's cross and lines of equal True×Info."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    if not _scatter(results, "info", "true", 100.0, ax):
+    fig, panels = _panels(results, "info", "true", 100.0)
+    if not panels:
         plt.close(fig)
         raise ValueError("no run has both True and Info (run --task truthfulqa or truthfulqa-gen)")
-    x0, x1 = ax.get_xlim()
-    xs = np.linspace(max(x0, 1.0), min(x1, 100.0), 200)
-    y0, y1 = ax.get_ylim()
-    for level in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        ys = level * 1e4 / xs
-        ok = (ys >= y0) & (ys <= y1)
-        if ok.sum() > 1:
-            ax.plot(xs[ok], ys[ok], ls=":", lw=0.8, color="grey", gid=f"iso-{level:g}")
-            ax.annotate(f"True×Info = {level:g}", (xs[ok][-1], ys[ok][-1]), fontsize=7, color="grey",
-                        textcoords="offset points", xytext=(-62, 2), bbox={"fc": "white", "ec": "none", "pad": 0.5})
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.set_xlabel("Info (% of answers judged informative)")
-    ax.set_ylabel("True (% of answers judged true)")
+    for model, ax in panels:
+        x0, x1 = ax.get_xlim()
+        y0, y1 = ax.get_ylim()
+        xs = np.linspace(max(x0, 1.0), min(x1, 100.0), 200)
+        lo, hi = max(x0, 0.0) * max(y0, 0.0) / 1e4, min(x1, 100.0) * min(y1, 100.0) / 1e4
+        step = next((s for s in (0.01, 0.02, 0.05) if (hi - lo) / s <= 8), 0.1)  # at most 8 lines, or every 0.1
+        for level in np.arange(step, 1.0 - 1e-9, step):
+            ys = level * 1e4 / xs
+            ok = (ys >= y0) & (ys <= y1)
+            if ok.sum() > 1:
+                ax.plot(xs[ok], ys[ok], ls=":", lw=0.8, color="grey", gid=f"iso-{level:.2g}")
+                ax.annotate(f"True×Info = {level:.2g}", (xs[ok][-1], ys[ok][-1]), fontsize=7, color="grey",
+                            textcoords="offset points", xytext=(-62, 2),
+                            bbox={"fc": "white", "ec": "none", "pad": 0.5})
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ns = sorted({r["metrics"]["true"].get("n") for r in results
+                     if r["config"]["model"] == model and "true" in r["metrics"]}, key=str)
+        ax.set_title(f"{model} ({', '.join(str(n) for n in ns)} questions)", fontsize=10)
+        ax.set_xlabel("Info (% of answers judged informative)")
+        ax.set_ylabel("True (% of answers judged true)")
     judges = {(r.get("judge") or {}).get("backend", "?") for r in results if "true" in r["metrics"]}
-    n = {r["metrics"]["true"].get("n") for r in results if "true" in r["metrics"]}
-    ax.set_title("TruthfulQA generation: truthfulness vs informativeness\n"
-                 f"judge: {', '.join(sorted(judges))}; {', '.join(str(x) for x in sorted(n))} questions; "
-                 "bars: ± 1 s.e. over folds", fontsize=10)
-    _legend(ax, results)
-    fig.tight_layout()
-    _unclutter_labels(ax)
-    return save(fig, Path(output) / name)
+    title = ("TruthfulQA generation: truthfulness vs informativeness (up and right is better)\n"
+             f"judge: {', '.join(sorted(judges))}; bars: ± 1 s.e. over folds; dashed: the unintervened model")
+    return _finish(fig, panels, title, Path(output) / name)
 
 
 def plot_toxicity_fluency(results: list[dict], output: Path, name: str = "toxicity_fluency") -> list[Path]:
-    """Expected maximum toxicity against conditional perplexity (both lower is better) for every toxicity run."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    if not _scatter(results, "fluency_ppl", "expected_max_toxicity", 1.0, ax):
+    """Expected maximum toxicity against conditional perplexity (both lower is better), one panel per model."""
+    fig, panels = _panels(results, "fluency_ppl", "expected_max_toxicity", 1.0)
+    if not panels:
         plt.close(fig)
         raise ValueError("no run has toxicity and fluency metrics (run --task toxicity)")
-    ax.set_xlabel("Fluency: conditional perplexity (PPL), lower = more fluent")
-    ax.set_ylabel(f"{axis_label('expected_max_toxicity')}, lower = less toxic")
-    flu = {(r.get("scorer") or {}).get("fluency_model", "?") for r in results if "fluency_ppl" in r["metrics"]}
-    ax.set_title("Toxicity vs fluency (RealToxicityPrompts continuations)\n"
-                 f"fluency: conditional perplexity under {', '.join(sorted(flu))}; bars: ± 1 s.e.", fontsize=10)
-    _legend(ax, results)
-    fig.tight_layout()
-    _unclutter_labels(ax)
-    return save(fig, Path(output) / name)
+    for model, ax in panels:
+        flu = {(r.get("scorer") or {}).get("fluency_model", "?") for r in results
+               if r["config"]["model"] == model and "fluency_ppl" in r["metrics"]}
+        ax.set_title(model, fontsize=10)
+        ppl = [r["metrics"]["fluency_ppl"]["mean"] for r in results
+               if r["config"]["model"] == model and "fluency_ppl" in r["metrics"]]
+        log = min(ppl) > 0 and max(ppl) / min(ppl) >= 10  # an order of magnitude apart: log keeps both ends legible
+        if log:
+            ax.set_xscale("log")
+        under = ", ".join(sorted(f.split(" (")[0] for f in flu))  # the alias, without the checksum
+        ax.set_xlabel(f"Fluency: conditional perplexity (PPL{', log scale' if log else ''}) under {under}, "
+                      "lower = more fluent")
+        ax.set_ylabel(f"{axis_label('expected_max_toxicity')}, lower = less toxic")
+    title = ("Toxicity vs fluency (RealToxicityPrompts continuations; down and left is better)\n"
+             "bars: ± 1 s.e.; dashed: the unintervened model")
+    return _finish(fig, panels, title, Path(output) / name)
 
 
 def plot_results(results: list[dict], output: Path) -> list[Path]:

@@ -55,6 +55,18 @@ def edit_tensor(x: torch.Tensor, edit: Edit, n_heads: int, positions: Positions)
     return out.reshape(b, t, width)
 
 
+def site_module(model: nn.Module, spec: ModelSpec, layer: int, site: str) -> nn.Module:
+    """The module whose input (``heads``) or output (``attn-out``, ``residual``) is the site's activation."""
+    spec.site_shape(site)  # validates the site name
+    return spec.decoder_layer(model, layer) if site == "residual" else spec.o_proj(model, layer)
+
+
+def site_device(model: nn.Module, spec: ModelSpec, layer: int, site: str) -> torch.device:
+    """Where the site's activations live: with ``device_map="auto"`` each layer may sit on its own device."""
+    module = site_module(model, spec, layer, site)
+    return next(module.parameters()).device
+
+
 @contextmanager
 def hooked(model: nn.Module, spec: ModelSpec, layer: int, site: str, edit: Edit,
            positions: Positions = "all") -> Iterator[None]:
@@ -64,15 +76,14 @@ def hooked(model: nn.Module, spec: ModelSpec, layer: int, site: str, edit: Edit,
         def pre_hook(_mod: nn.Module, args: tuple) -> tuple:
             return (edit_tensor(args[0], edit, n_heads, positions), *args[1:])
 
-        handle = spec.o_proj(model, layer).register_forward_pre_hook(pre_hook)
+        handle = site_module(model, spec, layer, site).register_forward_pre_hook(pre_hook)
     else:
         def hook(_mod: nn.Module, _args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
             if isinstance(output, tuple):
                 return (edit_tensor(output[0], edit, n_heads, positions), *output[1:])
             return edit_tensor(output, edit, n_heads, positions)
 
-        module = spec.o_proj(model, layer) if site == "attn-out" else spec.decoder_layer(model, layer)
-        handle = module.register_forward_hook(hook)
+        handle = site_module(model, spec, layer, site).register_forward_hook(hook)
     try:
         yield
     finally:
@@ -84,13 +95,12 @@ def recorded(model: nn.Module, spec: ModelSpec, layers: list[int], site: str) ->
     """Record the site's activation ``[batch, seq, heads*dim]`` at each layer during the block's forward calls."""
     store: dict[int, torch.Tensor] = {}
     handles = []
-    spec.site_shape(site)  # validates the site name
     for layer in layers:
+        module = site_module(model, spec, layer, site)
         if site == "heads":
-            handles.append(spec.o_proj(model, layer).register_forward_pre_hook(
+            handles.append(module.register_forward_pre_hook(
                 lambda _m, args, layer=layer: store.__setitem__(layer, args[0].detach())))
         else:
-            module = spec.o_proj(model, layer) if site == "attn-out" else spec.decoder_layer(model, layer)
             handles.append(module.register_forward_hook(
                 lambda _m, _a, out, layer=layer: store.__setitem__(
                     layer, (out[0] if isinstance(out, tuple) else out).detach())))

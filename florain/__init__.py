@@ -18,7 +18,7 @@ import torch
 
 from florain.mapping import LowRankHeadMap
 from florain.projection import hinge_loss, mahalanobis, project, projection_distance
-from florain.region import Regions, build_regions
+from florain.region import Regions, build_regions, pooled_covariance, shrink
 from florain.train import TrainConfig, TrainResult, fit_map, training_pairs
 
 __all__ = [
@@ -83,6 +83,7 @@ class FittedFlorain:
     regions: Regions
     n_train: int
     n_val: int
+    val_regions: Regions | None = None  # the regions each head's best epoch was chosen on (None: no validation)
 
 
 def resolve_lambda(acts: torch.Tensor, config: FlorainConfig) -> float:
@@ -108,24 +109,30 @@ def fit_florain(
     """
     lam = resolve_lambda(train_acts, config)
     train_acts = train_acts.float()
-    train_regions = build_regions(
-        train_acts, train_labels, train_groups, alpha=config.alpha, lam=lam, beta=config.beta, shrinking=config.shrinking
-    )
+    # The training fold's Σ (float64) and μ⁺ − μ⁻ shape both the training and the validation regions, so both
+    # invert the same matrix and the best epoch is chosen in the geometry the map is trained in.
+    covariance = shrink(pooled_covariance(train_acts, train_labels, train_groups), config.beta)
     pos = train_labels.bool()
     global_dir = train_acts[pos].double().mean(0) - train_acts[~pos].double().mean(0)
+    train_regions = build_regions(
+        train_acts, train_labels, train_groups, alpha=config.alpha, lam=lam, shrinking=config.shrinking,
+        covariance=covariance, global_direction=global_dir,
+    )
     rows, owner = training_pairs(train_groups, train_regions)
     if len(val_acts):
         val_regions = build_regions(
             val_acts.float(), val_labels, val_groups, alpha=config.alpha, lam=lam, shrinking=config.shrinking,
-            covariance=train_regions.covariance.double(), global_direction=global_dir,
+            covariance=covariance, global_direction=global_dir,
         )
         vrows, vowner = training_pairs(val_groups, val_regions)
     else:
-        val_regions, vrows, vowner = train_regions, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        val_regions, vrows, vowner = None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     tc = TrainConfig(rank=config.rank, lr=config.lr, batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, compile=config.compile)
     result = fit_map(
-        train_acts[rows], owner, train_regions, val_acts.float()[vrows], vowner, val_regions, tc, progress=progress
+        train_acts[rows], owner, train_regions, val_acts.float()[vrows], vowner, val_regions or train_regions, tc,
+        progress=progress,
     )
     return FittedFlorain(
-        mapping=result.mapping, lam=lam, train=result, regions=train_regions, n_train=len(rows), n_val=len(vrows)
+        mapping=result.mapping, lam=lam, train=result, regions=train_regions, n_train=len(rows), n_val=len(vrows),
+        val_regions=val_regions,
     )

@@ -94,7 +94,9 @@ def stable_inverse(cov: torch.Tensor, rel_ridge: float = 1e-6, max_tries: int = 
         if int(info.max()) == 0:
             if ridge > 0:
                 warnings.warn(
-                    f"covariance is singular; added a ridge of {ridge:g} × mean variance to invert it",
+                    f"covariance is singular (fewer desirable answers than dimensions, or collinear ones); added a "
+                    f"ridge of {ridge:g} × mean variance to invert it. Directions outside the data's span are then "
+                    f"weighted ~1/ridge: prefer beta < 1 (shrinkage toward the diagonal) or more training questions",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -41,9 +41,11 @@ def _ctx(lm, tqa_dir, method_options=None, fold=0):
                                               **(method_options or {})}), qs, f
 
 
-def test_iti_statistics_never_use_the_test_fold(tiny_llama, tqa_dir, monkeypatch):
+@pytest.mark.parametrize("name", ["iti", "florain", "mean-shift"])
+def test_fits_never_use_the_test_fold(name, tiny_llama, tqa_dir, monkeypatch):
+    """Poisoning the test questions' activations changes nothing a method fits from activations."""
     ctx, qs, fold = _ctx(tiny_llama, tqa_dir)
-    first = get_method("iti").fit(ctx)
+    first = get_method(name).fit(ctx)
     test_ids = torch.tensor([qs[i].index for i in fold.test])
     real = FitContext.activations
 
@@ -53,10 +55,14 @@ def test_iti_statistics_never_use_the_test_fold(tiny_llama, tqa_dir, monkeypatch
         return {k: torch.where(mask[:, None, None], v * 100 + 7, v) for k, v in acts.items()}, labels, groups
 
     monkeypatch.setattr(FitContext, "activations", poisoned)
-    second = get_method("iti").fit(ctx)
+    assert bool(torch.isin(real(ctx)[2], test_ids).any())  # the poison reaches rows the fit could have read
+    second = get_method(name).fit(ctx)
     assert first.layers == second.layers
     for layer in first.layers:
-        torch.testing.assert_close(first.modules[layer].shift, second.modules[layer].shift)
+        a, b = first.modules[layer].state_dict(), second.modules[layer].state_dict()
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], msg=f"{name} layer {layer} {k} depends on the test fold")
 
 
 def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_dir):
@@ -128,3 +134,11 @@ def test_save_load_identical_and_hooks_removed_after_errors(name, tiny_llama, tq
             raise RuntimeError("boom")
     with torch.no_grad():
         assert torch.equal(lm.model(**enc).logits, base)
+
+
+def test_additive_shift_follows_the_activations_dtype():
+    shift = AdditiveShift(torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
+    a = torch.zeros(2, 2, 2, dtype=torch.float64)
+    out = shift(a)
+    assert out.dtype == torch.float64 and out.device == a.device
+    torch.testing.assert_close(out[1], torch.tensor([[1.0, 0.0], [0.0, 0.5]], dtype=torch.float64))

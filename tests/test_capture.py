@@ -28,6 +28,22 @@ def test_batched_capture_equals_one_by_one_and_is_cached(tiny_gemma, tmp_path, m
     assert torch.equal(again[0], acts[0])
 
 
+def test_cached_activations_are_keyed_by_dtype(tmp_path, monkeypatch):
+    """fp32 activations are not served to a bf16 run of the same model (nor the other way round)."""
+    from bench.capture import cache_key
+    from bench.models import tiny_model
+
+    monkeypatch.setenv("BENCH_ACTIVATION_CACHE", str(tmp_path))
+    texts = [qa_text("Why?", "No.")]
+    assert cache_key("m", "torch.float32", "heads", 0, texts) != cache_key("m", "torch.bfloat16", "heads", 0, texts)
+    lm = tiny_model("llama", seed=0)  # its own copy: the session's tiny models must stay float32
+    fp32 = capture(lm, texts, [0])
+    lm.model.to(torch.bfloat16)
+    bf16 = capture(lm, texts, [0])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and bf16[0].dtype == torch.float32
+    assert not torch.equal(fp32[0], bf16[0])
+
+
 def test_capture_rejects_out_of_range_layers(tiny_llama):
     with pytest.raises(ValueError, match="out of range"):
         capture(tiny_llama, ["Q: a A: b"], [7])

@@ -1,7 +1,7 @@
 import torch
 
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
-from florain.region import build_regions
+from florain.region import build_regions, pooled_covariance, shrink
 from florain.train import per_head_loss, training_pairs
 
 
@@ -55,6 +55,40 @@ def test_training_reduces_the_loss_and_keeps_the_best_epoch_per_head():
     assert after.mean() < before.mean()
     val_curve = torch.tensor(fitted.train.val_loss)
     assert fitted.train.best_epoch == val_curve.argmin(0).tolist()
+
+
+
+def test_each_head_is_restored_to_its_best_validation_epoch():
+    """Validation questions whose labels are flipped pull the other way, so the best epochs are early ones; the
+    restored map then scores exactly each head's best validation loss."""
+    acts, labels, groups = _synthetic(3)
+    tr, va = groups < 24, groups >= 24
+    cfg = FlorainConfig(rank=4, alpha=0.5, lam=1.0, epochs=30, lr=1e-2, batch_size=32)
+    fitted = fit_florain(acts[tr], labels[tr], groups[tr], acts[va], 1 - labels[va], groups[va], cfg)
+    val_curve = torch.tensor(fitted.train.val_loss)
+    assert min(fitted.train.best_epoch) < cfg.epochs - 1  # a restore that differs from the last epoch
+    vrows, vowner = training_pairs(groups[va], fitted.val_regions)
+    restored = per_head_loss(fitted.mapping, acts[va][vrows], vowner, fitted.val_regions).mean(0)
+    torch.testing.assert_close(restored, val_curve.min(0).values, atol=1e-5, rtol=1e-5)
+
+
+def test_validation_regions_use_the_training_geometry_exactly():
+    """Validation regions are built with the training fold's float64 Σ and μ⁺ − μ⁻: with an ill-conditioned Σ
+    the validation precision is the training precision bit for bit (re-inverting a float32-rounded Σ was not)."""
+    acts, labels, groups = _synthetic(4)
+    acts[..., 3] = acts[..., 2] + 1e-3 * acts[..., 3]  # nearly collinear dimensions: κ(Σ) ≈ 1e6
+    tr, va = groups < 24, groups >= 24
+    cfg = FlorainConfig(rank=2, alpha=0.5, lam=1.0, epochs=1)
+    fitted = fit_florain(acts[tr], labels[tr], groups[tr], acts[va], labels[va], groups[va], cfg)
+    cov = shrink(pooled_covariance(acts[tr], labels[tr], groups[tr]), cfg.beta)
+    pos = labels[tr].bool()
+    direction = acts[tr][pos].double().mean(0) - acts[tr][~pos].double().mean(0)
+    val = build_regions(acts[va], labels[va], groups[va], alpha=cfg.alpha, lam=fitted.lam, covariance=cov,
+                        global_direction=direction)
+    for field in ("precision", "centres", "rho"):
+        assert torch.equal(getattr(fitted.val_regions, field), getattr(val, field)), field
+    assert torch.equal(fitted.val_regions.precision, fitted.regions.precision)
+    assert fit_florain(acts[tr], labels[tr], groups[tr], acts[:0], labels[:0], groups[:0], cfg).val_regions is None
 
 
 def test_training_is_seeded():

@@ -162,10 +162,15 @@ def test_plot_tradeoff_and_toxicity_fluency(tmp_path):
     assert sorted(p.name for p in paths) == ["toxicity_fluency.png", "toxicity_fluency.svg", "tradeoff.png",
                                              "tradeoff.svg"]
     svg = (tmp_path / "tradeoff.svg").read_text()
-    for gid in ("series-a-none", "series-a-florain", "series-b-iti"):
+    for gid in ("series-a-none", "series-a-florain", "series-b-iti", "reference-a"):
         assert f'id="{gid}' in svg
+    assert 'id="reference-b' not in svg  # model b has no unintervened run: no cross
+    assert "a (20 questions)" in svg and "b (20 questions)" in svg  # one panel per model
     assert "Info (% of answers judged informative)" in svg and "True (% of answers judged true)" in svg
-    assert 'id="series-b-iti' in (tmp_path / "toxicity_fluency.svg").read_text()
+    tox = (tmp_path / "toxicity_fluency.svg").read_text()
+    assert 'id="series-b-iti' in tox and "under gemma3-270m, lower" in tox and "log scale" not in tox
+    runs[1]["metrics"]["fluency_ppl"] = _m(400.0, 5.0)  # 10 vs 400 on model a: a log axis
+    assert "PPL, log scale" in plot_results(runs, tmp_path)[-1].read_text()
     assert plot_results([{"config": {"model": "a", "method": "none"}, "metrics": {"mc2": _m(0.4)}}], tmp_path) == []
     with pytest.raises(ValueError, match="True and Info"):
         plot_tradeoff([{"config": {"model": "a", "method": "none"}, "metrics": {"mc2": _m(0.4)}}], tmp_path)
