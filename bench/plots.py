@@ -205,7 +205,7 @@ def _finish(fig: plt.Figure, panels: list[tuple[str, plt.Axes]], title: str, ste
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1))
+    fig.tight_layout()
     fig.legend(handles.values(), handles.keys(), fontsize=8, title="method", title_fontsize=8, loc="upper left",
                bbox_to_anchor=(1.0, 0.9))
     for _, ax in panels:
@@ -286,11 +286,10 @@ def plot_toxicity_fluency(results: list[dict], output: Path, name: str = "toxici
         plt.close(fig)
         raise ValueError("no run has toxicity and fluency metrics (run --task toxicity)")
     for model, ax in panels:
-        flu = {(r.get("scorer") or {}).get("fluency_model", "?") for r in results
-               if r["config"]["model"] == model and "fluency_ppl" in r["metrics"]}
+        runs = [r for r in results if r["config"]["model"] == model and "fluency_ppl" in r["metrics"]]
+        flu = {(r.get("scorer") or {}).get("fluency_model", "?") for r in runs}
+        ppl = [r["metrics"]["fluency_ppl"]["mean"] for r in runs]
         ax.set_title(model, fontsize=10)
-        ppl = [r["metrics"]["fluency_ppl"]["mean"] for r in results
-               if r["config"]["model"] == model and "fluency_ppl" in r["metrics"]]
         log = min(ppl) > 0 and max(ppl) / min(ppl) >= 10  # an order of magnitude apart: log keeps both ends legible
         if log:
             ax.set_xscale("log")
