@@ -405,6 +405,10 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             res["seconds"] = timings[f"{part}_s"] = time.perf_counter() - tp
             res["git"] = state.git[part_file.name] = git_commit()
             write_json(part_file, res)
+            # one line per part: progress bars do not draw when the output is a log file
+            echo(f"fold {fold.fold}: {part} done in {res['seconds']:.1f} s ("
+                 + ", ".join(f"{m} {v['mean']:.4f}" for m, v in res["metrics"].items()
+                             if isinstance(v, dict) and "mean" in v) + ")")
             results_parts[part] = res
             computed.add(part)
         metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}

@@ -295,6 +295,10 @@ def test_a_run_finished_before_a_part_existed_gains_only_that_part(tiny_dir, tqa
     # options the run left at their defaults and the caller spells out (as make reproduce-table1 does) are the same run
     again = run_point(RunConfig(**cfg, options={"seed": 42, "compile": True}), out, str(tqa_dir), echo=said.append)
     assert any("finished without fold_0.fluency, fold_1.fluency" in s for s in said)
+    # each computed part logs one line with its scores (progress bars do not draw in a log file); reused parts do not
+    done = [s for s in said if " done in " in s]
+    assert [s.split(":")[0] for s in done] == ["fold 0", "fold 1"] and all("fluency done" in s for s in done), said
+    assert all("answer_nll" in s and "empty_share" in s for s in done), done
     assert again["metrics"] == first["metrics"] and (out / "generations_fold0.jsonl").read_text() == gens
     assert set(again["timings"]["reused"]) == {"fold_0.fit.json", "fold_0.gen.json", "fold_1.fit.json", "fold_1.gen.json"}
     assert again["timings"]["earlier_total_s"] == [old["timings"]["total_s"]]
