@@ -23,7 +23,9 @@ from bench.data.truthfulqa import Question
 from bench.interventions import Intervention
 from bench.models import LoadedModel, load_model
 
-POSITIONS = ("all", "last")
+# Log-likelihood requests edit every token. ``last`` is refused: lm-eval right-pads these batches without an
+# attention mask, so the last column of a shorter row is padding, and the position is not where a row ends.
+POSITIONS = ("all",)
 
 
 @register_model("intervened")
@@ -32,14 +34,17 @@ class InterventionLM(HFLM):
 
     Model args: ``pretrained`` (registry alias, Hub id or local directory), ``intervention`` (a saved
     intervention directory; omit for the plain model), ``positions`` (log-likelihood requests: ``all`` tokens,
-    the default, or ``last``), ``device``, ``dtype``; other HFLM args (e.g. ``batch_size``) pass through.
+    the only policy), ``device``, ``dtype``; other HFLM args (e.g. ``batch_size``) pass through.
     Generation requests always use the generation policy: the last prompt token and every generated token.
     """
 
     def __init__(self, pretrained: str | LoadedModel, intervention: str | Intervention | None = None,
                  positions: str = "all", device: str | None = None, dtype: str | None = None, **kwargs):
         if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+            why = (" ('last' would edit a padding column in every row shorter than its batch's longest: lm-eval "
+                   "right-pads log-likelihood batches; generation requests already use the last-token policy)"
+                   if positions == "last" else "")
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}{why}")
         lm = pretrained if isinstance(pretrained, LoadedModel) else load_model(str(pretrained), device=device, dtype=dtype)
         self._bench_lm = lm
         if isinstance(intervention, (str, Path)):

@@ -64,3 +64,13 @@ def test_plugin_applies_a_saved_intervention(tiny_llama, tiny_dir, tqa_dir, tmp_
     plain = _lm_eval_scores(tiny_dir, questions, tmp_path / "a")
     steered = _lm_eval_scores(tiny_dir, questions, tmp_path / "b", intervention=str(tmp_path / "iv"))
     assert steered["mc2"] != pytest.approx(plain["mc2"], abs=1e-6)
+
+
+def test_plugin_refuses_a_last_position_policy_for_log_likelihoods(tiny_dir):
+    """lm-eval right-pads log-likelihood batches: a last-column edit would land on padding, so it is refused."""
+    from bench.lm_eval_plugin import InterventionLM
+
+    with pytest.raises(ValueError, match="positions must be one of \\('all',\\), got 'last'.*right-pads"):
+        InterventionLM(pretrained=str(tiny_dir), positions="last")
+    with pytest.raises(ValueError, match="got 'every'"):
+        InterventionLM(pretrained=str(tiny_dir), positions="every")
