@@ -55,7 +55,6 @@ class InterventionLM(HFLM):
                 raise ValueError(f"{intervention} is a prompt-only method ({self._intervention.method}); "
                                  "use lm-eval's --num_fewshot instead")
             self._intervention.check_model(lm)
-        self._positions = positions
         kwargs.pop("tokenizer", None)
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **kwargs)
 
@@ -65,7 +64,7 @@ class InterventionLM(HFLM):
         return self._intervention.applied(self._bench_lm, positions=positions)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        with self._active(self._positions):
+        with self._active("all"):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):

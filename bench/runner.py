@@ -279,6 +279,11 @@ class _Run:
         return iv, fit_s, rel
 
 
+def _scores(metrics: dict) -> str:
+    """``name mean, ...`` of the metrics that are summaries (for the log lines)."""
+    return ", ".join(f"{m} {v['mean']:.4f}" for m, v in metrics.items() if isinstance(v, dict) and "mean" in v)
+
+
 def _merge_records(parts: dict[str, dict]) -> list[dict]:
     by_index: dict[int, dict] = {}
     for part in parts.values():
@@ -406,9 +411,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             res["git"] = state.git[part_file.name] = git_commit()
             write_json(part_file, res)
             # one line per part: progress bars do not draw when the output is a log file
-            echo(f"fold {fold.fold}: {part} done in {res['seconds']:.1f} s ("
-                 + ", ".join(f"{m} {v['mean']:.4f}" for m, v in res["metrics"].items()
-                             if isinstance(v, dict) and "mean" in v) + ")")
+            echo(f"fold {fold.fold}: {part} done in {res['seconds']:.1f} s ({_scores(res['metrics'])})")
             results_parts[part] = res
             computed.add(part)
         metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}
@@ -430,7 +433,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         }
         write_json(fold_file, fr)
         fold_results.append(fr)
-        echo(f"fold {fold.fold}: " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in metrics.items())
+        echo(f"fold {fold.fold}: " + _scores(metrics)
              + f" ({len(state.tox_prompts) if toxicity else len(test_qs)} {'prompts' if toxicity else 'questions'}, "
                f"eval {fr['timings']['eval_s']:.1f} s)")
     combined = {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]}
