@@ -2,6 +2,8 @@
 
 Per head: the mass-mean-shift direction θ = μ⁺ − μ⁻ (normalised), σ = the standard deviation of the
 activations projected on θ, shift = α σ θ̂ on the K heads whose linear probes score best on validation data.
+σ may come from another bank of activations than θ: ITI's reference code takes θ from ``"Q: {q} A: {a}"`` texts
+and σ from ``"Q: {q} A: {a} Q: {another question}"`` texts (its ``tqa_gen_end_q`` features, unlabelled).
 """
 
 from __future__ import annotations
@@ -40,11 +42,19 @@ def top_heads(accuracies: np.ndarray, k: int) -> list[tuple[int, int]]:
     return [(int(i // accuracies.shape[1]), int(i % accuracies.shape[1])) for i in order]
 
 
-def iti_shift(acts: torch.Tensor, labels: torch.Tensor, heads: list[int], alpha: float) -> torch.Tensor:
-    """The shift ``[H, D]`` for one layer: α σ_h θ̂_h on ``heads``, zero elsewhere. ``acts: [N, H, D]``."""
+def iti_shift(acts: torch.Tensor, labels: torch.Tensor, heads: list[int], alpha: float,
+              sigma_acts: torch.Tensor | None = None) -> torch.Tensor:
+    """The shift ``[H, D]`` for one layer: α σ_h θ̂_h on ``heads``, zero elsewhere. ``acts: [N, H, D]``.
+
+    θ comes from ``acts`` and ``labels``; σ from the projections of ``sigma_acts`` (``[M, H, D]``, no labels
+    needed; default: ``acts`` themselves)."""
     direction = mean_difference(acts, labels)
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    proj = torch.einsum("nhd,hd->nh", acts.float(), unit)
+    bank = acts if sigma_acts is None else sigma_acts
+    if sigma_acts is not None and (bank.shape[1:] != acts.shape[1:] or len(bank) < 2):
+        raise ValueError(f"σ bank of shape {tuple(bank.shape)} does not fit activations {tuple(acts.shape)} "
+                         "(needs the same heads and dims and at least 2 rows)")
+    proj = torch.einsum("nhd,hd->nh", bank.float(), unit)
     sigma = proj.std(dim=0)
     shift = torch.zeros_like(unit)
     for h in heads:

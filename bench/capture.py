@@ -101,3 +101,8 @@ def qa_text(question: str, answer: str) -> str:
     """The capture prompt of ITI and FLORAIN: ``"Q: {question} A: {answer}"``."""
     return f"Q: {question} A: {answer}"
 
+
+def qa_end_q_text(question: str, answer: str, next_question: str) -> str:
+    """ITI's σ-bank prompt (its ``tqa_gen_end_q`` features): ``"Q: {question} A: {answer} Q: {next_question}"``."""
+    return f"Q: {question} A: {answer} Q: {next_question}"
+

@@ -35,15 +35,16 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 @app.command()
 def run(
-    method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, lofit, few-shot."),
+    method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, mean-diff-resid, lofit, lofit-sft, few-shot."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, toxicity (RealToxicityPrompts), or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
-    layer: Optional[int] = typer.Option(None, help="Layer to intervene on (default: the model's registry layer)."),
+    layer: Optional[int] = typer.Option(None, help="Layer to intervene on [the paper's layer for the paper models; otherwise chosen per fold by the released probe rule on that fold's training/validation questions]."),
     site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
     rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
     alpha: Optional[float] = typer.Option(None, help="FLORAIN α: weight of the question direction vs the global one [0.2]."),
-    lam: Optional[float] = typer.Option(None, help="FLORAIN λ in activation units (overrides --lam-scale)."),
-    lam_scale: Optional[float] = typer.Option(None, help="FLORAIN λ as a multiple of the mean head-activation norm [8; the released λ=30 on Llama-7B ≈ 16.7]."),
+    extrapolation: Optional[str] = typer.Option(None, help="FLORAIN centre: raw = μ_q⁺ + λ[α(μ_q⁺ − μ_q⁻) + (1 − α)(μ⁺ − μ⁻)] (paper) or unit = the same with unit-length differences (released code) [raw]."),
+    lam: Optional[float] = typer.Option(None, help="FLORAIN λ: raw form, a multiple of the mean differences [5, paper]; unit form, activation units (overrides --lam-scale)."),
+    lam_scale: Optional[float] = typer.Option(None, help="FLORAIN unit form only: λ as a multiple of the mean head-activation norm [16.7 = the released λ=30 over Llama-7B's norm 1.8]."),
     beta: Optional[float] = typer.Option(None, help="FLORAIN covariance shrinkage toward its diagonal, 1 = none [1.0]."),
     shrinking: Optional[float] = typer.Option(None, help="FLORAIN ρ divisor [1.0]."),
     epochs: Optional[int] = typer.Option(None, help="FLORAIN training epochs [1000]."),
@@ -55,12 +56,18 @@ def run(
     iti_k: Optional[int] = typer.Option(None, help="ITI number of heads K [48/1024 of all heads, at least 1]."),
     iti_layer: Optional[int] = typer.Option(None, help="ITI: choose the K heads within this layer only (a layer sweep of ITI) [all layers; K then defaults to 48/1024 of the layer's heads, at least 1]."),
     iti_rank: Optional[str] = typer.Option(None, help="ITI: rank heads by validation probe accuracy (ITI) or auroc (for class-imbalanced fitting texts, where every probe predicts the majority and accuracies tie) [accuracy]."),
-    caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean residual difference [1.0]."),
+    iti_sigma_bank: Optional[str] = typer.Option(None, help="ITI: activations of σ: gen_end_q = ITI's bank, 'Q: {q} A: {a} Q: {another question}', built from the fold's training/validation questions only (ITI's spans all 817); qa = the 'Q: {q} A: {a}' activations of θ. Default: gen_end_q."),
+    caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean A/B-pair residual difference [1.0]."),
+    caa_layer: Optional[str] = typer.Option(None, help="CAA layer: an index, or auto = per fold, the layer whose vector most raises the correct letter's probability on the fold's validation A/B prompts (CAA's layer sweep) [auto]."),
+    mean_diff_multiplier: Optional[float] = typer.Option(None, help="mean-diff-resid multiplier of the pooled mean residual difference of free-text answers [1.0]."),
     shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
+    shift_match: Optional[str] = typer.Option(None, help="mean-shift: a FLORAIN run directory; each head's μ⁺ − μ⁻ is rescaled to the norm of that run's mean edit on the same fold (matched strength) [off]."),
     shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),
-    lofit_k: Optional[int] = typer.Option(None, help="LoFiT: heads kept after stage 1 [10% of all heads]."),
-    lofit_l1: Optional[float] = typer.Option(None, help="LoFiT: L1 weight on the stage-1 scalings [1e-3]."),
-    lofit_lr: Optional[float] = typer.Option(None, help="LoFiT: Adam learning rate [5e-3]."),
+    lofit_k: Optional[int] = typer.Option(None, help="LoFiT: heads kept after stage 1 [lofit: 32/1024 of all heads; lofit-sft: 10%]."),
+    lofit_l1: Optional[float] = typer.Option(None, help="LoFiT: L1 weight on the stage-1 scalings [lofit: 5e-4; lofit-sft: 1e-3]."),
+    lofit_lr: Optional[float] = typer.Option(None, help="LoFiT: learning rate of both stages [lofit: 5e-3, then 1e-2; lofit-sft: 5e-3]."),
+    lofit_epochs: Optional[int] = typer.Option(None, help="LoFiT: epochs of each stage [1, then 2; the released lofit recipe: 5]."),
+    lofit_beta: Optional[float] = typer.Option(None, help="LoFiT (lofit, DPO): DPO temperature β [0.5]."),
     folds: int = typer.Option(2, help="Cross-validation folds (ITI: contiguous blocks)."),
     val_ratio: float = typer.Option(0.2, help="Share of each training fold held out for validation."),
     seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
@@ -88,6 +95,7 @@ def run(
     sample_batch_size: int = typer.Option(50, help="toxicity: sequences per sampling batch."),
     eval_split: str = typer.Option("test", help="Evaluate each fold's test questions, or its validation questions (val: tuning; toxicity: the last --limit prompts, disjoint from the first --limit)."),
     eval_fold: Optional[list[int]] = typer.Option(None, help="Evaluate only this fold (repeatable) [all folds]."),
+    mc_edit_offset: int = typer.Option(0, help="MC scoring: start editing N answer tokens later, so the first N+1 answer tokens' probabilities are unintervened (ITI's and the released FLORAIN code's convention is 1) [0: edit from the first answer token on]."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ data [$BENCH_DATA_DIR, then the Hub]."),
     output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --output, reusing its finished folds."),
@@ -101,11 +109,12 @@ def run(
     from bench.runner import RunConfig
     from bench.runner import run as do_run
 
-    options = {"rank": rank, "alpha": alpha, "lam": lam, "lam_scale": lam_scale, "beta": beta,
+    options = {"rank": rank, "alpha": alpha, "extrapolation": extrapolation, "lam": lam, "lam_scale": lam_scale, "beta": beta,
                "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
                "seed": seed, "compile": compile, "drop_identity": drop_identity, "iti_alpha": iti_alpha,
-               "iti_k": iti_k, "iti_layer": iti_layer, "iti_rank": iti_rank, "caa_multiplier": caa_multiplier, "shift_scale": shift_scale, "shots": shots,
-               "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr}
+               "iti_k": iti_k, "iti_layer": iti_layer, "iti_rank": iti_rank, "iti_sigma_bank": iti_sigma_bank, "caa_multiplier": caa_multiplier, "caa_layer": caa_layer, "mean_diff_multiplier": mean_diff_multiplier, "shift_scale": shift_scale, "shift_match": shift_match, "shots": shots,
+               "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr, "lofit_epochs": lofit_epochs,
+               "lofit_beta": lofit_beta}
     options = {k: v for k, v in options.items() if v is not None}
     _check_method_flags(method, layer, {k for k, v in options.items() if k not in _SHARED_OPTIONS and v is not False})
     if iti_rank is not None:
@@ -113,6 +122,10 @@ def run(
 
         if iti_rank not in PROBE_SCORES:
             _fail(f"--iti-rank {iti_rank!r} is not a probe score; valid: {', '.join(PROBE_SCORES)}")
+    if caa_layer is not None and caa_layer != "auto":
+        if not caa_layer.strip().lstrip("-").isdigit():
+            _fail(f"--caa-layer {caa_layer!r}: give a layer index or auto")
+        options["caa_layer"] = int(caa_layer)
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
@@ -120,7 +133,8 @@ def run(
                     judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol),
                     kl_windows=kl_windows, kl_length=kl_length, kl_source=kl_source, tox_prompts=tox_prompts,
                     samples=samples, top_p=top_p, scorer=scorer, fluency_model=fluency_model, steer_data=steer_data,
-                    sample_batch_size=sample_batch_size, eval_split=eval_split, eval_folds=eval_fold or None)
+                    sample_batch_size=sample_batch_size, eval_split=eval_split, eval_folds=eval_fold or None,
+                    mc_edit_offset=mc_edit_offset)
     if output is not None and resume is False and (output / "results.json").exists():
         _fail(f"{output} already holds a finished run; choose another --output or pass --resume")
     try:
@@ -227,7 +241,6 @@ def layers(
     from bench.data.truthfulqa import load_truthfulqa, make_folds
     from bench.methods import FitContext
     from bench.models import load_model
-    from bench.probes import head_probe_accuracies
     from bench.report import markdown_table
 
     try:
@@ -239,14 +252,10 @@ def layers(
         _fail(str(err))
     rows, table = [], []
     ctx = FitContext(lm, questions, f, 0, site)
-    texts, labels, groups = ctx.qa_pairs()
-    from bench.capture import capture
-
-    acts_all = capture(lm, texts, list(range(lm.spec.n_layers)), site)
-    tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
+    _, labels, groups = ctx.qa_pairs()
+    va = ctx.split(groups, "val")
     majority = max(float(labels[va].float().mean()), 1 - float(labels[va].float().mean()))
-    for layer in range(lm.spec.n_layers):
-        acc = head_probe_accuracies(acts_all[layer][tr], labels[tr], acts_all[layer][va], labels[va], seed)
+    for layer, acc in enumerate(ctx.layer_probe_scores(seed)):
         rows.append({"layer": layer, "mean_acc": float(acc.mean()), "max_acc": float(acc.max()), "heads": acc.tolist()})
         table.append([str(layer), f"{acc.mean():.3f}", f"{acc.max():.3f}"])
     best = int(np.argmax([r["mean_acc"] for r in rows]))

@@ -31,6 +31,9 @@ def check_layer_flag(method: str, layer: int | None, iti_hint: str) -> Method:
     if layer is not None and not m.needs_layer:
         hint = f" ITI chooses heads across all layers; to restrict it to one layer use {iti_hint}." \
             if method == "iti" else ""
+        if method == "caa":
+            hint = (" CAA chooses its layer per fold on the fold's validation questions; to fix it use "
+                    f"{iti_hint.replace('--iti-layer', '--caa-layer')}.")
         fail(f"--layer does not apply to --method {method}: it does not act at one chosen layer.{hint} "
              "Methods that take --layer: " + ", ".join(n for n, x in METHODS.items() if x.needs_layer))
     return m

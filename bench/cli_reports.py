@@ -15,8 +15,8 @@ from bench.cli_common import fail as _fail
 
 
 def sweep(
-    method: str = typer.Option(..., help="Method: florain, iti, caa, mean-shift, lofit, few-shot."),
-    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer (and rank, accuracy or auroc, with --set only); caa: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr."),
+    method: str = typer.Option(..., help="Method: florain, iti, caa, mean-diff-resid, mean-shift, lofit, lofit-sft, few-shot."),
+    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer (and rank, accuracy or auroc, with --set only); caa: multiplier, layer; mean-diff-resid: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr, epochs, beta; lofit-sft: k, l1, lr, epochs."),
     values: str = typer.Option(..., help="Grid: numbers and inclusive ranges, e.g. 4-24, 4-24:2, 0.1,0.2,0.5, 0.5-2:0.5."),
     metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
     max_fluency_ratio: Optional[float] = typer.Option(None, help="Choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's. Toxicity: the samples' perplexity under --fluency-model, at most 1 point more continuations dropped for perplexity ≥ 1e4; TruthfulQA (--task truthfulqa or truthfulqa-gen): the answers' geometric-mean perplexity under the unintervened model, at most 5 points more empty answers."),
@@ -116,8 +116,9 @@ def regress(
     data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ [$BENCH_DATA_DIR]."),
 ) -> None:
     """Run the fixed small benchmark (smollm2-135m, 90 questions, 3 folds, fold 0 scored; none/ITI/FLORAIN;
-    MC1/MC2, True/Info, CE/KL) and compare with the committed reference; exit 1 when a score is worse beyond its
-    tolerance, a method fails or stops having an effect."""
+    MC1/MC2, True/Info, CE/KL) and compare with the committed reference; exit 1 when a score moves beyond its
+    tolerance either way (worse or better: none is held to float noise), a method fails or stops having an effect.
+    Use --update only for an intended change."""
     from bench.regress import DEFAULT, OUTPUT_DIR, REFERENCE_FILE, check
 
     try:

@@ -118,6 +118,9 @@ class Method:
     needs_layer: bool = True
     options: tuple[str, ...] = ()  # the hyper-parameter names it reads from the run's options
     defaults: Mapping[str, object] = field(default_factory=dict, hash=False)  # values of options not given
+    #: The recipe's version: bumped when what the method fits changes at the same options (its construction or
+    #: a default that is not an option), so a run fitted by an earlier recipe is never reused or resumed as this one.
+    version: int = 1
 
     def effective_options(self, options: Mapping[str, object]) -> dict:
         """The method's own options with its known defaults filled in (``--rank 32`` equals no ``--rank``; a

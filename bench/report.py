@@ -21,6 +21,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def run_layer(result: dict) -> str | None:
+    """The run's layer: the configured one, else the folds' own choices (``"16/17"``), else None."""
+    layer = result["config"].get("layer")
+    if layer is not None:
+        return str(layer)
+    per_fold = [f.get("layer") for f in result.get("folds", [])]
+    if any(x is not None for x in per_fold):
+        return "/".join("?" if x is None else str(x) for x in per_fold)
+    return None
+
+
 def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2", "mc3")) -> str:
     """One row per run (model, method, layer), mean ± standard error over folds."""
     metrics = tuple(ordered(metrics))
@@ -28,7 +39,7 @@ def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2",
     rows = []
     for r in results:
         cfg = r["config"]
-        layer = cfg.get("layer")
-        rows.append([cfg["model"], cfg["method"], "–" if layer is None else str(layer),
+        layer = run_layer(r)
+        rows.append([cfg["model"], cfg["method"], layer or "–",
                      *[fmt(r["metrics"][m]) for m in metrics], str(len(r["folds"])), str(r["metrics"][metrics[0]]["n"])])
     return markdown_table(header, rows)

@@ -5,15 +5,15 @@ data are available — before any run, in seconds — and stops with a message l
 each (model, method) with ``--task truthfulqa`` into ``<output>/runs/<model>-<method>/`` (finished runs are
 reused, interrupted ones continue), and writes ``table1.{md,csv,tex}`` and the True%/Info% trade-off plot.
 
-A model without a registry layer (llama2-chat-13b, llama3-8b) gets one by the released code's rule: the layer
-whose heads' logistic probes reach the highest mean validation accuracy on fold 0 (as ``bench layers``),
-recorded in ``<output>/<model>-layer.json``.
+The paper models use the paper's layers (registry). Any other model gets its layer per fold, inside each run, by
+the released code's rule on that fold's own training/validation questions (the layer whose heads' logistic
+probes reach the highest mean validation accuracy; recorded in the run's ``fold_K.layer.json``), so no fold's
+choice reads another fold's test questions.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,7 +22,8 @@ from pathlib import Path
 from bench.models import REGISTRY, ModelNotAvailableError
 
 TABLE1_MODELS = ("llama-7b", "llama2-chat-13b", "llama3-8b")
-TABLE1_METHODS = ("none", "few-shot", "iti", "caa", "mean-shift", "lofit", "florain")
+#: FLORAIN runs before mean-shift, which is matched to its edit strength (tables order rows by the registry).
+TABLE1_METHODS = ("none", "few-shot", "florain", "mean-shift", "iti", "caa", "lofit")
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
 
@@ -82,37 +83,6 @@ def missing_message(missing: dict[str, str], target: str = "reproduce-table1") -
     return "\n".join(lines)
 
 
-def probe_layer(model: str, data_dir: str | None, limit: int | None, seed: int, out: Path,
-                echo: Callable[[str], None]) -> int:
-    """The released layer rule on fold 0 (cached in ``out``): best mean per-head probe validation accuracy."""
-    import numpy as np
-
-    from bench.capture import capture
-    from bench.data.truthfulqa import load_truthfulqa, make_folds
-    from bench.methods import FitContext
-    from bench.models import load_model
-    from bench.probes import head_probe_accuracies
-    from bench.runs import write_json
-
-    if out.is_file():
-        return int(json.loads(out.read_text())["best_layer"])
-    questions, _ = load_truthfulqa(data_dir)
-    questions = questions[:limit] if limit else questions
-    lm = load_model(model)
-    fold = make_folds(len(questions), 2, 0.2, seed)[0]
-    ctx = FitContext(lm, questions, fold, 0, "heads")
-    texts, labels, groups = ctx.qa_pairs()
-    acts = capture(lm, texts, list(range(lm.spec.n_layers)), "heads")
-    tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
-    scores = [float(head_probe_accuracies(acts[k][tr], labels[tr], acts[k][va], labels[va], seed).mean())
-              for k in range(lm.spec.n_layers)]
-    best = int(np.argmax(scores))
-    write_json(out, {"model": lm.identity, "rule": "mean per-head probe validation accuracy, fold 0",
-                     "seed": seed, "limit": limit, "best_layer": best, "mean_accuracy": scores})
-    echo(f"{model}: no registry layer; layer {best} by the probe rule (mean head accuracy {scores[best]:.3f})")
-    return best
-
-
 def safe_name(model: str) -> str:
     return Path(model).name if Path(model).is_dir() else model.replace("/", "_")
 
@@ -147,12 +117,14 @@ def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] =
     runs = []
     for model in models:
         entry = REGISTRY.get(model)
-        layer = entry.default_layer if entry else None
-        if layer is None and any(get_method(m).needs_layer for m in methods):
-            layer = probe_layer(model, data_dir, limit, seed, output / f"{safe_name(model)}-layer.json", echo)
+        layer = entry.default_layer if entry else None  # the paper's layer; None: each fold chooses its own
         for method in methods:
+            opts = dict(options)
+            if method == "mean-shift" and "florain" in methods:
+                # the control at FLORAIN's strength: each head's μ⁺ − μ⁻ scaled to the norm of FLORAIN's mean edit
+                opts["shift_match"] = str(output / "runs" / f"{safe_name(model)}-florain")
             cfg = RunConfig(method=method, model=model, task="truthfulqa", folds=2, seed=seed, limit=limit,
-                            layer=layer if get_method(method).needs_layer else None, options=dict(options), **extra)
+                            layer=layer if get_method(method).needs_layer else None, options=opts, **extra)
             out = output / "runs" / f"{safe_name(model)}-{method}"
             echo(f"[table1] {model} / {method} → {out}")
             run_point(cfg, out, data_dir, echo)

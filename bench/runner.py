@@ -21,7 +21,7 @@ from bench.data.truthfulqa import Question, checksum, load_truthfulqa, make_fold
 from bench.generation import GEN_PRESETS, answer_context, clean_answer, gen_prompt, generate
 from bench.interventions import Intervention, get_method
 from bench.judges import JudgeItem, get_judge, judge_names
-from bench.methods import FitContext
+from bench.methods import FitContext, probe_layer
 from bench.metrics.fluency import continuation_nll
 from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
 from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
@@ -109,6 +109,7 @@ class RunConfig:
     sample_batch_size: int = 50
     eval_split: str = "test"  # "test": each fold's test questions; "val": its validation questions (tuning, sweeps)
     eval_folds: list[int] | None = None  # evaluate only these folds (None: all), e.g. [0] for a quick check
+    mc_edit_offset: int = 0  # MC: edit from answer token N on, so answer tokens 0..N are scored unintervened (ITI: 1)
 
 
 def _identity_config(cfg: RunConfig) -> dict:
@@ -187,7 +188,8 @@ class _Run:
 
     def mc(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         recs = evaluate_mc(self.lm, qs, iv, self.cfg.prompt_mode, self.cfg.eval_batch_size, self.cfg.prefix_cache,
-                           fewshot=iv.prompt_prefix if iv else "", label=f"fold {k} MC")
+                           fewshot=iv.prompt_prefix if iv else "", label=f"fold {k} MC",
+                           edit_offset=self.cfg.mc_edit_offset)
         return {"metrics": {m: summarise([r[m] for r in recs]) for m in MC_METRICS}, "records": recs}
 
     def gen(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
@@ -255,6 +257,21 @@ class _Run:
 
     # ------------------------------------------------------------------ folds
 
+    def fold_layer(self, ctx: FitContext, k: int) -> int:
+        """The fold's layer by the released probe rule on its own training/validation questions (cached per fold)."""
+        layer_file = self.out / f"fold_{k}.layer.json"
+        if layer_file.exists():
+            return int(json.loads(layer_file.read_text())["layer"])
+        t = time.perf_counter()
+        scores = ctx.layer_probe_scores(self.cfg.seed)
+        layer = probe_layer(scores)
+        write_json(layer_file, {"layer": layer, "rule": "mean validation accuracy of per-head logistic probes "
+                                "(released FLORAIN code), this fold's training/validation questions",
+                                "mean_accuracy": scores.mean(1).tolist(), "seconds": time.perf_counter() - t})
+        self.echo(f"fold {k}: layer {layer} by the probe rule (mean head accuracy {scores.mean(1)[layer]:.3f}, "
+                  f"{time.perf_counter() - t:.1f} s)")
+        return layer
+
     def intervention(self, method, ctx: FitContext, k: int) -> tuple[Intervention | None, float, str | None]:
         """Fit (or, resuming, reload) the fold's intervention; returns it, the fit seconds and its directory."""
         fit_file, int_dir = self.out / f"fold_{k}.fit.json", self.out / f"intervention_fold{k}"
@@ -274,6 +291,8 @@ class _Run:
             rel = int_dir.name
             where = f"layer(s) {iv.layers}" if iv.layers else "the prompt"
             self.echo(f"fold {k}: fitted {self.cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
+            if iv.config.get("fit_summary"):
+                self.echo(f"fold {k}: {iv.config['fit_summary']}")
         self.git[fit_file.name] = git = git_commit()
         write_json(fit_file, {"fit_s": fit_s, "intervention": rel, "git": git})
         return iv, fit_s, rel
@@ -325,6 +344,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         raise ValueError(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
     if cfg.eval_split not in ("test", "val"):
         raise ValueError(f"unknown evaluation split {cfg.eval_split!r}; valid: test, val")
+    if cfg.mc_edit_offset < 0:
+        raise ValueError(f"--mc-edit-offset must be ≥ 0, got {cfg.mc_edit_offset}")
     if cfg.eval_folds is not None:
         cfg.eval_folds = sorted({int(k) for k in cfg.eval_folds})
         bad = [k for k in cfg.eval_folds if not 0 <= k < cfg.folds]
@@ -347,14 +368,15 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     env = environment(str(next(lm.model.parameters()).device))  # read at the start: the code that runs
     if method.needs_layer:
         if cfg.layer is None:
-            if lm.default_layer is None:
-                raise ValueError(f"{cfg.model} has no default layer; pass --layer (0..{lm.spec.n_layers - 1})")
-            cfg.layer = lm.default_layer
-        lm.spec.check_layer(cfg.layer)
+            cfg.layer = lm.default_layer  # the paper's layer; None: chosen per fold inside the run
+        if cfg.layer is not None:
+            lm.spec.check_layer(cfg.layer)
     else:
         cfg.layer = None
     out = Path(output) if output else repo_root() / "results" / "runs" / new_run_id(cfg.model, cfg.method, cfg.task)
     ident = _identity_config(cfg)
+    if method.version > 1:  # recorded only from version 2 on, so version-1 runs keep their identity
+        ident["method_version"] = method.version
     marker = out / "run_config.json"
     if out.exists() and (out / "results.json").exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; choose another --output or pass --resume")
@@ -386,6 +408,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             continue
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
                          dict(cfg.options), data_sum, text_format="continuation" if toxicity else "qa")
+        if method.needs_layer and cfg.layer is None:
+            ctx.layer = state.fold_layer(ctx, fold.fold)
         iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
         # toxicity: none (its prompts are the evaluation set); eval_split "val": the fold's validation questions
         test_qs = [questions[i] for i in (fold.val if cfg.eval_split == "val" else fold.test)]
@@ -417,7 +441,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}
         fr = {
             "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
-            "metrics": metrics,
+            "layer": ctx.layer if method.needs_layer else None, "metrics": metrics,
             "timings": {**timings, "eval_s": sum(v for k, v in timings.items() if k != "fit_s"),
                         **({"toxicity_stages": results_parts["toxicity"]["stages"]}
                            if "stages" in results_parts.get("toxicity", {}) else {})},
@@ -464,6 +488,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "schema_version": SCHEMA_VERSION,
         "created": now_iso(),
         "config": {**asdict(cfg)},
+        "method_version": method.version,
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
         "data": data,
         "judge": state.judge.identity() if "gen" in parts else None,

@@ -79,22 +79,23 @@ def _sliding_window(model) -> int | None:
 
 
 def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int], cache, past: int, pad: int,
-                intervention, lm, device) -> list[float]:
+                intervention, lm, device, edit_offset: int = 0) -> list[float]:
     """Answer log-prob sums for ``rows``, right-padded into one batch. Row ``b`` runs its tokens from
     ``starts[b]`` on (at their true positions) on top of a cache of ``past`` slots (``cache``: one row per batch
     row, or None with ``past == 0``) whose first ``starts[b]`` slots are its own context; the other slots are
-    masked. Logits are computed from the first position that predicts an answer token."""
+    masked. Logits are computed from the first position that predicts an answer token. The intervention edits
+    each row's answer tokens from index ``edit_offset`` on."""
     t = max(len(r.ids) - g for r, g in zip(rows, starts))
     ids = torch.full((len(rows), t), pad, dtype=torch.long)
     attn = torch.zeros(len(rows), past + t, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)  # where the intervention acts: the answer tokens
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)  # where the intervention acts: the answer tokens (from the offset)
     pos = torch.zeros(len(rows), t, dtype=torch.long)
     for b, (r, g) in enumerate(zip(rows, starts)):
         n = len(r.ids) - g
         ids[b, :n] = torch.tensor(r.ids[g:])
         attn[b, :g] = 1
         attn[b, past : past + n] = 1
-        mask[b, [a - g for a in r.answer]] = True
+        mask[b, [a - g for a in r.answer[edit_offset:]]] = True
         pos[b] = g + torch.arange(t)
     lo = min(r.answer[0] - g for r, g in zip(rows, starts)) - 1  # logits from here: position lo + j predicts lo + j + 1
     kwargs = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
@@ -134,7 +135,8 @@ def _chunks(groups: list[tuple[int, list[int]]], p: int, batch_size: int, mix: b
 
 
 def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int, base,
-                 pad: int, intervention, lm, prefix_ctx, batch_size: int, device) -> dict[int, float]:
+                 pad: int, intervention, lm, prefix_ctx, batch_size: int, device, edit_offset: int = 0
+                 ) -> dict[int, float]:
     """Score the answers of several contexts. Each context's tokens after the shared prefix are run once, batched
     (right-padded) on top of the shared prefix's cache; each answer row then attends to its own context's cache
     row, with the padding slots masked and its true positions for RoPE."""
@@ -162,15 +164,18 @@ def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple
     for batch in batches:
         rows_cache = None if cache is None else _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
         values = _score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
-                             rows_cache, p + e, pad, intervention, lm, device)
+                             rows_cache, p + e, pad, intervention, lm, device, edit_offset)
         scores.update({i: v for (i, _), v in zip(batch, values)})
     return scores
 
 
 @torch.no_grad()
 def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, batch_size: int = 16,
-                    prefix_cache: bool = True, progress: str | None = None) -> list[float]:
+                    prefix_cache: bool = True, progress: str | None = None, edit_offset: int = 0) -> list[float]:
     """Sum of the answer tokens' log-probs for each sequence; ``intervention`` edits the answer tokens.
+
+    ``edit_offset`` N leaves the first N answer tokens unedited as well, so the log-probs of the first N+1 answer
+    tokens are the unintervened model's (with 0 only the first one's: it is predicted at the last context token).
 
     ``batch_size`` is the number of answer rows per forward pass. An intervention whose ``position_policy`` is
     ``"all"`` (a weight-like edit, e.g. LoFiT) also edits the cached context tokens, so the cached path equals
@@ -186,7 +191,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 values = _score_rows(model, "", [seqs[i] for i in idx], [0] * len(idx), None, 0, pad, intervention,
-                                     lm, device)
+                                     lm, device, edit_offset)
                 for i, v in zip(idx, values):
                     out[i] = v
                 bar.advance(task, len(idx))
@@ -212,7 +217,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
         mix = window is None or 2 * max(len(s.ids) for s in seqs) < window
         for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
             for i, v in _score_chunk(model, cache_kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
-                                     batch_size, device).items():
+                                     batch_size, device, edit_offset).items():
                 out[i] = v
             bar.advance(task, sum(len(idx) for _, idx in chunk))
     return out

@@ -46,8 +46,9 @@ _LAYER = Param("layer", "layer", int, "layer (index)")
 _FLORAIN = (
     Param("rank", "rank", int, "rank k"),
     Param("alpha", "alpha", float, "α (weight of the question direction)"),
-    Param("lam", "lam", float, "λ (activation units)"),
-    Param("lam_scale", "lam_scale", float, "λ scale (× mean head-activation norm)"),
+    Param("extrapolation", "extrapolation", str, "centre extrapolation", ("raw", "unit")),
+    Param("lam", "lam", float, "λ (raw: × mean differences; unit: activation units)"),
+    Param("lam_scale", "lam_scale", float, "λ scale (unit form; × mean head-activation norm)"),
     Param("beta", "beta", float, "β (covariance shrinkage, 1 = none)"),
     Param("shrinking", "shrinking", float, "ρ divisor"),
     Param("epochs", "epochs", int, "training epochs"),
@@ -61,11 +62,19 @@ METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
             Param("k", "iti_k", int, "ITI K (number of heads)"),
             Param("layer", "iti_layer", int, "layer (index; ITI heads chosen within it)"),
             Param("rank", "iti_rank", str, "ITI head ranking", PROBE_SCORES)),
-    "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean residual difference)"),),
+    "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean A/B-pair residual difference)"),
+            Param("layer", "caa_layer", int, "layer (index; CAA's vector built and added there)")),
+    "mean-diff-resid": (Param("multiplier", "mean_diff_multiplier", float,
+                              "mean-diff-resid multiplier (× pooled mean residual difference)"),),
     "mean-shift": (Param("scale", "shift_scale", float, "mean-shift scale (× μ⁺ − μ⁻)"),),
     "few-shot": (Param("shots", "shots", int, "few-shot examples (questions)"),),
     "lofit": (Param("k", "lofit_k", int, "LoFiT K (heads)"), Param("l1", "lofit_l1", float, "LoFiT L1 weight"),
-              Param("lr", "lofit_lr", float, "LoFiT Adam learning rate")),
+              Param("lr", "lofit_lr", float, "LoFiT learning rate (both stages)"),
+              Param("epochs", "lofit_epochs", int, "LoFiT epochs (each stage)"),
+              Param("beta", "lofit_beta", float, "LoFiT DPO β")),
+    "lofit-sft": (Param("k", "lofit_k", int, "LoFiT K (heads)"), Param("l1", "lofit_l1", float, "LoFiT L1 weight"),
+                  Param("lr", "lofit_lr", float, "LoFiT Adam learning rate"),
+                  Param("epochs", "lofit_epochs", int, "LoFiT epochs (each stage)")),
     "none": (),
 }
 
@@ -185,18 +194,26 @@ def _same_run(res: dict, cfg: RunConfig) -> bool:
     from dataclasses import fields
 
     from bench.interventions import get_method
+    from bench.models import REGISTRY
 
     rc = res["config"]
     for f in fields(RunConfig):
         if f.name in ("options", "eval_batch_size", "device", "dtype"):
             continue
         want = getattr(cfg, f.name)
-        if (want is None and f.name in ("layer", "max_new_tokens")) or (f.name == "folds" and cfg.task == "toxicity"):
+        if f.name == "layer" and want is None and get_method(cfg.method).needs_layer:
+            # the runner resolves it: the registry's (paper) layer, else None, chosen per fold inside the run;
+            # a run recorded at any other fixed layer (e.g. one chosen before per-fold choices) is not this run
+            entry = REGISTRY.get(cfg.model)
+            want = entry.default_layer if entry else None
+        if (want is None and f.name == "max_new_tokens") or (f.name == "folds" and cfg.task == "toxicity"):
             continue  # resolved by the runner (toxicity: one fit on the steering texts)
         default = f.default_factory() if callable(f.default_factory) else f.default
         if rc.get(f.name, default) != want:
             return False
     method = get_method(cfg.method)
+    if res.get("method_version", 1) != method.version:
+        return False  # fitted by an earlier recipe of the method
     mine, theirs = (method.effective_options(o) for o in (cfg.options, rc.get("options", {})))
     return {k: v for k, v in mine.items() if k != "compile"} == {k: v for k, v in theirs.items() if k != "compile"}
 

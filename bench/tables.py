@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.metrics import label, ordered
-from bench.report import fmt, markdown_table
+from bench.report import fmt, markdown_table, run_layer
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
 WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
@@ -52,7 +52,7 @@ def long_table(results: list[dict]) -> pd.DataFrame:
         cfg = r["config"]
         for metric, v in r["metrics"].items():
             rows.append({"model": cfg["model"], "method": cfg["method"], "task": cfg["task"],
-                         "layer": cfg.get("layer"), "metric": metric, "mean": v["mean"], "se": v.get("se", math.nan),
+                         "layer": run_layer(r), "metric": metric, "mean": v["mean"], "se": v.get("se", math.nan),
                          "n": v.get("n"), "folds": len(r.get("folds", [])), "run": Path(r["_path"]).parent.name,
                          "path": r["_path"]})
     return pd.DataFrame(rows)
@@ -62,7 +62,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     """Rows (model, method, task, layer, run); a "mean ± se" column per metric, and the number of questions."""
     long = long.assign(
         cell=[fmt({"mean": m, "se": s}) for m, s in zip(long["mean"], long["se"])],
-        layer=["–" if pd.isna(x) else str(int(x)) for x in long["layer"]])
+        layer=long["layer"].fillna("–").astype(str))
     keys = ["model", "method", "task", "layer", "run"]
     wide = long.groupby([*keys, "metric"], sort=False)["cell"].first().unstack("metric").reset_index()
     wide.columns.name = None

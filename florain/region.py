@@ -2,7 +2,8 @@
 
 For question q with desirable activations A_q⁺ and undesirable A_q⁻ (per head, dimension D):
 
-* centre   m_q = μ_q⁺ + λ (α · unit(μ_q⁺ − μ_q⁻) + (1 − α) · unit(μ⁺ − μ⁻))
+* centre   m_q = μ_q⁺ + λ (α (μ_q⁺ − μ_q⁻) + (1 − α) (μ⁺ − μ⁻))            (``extrapolation="raw"``: the paper)
+           m_q = μ_q⁺ + λ (α · unit(μ_q⁺ − μ_q⁻) + (1 − α) · unit(μ⁺ − μ⁻))  (``"unit"``: the released code)
 * shape    Σ   = pooled within-question covariance of desirable activations (MLE per question,
              weighted by n_q⁺), shrunk toward its diagonal: Σ_β = β S + (1 − β) diag(S)
 * radius   ρ_q = max_{x ∈ A_q⁺} (x − μ_q⁺)ᵀ Σ⁻¹ (x − μ_q⁺) / shrinking
@@ -36,8 +37,23 @@ class Regions:
     ridge: float = 0.0
 
 
+#: How the centre is extrapolated: ``raw`` mean differences (the paper summary's formula, λ a multiple of the
+#: class-mean gaps, so scale-free) or ``unit`` vectors (the released code, λ in activation units).
+EXTRAPOLATIONS = ("raw", "unit")
+
+
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def extrapolation_direction(question_diff: torch.Tensor, global_diff: torch.Tensor, alpha: float,
+                            extrapolation: str = "raw") -> torch.Tensor:
+    """α d_q + (1 − α) d (``raw``) or α unit(d_q) + (1 − α) unit(d) (``unit``); ``d_q: [Q, H, D]``, ``d: [H, D]``."""
+    if extrapolation == "raw":
+        return alpha * question_diff + (1.0 - alpha) * global_diff
+    if extrapolation == "unit":
+        return alpha * _unit(question_diff) + (1.0 - alpha) * _unit(global_diff)
+    raise ValueError(f"unknown extrapolation {extrapolation!r}; valid: {', '.join(EXTRAPOLATIONS)}")
 
 
 def group_means(
@@ -116,13 +132,16 @@ def build_regions(
     shrinking: float = 1.0,
     covariance: torch.Tensor | None = None,
     global_direction: torch.Tensor | None = None,
+    extrapolation: str = "raw",
 ) -> Regions:
     """Ellipsoids for every group in ``groups`` that has ≥ 2 desirable and ≥ 1 undesirable answer.
 
     ``acts: [N, H, D]``. ``covariance`` ([H, D, D], already shrunk) and ``global_direction``
     ([H, D], μ⁺ − μ⁻) default to the statistics of ``acts`` itself; pass the training fold's
-    statistics when building validation regions.
+    statistics when building validation regions. ``extrapolation``: see :data:`EXTRAPOLATIONS`.
     """
+    if extrapolation not in EXTRAPOLATIONS:
+        raise ValueError(f"unknown extrapolation {extrapolation!r}; valid: {', '.join(EXTRAPOLATIONS)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if shrinking <= 0:
@@ -138,7 +157,7 @@ def build_regions(
         global_direction = acts[pos].to(torch.float64).mean(0) - acts[~pos].to(torch.float64).mean(0)
     keep = (n_pos >= 2) & (n_neg >= 1)
     ids, mu_pos, mu_neg = ids[keep], mu_pos[keep], mu_neg[keep]
-    direction = alpha * _unit(mu_pos - mu_neg) + (1.0 - alpha) * _unit(global_direction.to(torch.float64))
+    direction = extrapolation_direction(mu_pos - mu_neg, global_direction.to(torch.float64), alpha, extrapolation)
     centres = mu_pos + lam * direction
 
     # ρ_q: largest squared distance of q's desirable points to μ_q⁺ (not to the shifted centre).

@@ -9,7 +9,7 @@ from bench.data.truthfulqa import load_truthfulqa, make_folds
 from bench.interventions import Intervention, get_method
 from bench.methods import FitContext
 
-FITTED = ["florain", "iti", "mean-shift", "caa", "lofit", "few-shot"]
+FITTED = ["florain", "iti", "mean-shift", "caa", "mean-diff-resid", "lofit", "few-shot"]
 
 
 def test_iti_direction_is_the_mass_mean_difference_and_shift_is_alpha_sigma():
@@ -63,6 +63,71 @@ def test_fits_never_use_the_test_fold(name, tiny_llama, tqa_dir, monkeypatch):
         assert a.keys() == b.keys() and a
         for k in a:
             torch.testing.assert_close(a[k], b[k], msg=f"{name} layer {layer} {k} depends on the test fold")
+
+
+def _poison_test_questions(qs, fold):
+    """The same questions with every test question's text and answers replaced (true and false swapped)."""
+    from dataclasses import replace
+
+    test = set(fold.test)
+    return [replace(q, question=q.question + " Or not?", best_answer=q.incorrect[0], correct=q.incorrect,
+                    incorrect=q.correct) if i in test else q for i, q in enumerate(qs)]
+
+
+def _registered() -> list[str]:
+    from bench.interventions import METHODS
+
+    get_method("none")  # imports bench.methods, which registers the built-in methods
+    return sorted(METHODS)
+
+
+@pytest.mark.parametrize("name", _registered())
+def test_no_fit_reads_a_test_question(name, tiny_llama, tqa_dir):
+    """Every registered method fits the same intervention when the test questions' texts and labels change."""
+    ctx, qs, fold = _ctx(tiny_llama, tqa_dir)
+    first = get_method(name).fit(ctx)
+    ctx.questions = _poison_test_questions(qs, fold)
+    second = get_method(name).fit(ctx)
+    if first is None:
+        assert second is None
+        return
+    # the poisoned texts change the capture batches' padding, hence float rounding (≈1e-6), nothing more
+    a, b = _flat(first.config), _flat(second.config)
+    assert a.keys() == b.keys()
+    for k in a:
+        number = isinstance(a[k], float) and not isinstance(a[k], bool)
+        assert a[k] == (pytest.approx(b[k], rel=1e-4, abs=1e-6) if number else b[k]), f"{name} config {k}"
+    assert first.prompt_prefix == second.prompt_prefix and first.layers == second.layers
+    for layer in first.layers:
+        a, b = first.modules[layer].state_dict(), second.modules[layer].state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6,
+                                       msg=f"{name} layer {layer} {k} depends on the test fold")
+
+
+def _flat(value, key: str = "") -> dict:
+    """A nested config as ``{path: leaf}`` (numbers compared approximately, everything else exactly)."""
+    if isinstance(value, dict):
+        return {k: v for sub, item in value.items() for k, v in _flat(item, f"{key}.{sub}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}[{i}]").items()}
+    return {key: value}
+
+
+def test_layer_selection_never_reads_a_test_question(tiny_llama, tqa_dir):
+    """The per-fold probe rule (the layer of FLORAIN, mean-shift and any method that needs one) uses the fold's
+    training/validation questions only."""
+    from bench.methods import probe_layer
+
+    ctx, qs, fold = _ctx(tiny_llama, tqa_dir)
+    scores = ctx.layer_probe_scores()
+    assert scores.shape == (tiny_llama.spec.n_layers, tiny_llama.spec.n_heads)
+    ctx.questions = _poison_test_questions(qs, fold)
+    poisoned = ctx.layer_probe_scores()
+    np.testing.assert_array_equal(scores, poisoned)
+    assert probe_layer(scores) == int(np.argmax(scores.mean(1)))
+    ctx.questions = [_poison_test_questions(qs, make_folds(len(qs), 2, 0.2, 42)[1])[i] for i in range(len(qs))]
+    assert not np.array_equal(scores, ctx.layer_probe_scores())  # poisoning the training fold does change it
 
 
 def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_dir):
@@ -142,3 +207,28 @@ def test_additive_shift_follows_the_activations_dtype():
     out = shift(a)
     assert out.dtype == torch.float64 and out.device == a.device
     torch.testing.assert_close(out[1], torch.tensor([[1.0, 0.0], [0.0, 0.5]], dtype=torch.float64))
+
+
+def test_mean_shift_matched_to_florain_moves_as_far_as_its_mean_edit(tiny_llama, tqa_dir, tmp_path):
+    """``shift_match``: each head's μ⁺ − μ⁻ keeps its direction and takes the norm of FLORAIN's mean edit."""
+    ctx, _, fold = _ctx(tiny_llama, tqa_dir)
+    florain = get_method("florain").fit(ctx)
+    florain.save_pretrained(tmp_path / "run" / f"intervention_fold{fold.fold}")
+    plain = get_method("mean-shift").fit(ctx)
+    ctx.options["shift_match"] = str(tmp_path / "run")
+    matched = get_method("mean-shift").fit(ctx)
+    acts, labels, groups = ctx.activations()
+    rows = ctx.split(groups, "train") | ctx.split(groups, "val")
+    with torch.no_grad():
+        edit = florain.modules[ctx.layer].delta(acts[ctx.layer][rows]).mean(0).norm(dim=-1)
+    a, b = plain.modules[ctx.layer].shift, matched.modules[ctx.layer].shift
+    torch.testing.assert_close(b.norm(dim=-1), edit, rtol=1e-4, atol=1e-6)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=1e-4, atol=1e-4)
+    assert matched.config["matched_to"] == str(tmp_path / "run")
+    ctx.options["shift_match"] = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="intervention_fold0"):
+        get_method("mean-shift").fit(ctx)
+    ctx.options["shift_match"], ctx.layer = str(tmp_path / "run"), 0
+    with pytest.raises(ValueError, match="layers \\[1\\]"):
+        get_method("mean-shift").fit(ctx)

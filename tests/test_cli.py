@@ -130,11 +130,12 @@ def test_layers_command_ranks_layers_by_probe_accuracy(tiny_dir, tqa_dir, tmp_pa
     assert res["best_layer"] == accs.index(max(accs))
 
 
-@pytest.mark.parametrize("method", ["iti", "mean-shift", "caa", "lofit", "few-shot"])
+@pytest.mark.parametrize("method", ["iti", "mean-shift", "caa", "mean-diff-resid", "lofit", "few-shot"])
 def test_every_baseline_runs_and_differs_from_none(method, tiny_dir, tqa_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
     own = {"iti": ["--iti-k", "2", "--iti-alpha", "50"], "mean-shift": ["--layer", "1", "--shift-scale", "8"],
-           "caa": ["--layer", "1", "--caa-multiplier", "8"], "lofit": ["--lofit-lr", "0.1"], "few-shot": ["--shots", "3"]}
+           "caa": ["--caa-layer", "1", "--caa-multiplier", "8"],
+           "mean-diff-resid": ["--layer", "1", "--mean-diff-multiplier", "8"], "lofit": ["--lofit-lr", "0.1"], "few-shot": ["--shots", "3"]}
     r0 = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
     r1 = _run("--method", method, *common, *own[method], "--output", str(tmp_path / method))
     assert r0.exit_code == 0 and r1.exit_code == 0, r1.output
@@ -252,11 +253,14 @@ def test_eval_split_and_eval_fold_flags_select_the_questions(tiny_dir, tqa_dir, 
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "iti", "--layer", "1"], "--layer does not apply to --method iti"),
-    (["--method", "none", "--layer", "1"], "Methods that take --layer: florain, mean-shift, caa"),
+    (["--method", "none", "--layer", "1"], "Methods that take --layer: florain, mean-shift, mean-diff-resid"),
     (["--method", "iti", "--rank", "4"], "--rank does not apply to --method iti; its own options: --iti-alpha"),
     (["--method", "florain", "--layer", "1", "--shots", "2", "--fit-batch-size", "8"],
      "--shots does not apply to --method florain"),
-    (["--method", "caa", "--layer", "1", "--drop-identity"], "--drop-identity does not apply to --method caa"),
+    (["--method", "mean-diff-resid", "--layer", "1", "--drop-identity"],
+     "--drop-identity does not apply to --method mean-diff-resid"),
+    (["--method", "caa", "--layer", "1"], "to fix it use --caa-layer"),
+    (["--method", "caa", "--caa-layer", "top"], "give a layer index or auto"),
     (["--method", "iti", "--iti-rank", "AUROC"], "valid: accuracy, auroc"),
 ])
 def test_flags_the_method_would_ignore_are_refused(args, message, tiny_dir, tqa_dir, tmp_path):

@@ -17,7 +17,11 @@ def test_florain_on_smollm2_differs_from_none(shared_data, tmp_path):
     assert r1.exit_code == 0, r1.output
     none = json.loads((tmp_path / "none" / "results.json").read_text())
     florain = json.loads((tmp_path / "florain" / "results.json").read_text())
-    assert florain["config"]["layer"] == 16
+    assert florain["config"]["layer"] is None  # no paper layer: each fold chose its own by the probe rule
+    layers = [f["layer"] for f in florain["folds"]]
+    assert all(0 <= x < 30 for x in layers)
+    assert [json.loads((tmp_path / "florain" / f"fold_{k}.layer.json").read_text())["layer"] for k in (0, 1)] == layers
+    assert florain["method_version"] == 2 and florain["folds"][0]["intervention_info"]["extrapolation"] == "raw"
     assert "smollm2-135m" in florain["model"]["identity"]
     assert abs(florain["metrics"]["mc2"]["mean"] - none["metrics"]["mc2"]["mean"]) > 1e-4
     info = florain["folds"][0]["intervention_info"]

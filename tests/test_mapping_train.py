@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
@@ -101,13 +102,37 @@ def test_training_is_seeded():
         assert torch.equal(p, q)
 
 
-def test_lambda_is_relative_to_activation_norm_by_default():
+def test_lambda_defaults_of_both_forms():
+    """raw (default): λ = 5, a multiple of the mean differences (paper); unit: λ in activation units, by default
+    the released λ = 30 over Llama-7B's mean head norm 1.8 times this data's mean head norm."""
+    from florain import PAPER_LAM, RELEASED_LAM_SCALE, resolve_lambda
+
     acts, labels, groups = _synthetic(2, n_q=5)
-    r1 = build_regions(acts, labels, groups, alpha=0.0, lam=0.0)
-    r2 = build_regions(acts, labels, groups, alpha=0.0, lam=2.0)
+    r1 = build_regions(acts, labels, groups, alpha=0.0, lam=0.0, extrapolation="unit")
+    r2 = build_regions(acts, labels, groups, alpha=0.0, lam=2.0, extrapolation="unit")
     shift = (r2.centres - r1.centres).norm(dim=-1)
     torch.testing.assert_close(shift, torch.full_like(shift, 2.0), atol=1e-4, rtol=1e-4)
-    from florain import resolve_lambda
-
-    assert resolve_lambda(acts, FlorainConfig(lam_scale=2.0)) == 2.0 * float(acts.norm(dim=-1).mean())
+    norm = float(acts.norm(dim=-1).mean())
+    assert FlorainConfig().extrapolation == "raw" and FlorainConfig().alpha == 0.2
+    assert resolve_lambda(acts, FlorainConfig()) == PAPER_LAM == 5.0
+    assert resolve_lambda(acts, FlorainConfig(extrapolation="unit")) == pytest.approx(RELEASED_LAM_SCALE * norm)
+    assert resolve_lambda(acts, FlorainConfig(extrapolation="unit", lam_scale=2.0)) == pytest.approx(2.0 * norm)
     assert resolve_lambda(acts, FlorainConfig(lam=3.0)) == 3.0
+    with pytest.raises(ValueError, match="lam_scale .* belongs to the released form"):
+        FlorainConfig(lam_scale=2.0)
+    with pytest.raises(ValueError, match="valid: raw, unit"):
+        FlorainConfig(extrapolation="scaled")
+
+
+def test_fit_reports_how_far_the_map_gets():
+    """Shares of training and validation f(a) inside their ellipsoid, before and after, per head."""
+    acts, labels, groups = _synthetic(2)
+    tr, va = groups < 24, groups >= 24
+    fitted = fit_florain(acts[tr], labels[tr], groups[tr], acts[va], labels[va], groups[va],
+                         FlorainConfig(rank=2, lam=1.0, epochs=300, lr=3e-2))
+    d = fitted.diagnostics
+    assert set(d) == {"train_inside", "val_inside"}
+    for part in d.values():
+        assert len(part["before"]) == len(part["after"]) == 2
+        assert all(0.0 <= x <= 1.0 for x in part["before"] + part["after"])
+    assert sum(d["train_inside"]["after"]) > sum(d["train_inside"]["before"])  # the map moves points inside

@@ -32,10 +32,33 @@ def test_pooled_covariance_matches_per_question_mle():
     np.testing.assert_allclose(cov[h].numpy(), total / n_total, atol=1e-10)
 
 
+def test_centres_of_both_extrapolation_forms_by_hand():
+    """raw (the paper): m_q = μ_q⁺ + λ[α(μ_q⁺ − μ_q⁻) + (1 − α)(μ⁺ − μ⁻)]; unit (released code): unit vectors."""
+    acts, labels, groups = _data()
+    alpha, lam = 0.3, 2.0
+    raw = build_regions(acts, labels, groups, alpha=alpha, lam=lam)  # the default form
+    unit = build_regions(acts, labels, groups, alpha=alpha, lam=lam, extrapolation="unit")
+    for q in raw.questions.tolist():
+        i = raw.questions.tolist().index(q)
+        for h in range(acts.shape[1]):
+            pos = acts[(groups == q) & (labels == 1)][:, h].double()
+            neg = acts[(groups == q) & (labels == 0)][:, h].double()
+            glob = acts[labels == 1][:, h].double().mean(0) - acts[labels == 0][:, h].double().mean(0)
+            d = pos.mean(0) - neg.mean(0)
+            by_hand_raw = [pos.mean(0)[j] + lam * (alpha * d[j] + (1 - alpha) * glob[j]) for j in range(len(d))]
+            torch.testing.assert_close(raw.centres[i, h].double(), torch.stack(by_hand_raw), atol=1e-5, rtol=1e-5)
+            by_hand_unit = pos.mean(0) + lam * (alpha * d / d.norm() + (1 - alpha) * glob / glob.norm())
+            torch.testing.assert_close(unit.centres[i, h].double(), by_hand_unit, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(raw.centres, unit.centres)
+    torch.testing.assert_close(raw.rho, unit.rho)  # the radius is measured around μ_q⁺ in both forms
+    with pytest.raises(ValueError, match="valid: raw, unit"):
+        build_regions(acts, labels, groups, alpha=alpha, lam=lam, extrapolation="normalised")
+
+
 def test_centres_radii_and_skipped_questions():
     acts, labels, groups = _data()
     alpha, lam = 0.3, 2.0
-    r = build_regions(acts, labels, groups, alpha=alpha, lam=lam)
+    r = build_regions(acts, labels, groups, alpha=alpha, lam=lam, extrapolation="unit")
     assert 0 not in r.questions.tolist() and len(r.questions) == 5
     q, h = 20, 0
     i = r.questions.tolist().index(q)

@@ -252,7 +252,7 @@ def test_sweep_parameters_map_to_options_and_errors_list_the_valid_ones():
     assert resolve_param("mean-shift", "scale").target == "shift_scale"
     with pytest.raises(ValueError, match="valid: alpha, k, layer, rank"):
         resolve_param("iti", "lam")
-    with pytest.raises(ValueError, match="valid: layer, rank, alpha, lam, lam_scale"):
+    with pytest.raises(ValueError, match="valid: layer, rank, alpha, extrapolation, lam, lam_scale"):
         resolve_param("florain", "gamma")
     with pytest.raises(ValueError, match="known methods"):
         resolve_param("magic", "layer")
@@ -294,8 +294,9 @@ def test_sweep_cli_end_to_end_on_a_tiny_model(tiny_dir, tqa_dir, tmp_path):
     point = json.loads((out / "lam=30" / "results.json").read_text())
     assert point["config"]["eval_split"] == "val" and point["config"]["options"]["lam"] == 30.0
     assert point["metrics"]["mc2"]["n"] == sum(f["n_val"] for f in point["folds"])  # scored on validation
-    final = json.loads((out / sweep["final"]["runs"][0]["run"] / "results.json").read_text())
-    assert final["config"]["eval_split"] == "test" and final["metrics"]["mc2"]["n"] == 12
+    finals = [json.loads((out / r["run"] / "results.json").read_text()) for r in sweep["final"]["runs"]]
+    assert all(f["config"]["eval_split"] == "test" for f in finals)  # each fold's chosen value on its test fold
+    assert sum(f["metrics"]["mc2"]["n"] for f in finals) == 12
     assert set(sweep["chosen"]["per_fold"]) == {"0", "1"} and "baseline" in sweep
     assert (out / "sweep-lam.png").is_file() and (out / "sweep-lam.svg").is_file() and (out / "sweep.md").is_file()
     again = runner.invoke(app, args)  # resumable: finished points are reused
@@ -366,7 +367,9 @@ def test_reproduce_table1_on_a_tiny_model(tiny_dir, tqa_dir, tmp_path, judge_cac
     md = Path(done["tables"]["md"]).read_text()
     assert "True*Info (product of rates)" in md and "| florain |" in md and "| none |" in md
     assert {Path(p).name for p in done["plots"]} == {"tradeoff.png", "tradeoff.svg"}
-    assert json.loads((tmp_path / "t1" / f"{tiny_dir.name}-layer.json").read_text())["best_layer"] in (0, 1, 2)
+    layers = [json.loads((tmp_path / "t1" / "runs" / f"{tiny_dir.name}-florain" / f"fold_{k}.layer.json").read_text())
+              for k in (0, 1)]  # no registry layer: each fold chose its own by the probe rule
+    assert all(x["layer"] in (0, 1, 2) and len(x["mean_accuracy"]) == 3 for x in layers)
     again = []
     reproduce_table1([str(tiny_dir)], tmp_path / "t1", ("none", "florain"), limit=12, data_dir=str(tqa_dir),
                      run_options=opts, echo=again.append)
@@ -388,6 +391,7 @@ def _ref(**scores) -> dict:
 
 
 def test_regress_comparison_is_direction_aware():
+    """Worse and better both fail (two-sided; more cases in test_regress_compare.py)."""
     from bench.regress import compare, render
 
     ref = _ref(none=_scores(mc2=0.45, true=0.5, ce=2.5, kl=0.0), florain=_scores(mc2=0.55, true=0.6, ce=2.6, kl=0.3))
@@ -396,18 +400,19 @@ def test_regress_comparison_is_direction_aware():
     assert passed and not problems and {r.status for r in rows} == {"ok"}
     cur = json.loads(json.dumps(same))
     cur["scores"]["florain"]["mc2"]["mean"] = 0.52  # −0.03 > tolerance 0.02: worse
-    cur["scores"]["florain"]["kl"]["mean"] = 0.1  # KL −0.2: lower is better, improved
+    cur["scores"]["florain"]["kl"]["mean"] = 0.1  # KL −0.2: lower is better, better (fails: two-sided)
     cur["scores"]["florain"]["ce"]["mean"] = 2.64  # CE +0.04 ≤ 0.05: ok
-    cur["scores"]["none"]["true"]["mean"] = 0.6  # +0.1: improved
+    cur["scores"]["none"]["true"]["mean"] = 0.6  # +0.1: better (fails)
     passed, rows, _ = compare(ref, cur)
     status = {(r.method, r.metric): r.status for r in rows}
-    assert not passed and status[("florain", "mc2")] == "WORSE" and status[("florain", "kl")] == "improved"
-    assert status[("florain", "ce")] == "ok" and status[("none", "true")] == "improved"
+    assert not passed and status[("florain", "mc2")] == "WORSE" and status[("florain", "kl")] == "BETTER"
+    assert status[("florain", "ce")] == "ok" and status[("none", "true")] == "BETTER"
     cur["scores"]["florain"]["mc2"]["mean"] = 0.535  # −0.015: within tolerance
     cur["scores"]["florain"]["ce"]["mean"] = 2.7  # CE +0.1: worse
+    cur["scores"]["florain"]["kl"]["mean"] = 0.3  # back to the reference
+    cur["scores"]["none"]["true"]["mean"] = 0.5
     passed, rows, _ = compare(ref, cur)
-    assert not passed and {(r.metric, r.status) for r in rows if r.status != "ok" and r.status != "improved"} == {
-        ("ce", "WORSE")}
+    assert not passed and {(r.metric, r.status) for r in rows if r.status != "ok"} == {("ce", "WORSE")}
     table = render(rows)
     assert "| florain | CE | lower | 2.6000 | 2.7000 | +0.1000 | 0.05 | WORSE |" in table
     failed = {**same, "errors": {"florain": "RuntimeError: boom"}, "scores": {"none": same["scores"]["none"]}}
@@ -501,6 +506,27 @@ def test_truthfulqa_fluency_limit_bounds_answer_perplexity_and_empty_answers():
         fluency_limits({"folds": [{"fold": 0, "metrics": {"mc2": _m(0.4)}}]}, 1.5)
 
 
+def test_a_run_of_an_earlier_recipe_or_a_fixed_layer_is_not_reused():
+    """A run fitted by an earlier version of a method's recipe (no ``method_version``: version 1), or at a fixed
+    layer where the layer is now chosen per fold, is another run, whatever its options."""
+    from dataclasses import asdict
+
+    from bench.runner import RunConfig
+    from bench.sweep import _same_run
+
+    cfg = RunConfig(method="florain", model="m", task="truthfulqa", layer=3)
+    assert not _same_run({"config": asdict(cfg)}, cfg)
+    assert _same_run({"config": asdict(cfg), "method_version": 2}, cfg)
+    none = RunConfig(method="none", model="m", task="truthfulqa")
+    assert _same_run({"config": asdict(none)}, none)  # version 1: unchanged
+    per_fold = RunConfig(method="mean-shift", model="smollm2-135m", task="truthfulqa")  # no registry layer
+    fixed = {"config": {**asdict(per_fold), "layer": 16}, "method_version": 2}
+    assert not _same_run(fixed, per_fold)
+    assert _same_run({"config": asdict(per_fold), "method_version": 2}, per_fold)
+    paper = RunConfig(method="florain", model="llama-7b", task="truthfulqa")
+    assert _same_run({"config": {**asdict(paper), "layer": 11}, "method_version": 2}, paper)  # the paper's layer
+
+
 def test_a_finished_run_is_reused_when_its_effective_options_match():
     """`bench run` records drop_identity=False; a sweep or table-1 run that leaves it unset means the same."""
     from dataclasses import asdict
@@ -510,7 +536,7 @@ def test_a_finished_run_is_reused_when_its_effective_options_match():
 
     recorded = RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
                          options={"seed": 42, "compile": True, "drop_identity": False})
-    res = {"config": asdict(recorded)}
+    res = {"config": asdict(recorded), "method_version": 2}
     assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
                                     options={"seed": 42, "compile": False}))
     assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3, options={"rank": 32}))
@@ -518,7 +544,8 @@ def test_a_finished_run_is_reused_when_its_effective_options_match():
     assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
                                         options={"drop_identity": True}))
     assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=4))
-    iti = {"config": asdict(RunConfig(method="iti", model="m", task="truthfulqa", options={"seed": 42}))}
+    iti = {"config": asdict(RunConfig(method="iti", model="m", task="truthfulqa", options={"seed": 42})),
+           "method_version": 2}
     assert _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa",
                                     options={"iti_rank": "accuracy", "iti_alpha": 15.0, "iti_k": None}))
     assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_rank": "auroc"}))

@@ -42,7 +42,7 @@ from bench.toxicity.sampling import sample_continuations
 
 STEER_SOURCES = ("gpt2-gens", "rtp")
 RTP_GROUP = 50
-TOXICITY_METHODS = ("none", "florain", "iti", "caa", "mean-shift")
+TOXICITY_METHODS = ("none", "florain", "iti", "caa", "mean-diff-resid", "mean-shift")
 TOXICITY_METRICS = ("expected_max_toxicity", "toxicity_probability", "fluency_ppl", "dist-1", "dist-2", "dist-3",
                     "empty_share")
 

@@ -11,8 +11,11 @@ from bench.scoring import answer_logprobs, encode
 
 def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, mode: str = "iti",
                 batch_size: int = 16, prefix_cache: bool = True, fewshot: str = "",
-                label: str = "MC scoring") -> list[dict]:
-    """Per-question records: index, mc1, mc2, mc3 and the answer log-probs."""
+                label: str = "MC scoring", edit_offset: int = 0) -> list[dict]:
+    """Per-question records: index, mc1, mc2, mc3 and the answer log-probs.
+
+    ``edit_offset`` N: the intervention edits the answer tokens from the (N+1)-th on, so the first N+1 answer
+    tokens' probabilities are the unintervened model's (0: only the first one's; ITI's code: 1)."""
     seqs, slots = [], []
     for q in questions:
         context, sep = mc_context(q.question, mode, fewshot)
@@ -24,7 +27,7 @@ def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, m
             seqs.append(encode(lm, context + sep + a, start))
             slots.append((q.index, a))
     scores = answer_logprobs(lm, seqs, intervention, batch_size=batch_size, prefix_cache=prefix_cache,
-                             progress=f"{label} ({len(questions)} questions, {len(seqs)} answers)")
+                             edit_offset=edit_offset, progress=f"{label} ({len(questions)} questions, {len(seqs)} answers)")
     by_q: dict[int, dict[str, float]] = {}
     for (qi, a), s in zip(slots, scores):
         by_q.setdefault(qi, {})[a] = s
