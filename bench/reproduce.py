@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         done = reproduce_table1(args.models.split(), args.output, tuple(args.methods.split()), args.limit,
-                                args.data_dir, args.seed)
+                                args.data_dir, args.seed, echo=lambda m: print(m, flush=True))  # log files too
     except (ModelNotAvailableError, DataNotFoundError, ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
