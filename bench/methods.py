@@ -42,11 +42,13 @@ from baselines.lofit import (
     sequence_logprobs,
 )
 from baselines.shift import AdditiveShift, mean_difference
-from bench.capture import capture, qa_end_q_text, qa_text
+from bench.capture import cache_key, capture, qa_end_q_text, qa_text
 from bench.data.truthfulqa import Fold, Question
 from bench.interventions import Intervention, Method, register
 from bench.models import LoadedModel
+from bench.paths import activation_cache_dir
 from bench.probes import PROBE_SCORES, head_probe_accuracies
+from bench.runs import config_hash
 from bench.scoring import Encoded, encode
 from florain import FlorainConfig, LowRankHeadMap, fit_florain
 
@@ -91,13 +93,37 @@ class FitContext:
         ids = torch.tensor([self.questions[i].index for i in getattr(self.fold, which)], dtype=groups.dtype)
         return torch.isin(groups, ids)
 
-    def layer_probe_scores(self, seed: int = 42) -> np.ndarray:
-        """``[layers, heads]`` validation accuracies of one logistic probe per head of every layer, trained on the
-        fold's training questions and scored on its validation questions (never its test questions)."""
-        acts, labels, groups = self.activations(list(range(self.lm.spec.n_layers)))
+    def probe_scores(self, layers: list[int], seed: int = 42, score: str = "accuracy") -> np.ndarray:
+        """``[len(layers), heads]`` validation scores of one logistic probe per head, trained on the fold's
+        training questions and scored on its validation questions (never its test questions).
+
+        Cached per layer on disk beside the activations, keyed by the capture (model, dtype, site, texts), the
+        labels, the split, the seed and the score, so ITI's head ranking and the layer rule share one fit."""
+        acts, labels, groups = self.activations(layers)
         tr, va = self.split(groups, "train"), self.split(groups, "val")
-        return np.stack([head_probe_accuracies(acts[k][tr], labels[tr], acts[k][va], labels[va], seed)
-                         for k in sorted(acts)])
+        texts = self.qa_pairs()[0]
+        root = activation_cache_dir() / "probes"
+        out = []
+        for layer in layers:
+            key = config_hash({"capture": cache_key(self.lm.identity, str(self.lm.model.dtype), self.site, layer, texts),
+                               "labels": labels.tolist(), "train": tr.tolist(), "val": va.tolist(), "seed": seed,
+                               "score": score})
+            path = root / f"{key}.npy"
+            if path.is_file():
+                out.append(np.load(path))
+                continue
+            scores = head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed, score)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with tmp.open("wb") as fh:
+                np.save(fh, scores)
+            tmp.replace(path)
+            out.append(scores)
+        return np.stack(out)
+
+    def layer_probe_scores(self, seed: int = 42) -> np.ndarray:
+        """``[layers, heads]`` probe accuracies of every layer (:meth:`probe_scores`): the released layer rule's input."""
+        return self.probe_scores(list(range(self.lm.spec.n_layers)), seed)
 
 
 def probe_layer(scores: np.ndarray) -> int:
@@ -245,8 +271,7 @@ def _fit_iti(ctx: FitContext) -> Intervention:
     acts, labels, groups = ctx.activations(layers)
     tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
     seed = int(_opt(ctx, "seed", ITI_DEFAULTS["seed"]))
-    accs = np.stack([head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed, rank_by)
-                     for layer in layers])
+    accs = ctx.probe_scores(layers, seed, rank_by)
     chosen = [(layers[row], h) for row, h in top_heads(accs, k)]
     fold_rows = tr | va
     modules = {}

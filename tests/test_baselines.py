@@ -232,3 +232,21 @@ def test_mean_shift_matched_to_florain_moves_as_far_as_its_mean_edit(tiny_llama,
     ctx.options["shift_match"], ctx.layer = str(tmp_path / "run"), 0
     with pytest.raises(ValueError, match="layers \\[1\\]"):
         get_method("mean-shift").fit(ctx)
+
+
+def test_probe_scores_are_cached_per_layer_and_keyed_by_the_split(tiny_llama, tqa_dir, monkeypatch):
+    """ITI's head ranking and the layer rule share one probe fit per (capture, labels, split, seed, score)."""
+    import bench.methods as methods
+
+    ctx, _, _ = _ctx(tiny_llama, tqa_dir)
+    first = ctx.probe_scores([0, 2], seed=7)
+    calls = []
+    real = methods.head_probe_accuracies
+    monkeypatch.setattr(methods, "head_probe_accuracies", lambda *a, **k: calls.append(1) or real(*a, **k))
+    np.testing.assert_array_equal(ctx.probe_scores([0, 2], seed=7), first)
+    assert calls == []  # read from the cache
+    np.testing.assert_array_equal(ctx.layer_probe_scores(seed=7)[[0, 2]], first)
+    assert len(calls) == tiny_llama.spec.n_layers - 2  # only the layers not cached yet
+    other, _, _ = _ctx(tiny_llama, tqa_dir, fold=1)
+    other.probe_scores([0], seed=7)
+    assert len(calls) == tiny_llama.spec.n_layers - 1  # another split is another fit
