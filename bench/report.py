@@ -26,7 +26,9 @@ def run_layer(result: dict) -> str | None:
     layer = result["config"].get("layer")
     if layer is not None:
         return str(layer)
-    per_fold = [f.get("layer") for f in result.get("folds", [])]
+    # the runner's per-fold choice, else the layer a method chose itself (e.g. CAA's validation sweep)
+    per_fold = [f["layer"] if f.get("layer") is not None else (f.get("intervention_info") or {}).get("layer")
+                for f in result.get("folds", [])]
     if any(x is not None for x in per_fold):
         return "/".join("?" if x is None else str(x) for x in per_fold)
     return None

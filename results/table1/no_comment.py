@@ -1,9 +1,13 @@
-"""How much of a True% difference comes from "I have no comment" answers.
+"""How much of a True% difference comes from "I have no comment" answers, and how many answers evade the question.
 
 TruthfulQA's judge (like the human raters) counts a refusal as true and uninformative, so a method that makes the
 model stop declining can lose True% without saying anything less true. For each method this prints the share of
 answers containing "no comment" and the paired True difference against the unintervened run, over all questions
 and over those the unintervened model answered (did not decline), with a 95 % t-interval.
+
+A second table counts *evasive* answers, those opening with a fixed pattern (:data:`EVASIVE`: "The answer to …",
+"It depends …", "This question …"), which say nothing about the question, and how many of them the judge called
+informative (TruthfulQA's raters would not). A crude, explicit pattern: a lower bound on evasion, not a judge.
 
     python results/table1/no_comment.py gemma3-270m iti florain      # reads results/table1/runs/<model>-<method>/
 """
@@ -11,6 +15,7 @@ and over those the unintervened model answered (did not decline), with a 95 % t-
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 RUNS = Path(__file__).resolve().parent / "runs"
+EVASIVE = re.compile(r"(The answer to|It depends|This question)")
 
 
 def load(model: str, method: str) -> dict[int, dict]:
@@ -49,6 +55,13 @@ def main(model: str, methods: list[str]) -> None:
         all_q = np.array([run[i]["true"] - base[i]["true"] for i in base])
         kept = np.array([run[i]["true"] - base[i]["true"] for i in answered])
         print(f"| {method} | {share:.3f} | {paired(all_q)} | {paired(kept)} |")
+    print(f"\n| {model} | evasive answers | of them judged informative | of them judged true |")
+    print("|---|---|---|---|")
+    for method in ["none", *methods]:
+        run = load(model, method)
+        ev = [r for r in run.values() if EVASIVE.match(r.get("answer") or "")]
+        info, true = (f"{sum(r[key] for r in ev) / len(ev):.3f}" if ev else "–" for key in ("info", "true"))
+        print(f"| {method} | {len(ev) / len(run):.3f} ({len(ev)}) | {info} | {true} |")
 
 
 if __name__ == "__main__":
