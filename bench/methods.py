@@ -6,6 +6,8 @@ Each ``_fit_*`` turns a fold's data into an :class:`Intervention` using the pure
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -43,7 +45,7 @@ from baselines.lofit import (
 )
 from baselines.shift import AdditiveShift, mean_difference
 from bench.capture import cache_key, capture, qa_end_q_text, qa_text
-from bench.data.truthfulqa import Fold, Question
+from bench.data.truthfulqa import Fold, Question, make_folds
 from bench.interventions import Intervention, Method, register
 from bench.models import LoadedModel
 from bench.paths import activation_cache_dir
@@ -114,7 +116,7 @@ class FitContext:
                 continue
             scores = head_probe_accuracies(acts[layer][tr], labels[tr], acts[layer][va], labels[va], seed, score)
             root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: concurrent runs
             with tmp.open("wb") as fh:
                 np.save(fh, scores)
             tmp.replace(path)
@@ -292,20 +294,22 @@ def _fit_mean_shift(ctx: FitContext) -> Intervention:
     """The probe-free control: add scale × (μ⁺ − μ⁻) (all heads) at FLORAIN's site and layer, from the fold's
     training and validation questions (the questions FLORAIN, ITI and CAA fit on).
 
-    Option ``shift_match`` (a FLORAIN run directory): rescale each head's μ⁺ − μ⁻ to the norm of that run's mean
-    edit E[f(a) − a] over the same fold's training/validation activations (same layer), so that the control moves
-    activations as far as FLORAIN does and the comparison asks what FLORAIN adds beyond a constant shift.
+    Option ``shift_match`` (a FLORAIN run directory of the same data and split): rescale each head's μ⁺ − μ⁻ to
+    the norm of that run's mean edit ‖E[f(a) − a]‖ over the same fold's training/validation activations (same
+    layer), then multiply by the scale, so that the control's constant shift is as large as FLORAIN's average
+    displacement and the comparison asks what FLORAIN adds beyond a constant shift.
     """
     scale = float(_opt(ctx, "shift_scale", SHIFT_DEFAULTS["shift_scale"]))
     acts, labels, groups = ctx.activations()
     rows = ctx.split(groups, "train") | ctx.split(groups, "val")
-    shift = scale * mean_difference(acts[ctx.layer][rows], labels[rows])
+    shift = mean_difference(acts[ctx.layer][rows], labels[rows])
     info: dict = {"scale": scale}
     match = ctx.options.get("shift_match")
     if match:
         target = _florain_mean_edit_norm(Path(match), ctx, acts[ctx.layer][rows])
         shift = shift / shift.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target[:, None]
         info |= {"matched_to": str(match), "matched_norm": target.tolist()}
+    shift = scale * shift
     return Intervention("mean-shift", ctx.site, {ctx.layer: AdditiveShift(shift)},
                         {**_shape_config(acts[ctx.layer], ctx), **info})
 
@@ -320,8 +324,17 @@ def _florain_mean_edit_norm(run_dir: Path, ctx: FitContext, acts: torch.Tensor) 
     if iv.method != "florain" or iv.site != ctx.site or iv.layers != [ctx.layer]:
         raise ValueError(f"shift_match: {path} holds {iv.method} at site {iv.site}, layers {iv.layers}; this fit "
                          f"needs FLORAIN at site {ctx.site}, layer {ctx.layer} (pass the same --layer or site)")
+    marker = run_dir / "run_config.json"
+    rc = json.loads(marker.read_text())["config"] if marker.is_file() else None
+    same_split = rc is not None and make_folds(len(ctx.questions), rc["folds"], rc["val_ratio"], rc["seed"])[
+        ctx.fold.fold] == ctx.fold
+    if not same_split or iv.config.get("data_checksum") != ctx.data_checksum:
+        raise ValueError(f"shift_match: {run_dir} was not fitted on this run's data and fold split (its "
+                         "run_config.json must give the same --folds, --val-ratio, --seed and --limit): its fit "
+                         "could have seen this fold's test questions")
     with torch.no_grad():
-        return iv.modules[ctx.layer].delta(acts.float()).mean(0).norm(dim=-1)
+        a = acts.float()
+        return (iv.modules[ctx.layer](a) - a).mean(0).norm(dim=-1)  # the module's real edit, drop_identity or not
 
 
 def _fit_mean_diff_resid(ctx: FitContext) -> Intervention:

@@ -83,6 +83,15 @@ def missing_message(missing: dict[str, str], target: str = "reproduce-table1") -
     return "\n".join(lines)
 
 
+def _florain_before_mean_shift(methods: tuple[str, ...]) -> list[str]:
+    """The methods in order, except that mean-shift follows FLORAIN, whose run it is matched to."""
+    order = list(methods)
+    if "florain" in order and "mean-shift" in order and order.index("mean-shift") < order.index("florain"):
+        order.remove("mean-shift")
+        order.insert(order.index("florain") + 1, "mean-shift")
+    return order
+
+
 def safe_name(model: str) -> str:
     return Path(model).name if Path(model).is_dir() else model.replace("/", "_")
 
@@ -118,7 +127,7 @@ def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] =
     for model in models:
         entry = REGISTRY.get(model)
         layer = entry.default_layer if entry else None  # the paper's layer; None: each fold chooses its own
-        for method in methods:
+        for method in _florain_before_mean_shift(methods):
             opts = dict(options)
             if method == "mean-shift" and "florain" in methods:
                 # the control at FLORAIN's strength: each head's μ⁺ − μ⁻ scaled to the norm of FLORAIN's mean edit
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         done = reproduce_table1(args.models.split(), args.output, tuple(args.methods.split()), args.limit,
                                 args.data_dir, args.seed, echo=lambda m: print(m, flush=True))  # log files too
-    except (ModelNotAvailableError, DataNotFoundError, ValueError, FileExistsError) as err:
+    except (ModelNotAvailableError, DataNotFoundError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(Path(done["tables"]["md"]).read_text())

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -214,6 +216,8 @@ def test_mean_shift_matched_to_florain_moves_as_far_as_its_mean_edit(tiny_llama,
     ctx, _, fold = _ctx(tiny_llama, tqa_dir)
     florain = get_method("florain").fit(ctx)
     florain.save_pretrained(tmp_path / "run" / f"intervention_fold{fold.fold}")
+    marker = tmp_path / "run" / "run_config.json"
+    marker.write_text(json.dumps({"config": {"folds": 2, "val_ratio": 0.2, "seed": 42}}))
     plain = get_method("mean-shift").fit(ctx)
     ctx.options["shift_match"] = str(tmp_path / "run")
     matched = get_method("mean-shift").fit(ctx)
@@ -229,7 +233,13 @@ def test_mean_shift_matched_to_florain_moves_as_far_as_its_mean_edit(tiny_llama,
     ctx.options["shift_match"] = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="intervention_fold0"):
         get_method("mean-shift").fit(ctx)
-    ctx.options["shift_match"], ctx.layer = str(tmp_path / "run"), 0
+    ctx.options["shift_match"] = str(tmp_path / "run")
+    ctx.options["shift_scale"] = 2.0  # the scale multiplies the matched shift
+    torch.testing.assert_close(get_method("mean-shift").fit(ctx).modules[ctx.layer].shift, 2 * b)
+    marker.write_text(json.dumps({"config": {"folds": 2, "val_ratio": 0.2, "seed": 7}}))
+    with pytest.raises(ValueError, match="fold split"):  # fitted on another split: could have seen test questions
+        get_method("mean-shift").fit(ctx)
+    ctx.layer = 0
     with pytest.raises(ValueError, match="layers \\[1\\]"):
         get_method("mean-shift").fit(ctx)
 

@@ -550,3 +550,12 @@ def test_a_finished_run_is_reused_when_its_effective_options_match():
                                     options={"iti_rank": "accuracy", "iti_alpha": 15.0, "iti_k": None}))
     assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_rank": "auroc"}))
     assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_k": 13}))
+
+
+def test_reproduce_runs_florain_before_the_mean_shift_matched_to_it():
+    from bench.reproduce import TABLE1_METHODS, _florain_before_mean_shift
+
+    assert _florain_before_mean_shift(("none", "mean-shift", "iti", "florain")) == ["none", "iti", "florain",
+                                                                                   "mean-shift"]
+    assert _florain_before_mean_shift(TABLE1_METHODS) == list(TABLE1_METHODS)
+    assert _florain_before_mean_shift(("mean-shift",)) == ["mean-shift"]
