@@ -492,16 +492,20 @@ def _lofit_batches(ctx: FitContext, encoded: list[Encoded], batch: int, gen: tor
     tok = ctx.lm.tokenizer
     order = torch.randperm(len(encoded), generator=gen).tolist()
     for start in range(0, len(order), batch):
-        chunk = [encoded[i] for i in order[start : start + batch]]
-        t = max(len(e.ids) for e in chunk)
-        ids = torch.full((len(chunk), t), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros(len(chunk), t, dtype=torch.long)
-        labels = torch.full((len(chunk), t), -100, dtype=torch.long)
-        for b, e in enumerate(chunk):
-            ids[b, : len(e.ids)] = torch.tensor(e.ids)
-            attn[b, : len(e.ids)] = 1
-            labels[b, e.answer] = torch.tensor([e.ids[i] for i in e.answer])
-        yield ids, attn, labels
+        yield _padded([encoded[i] for i in order[start : start + batch]], tok.pad_token_id)
+
+
+def _padded(seqs: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)``; labels are -100 except on the answer tokens."""
+    t = max(len(e.ids) for e in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    attn = torch.zeros(len(seqs), t, dtype=torch.long)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    for b, e in enumerate(seqs):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        attn[b, : len(e.ids)] = 1
+        labels[b, e.answer] = torch.tensor([e.ids[i] for i in e.answer])
+    return ids, attn, labels
 
 
 def _lofit_train(ctx: FitContext, modules: dict, params: list, epochs: int, l1: float, lr: float, batch: int,
@@ -611,17 +615,10 @@ def _answer_logps(lm: LoadedModel, seqs: list[Encoded], device: torch.device) ->
     """Summed answer log-probs ``[len(seqs)]`` of right-padded ``seqs`` in one forward pass (hooks as installed)."""
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    t = max(len(e.ids) for e in seqs)
-    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-    attn = torch.zeros(len(seqs), t, dtype=torch.long)
-    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
-    for b, e in enumerate(seqs):
-        ids[b, : len(e.ids)] = torch.tensor(e.ids)
-        attn[b, : len(e.ids)] = 1
-        labels[b, e.answer] = torch.tensor([e.ids[i] for i in e.answer])
+    ids, attn, labels = _padded(seqs, pad)
     lo = min(e.answer[0] for e in seqs) - 1  # no logits before the first position that predicts an answer token
     logits = lm.model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                      logits_to_keep=torch.arange(lo, t, device=device)).logits
+                      logits_to_keep=torch.arange(lo, ids.shape[1], device=device)).logits
     return sequence_logprobs(logits, labels[:, lo:].to(device))
 
 

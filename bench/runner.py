@@ -139,9 +139,13 @@ def missing_parts(out: Path, task: str, folds: list[int]) -> list[str]:
     a fold not finished, or a part added to the task after the run finished. A finished fold counts by its metrics,
     not its part files, so runs written before part files existed stay complete."""
     missing = []
+    # a committed run keeps results.json but not its fold files (they repeat it): its folds' metrics count too
+    summary = out / "results.json"
+    recorded = {f["fold"]: f["metrics"] for f in json.loads(summary.read_text())["folds"]} if summary.exists() else {}
     for k in folds:
         f = out / f"fold_{k}.json"
-        have = set(json.loads(f.read_text())["metrics"]) if f.exists() else None
+        have = set(json.loads(f.read_text())["metrics"]) if f.exists() else (
+            set(recorded[k]) if k in recorded else None)
         missing += [f"fold_{k}.{p}" for p in _parts(task)
                     if have is None or not set(PART_METRICS.get(p, ())) <= have]
     return missing

@@ -559,3 +559,14 @@ def test_reproduce_runs_florain_before_the_mean_shift_matched_to_it():
                                                                                    "mean-shift"]
     assert _florain_before_mean_shift(TABLE1_METHODS) == list(TABLE1_METHODS)
     assert _florain_before_mean_shift(("mean-shift",)) == ["mean-shift"]
+
+
+def test_a_committed_run_without_fold_files_counts_as_finished(tmp_path):
+    """Committed runs keep results.json but not fold_K.json: the folds' recorded metrics count."""
+    from bench.runner import missing_parts
+
+    mc = {m: {"mean": 0.5} for m in ("mc1", "mc2", "mc3")}
+    (tmp_path / "results.json").write_text(json.dumps({"folds": [{"fold": 0, "metrics": mc}]}))
+    assert missing_parts(tmp_path, "truthfulqa-mc", [0]) == []
+    assert missing_parts(tmp_path, "truthfulqa-mc", [0, 1]) == ["fold_1.mc"]
+    assert missing_parts(tmp_path, "truthfulqa", [0])[0] == "fold_0.gen"  # a part the run lacks
