@@ -83,6 +83,7 @@ def run(
     judge_model: Optional[str] = typer.Option(None, help="openai judge: model name; hf judge: truth-judge model (path or Hub id)."),
     judge_info_model: Optional[str] = typer.Option(None, help="openai (completion) / hf judge: separate informativeness model."),
     judge_protocol: Optional[str] = typer.Option(None, help="openai judge: chat (reference-grounded) or completion (True:/Helpful: fine-tuned judges)."),
+    judge_preset: Optional[str] = typer.Option(None, help="hf judge: allenai, hitz-gemma2-9b-en, hitz-gemma2-9b-multi, hitz-llama31-8b-multi [allenai]."),
     kl_windows: int = typer.Option(100, help="KL/CE: number of text windows."),
     kl_length: int = typer.Option(128, help="KL/CE: tokens per window."),
     kl_source: Optional[str] = typer.Option(None, help="KL/CE texts: hub (openwebtext-10k), nontoxic/toxic/challenging (RTP prompts) or a JSONL path [hub, offline: nontoxic]."),
@@ -130,7 +131,8 @@ def run(
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
                     gen_preset=gen_preset, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, judge=judge,
-                    judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol),
+                    judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol,
+                                                 judge_preset),
                     kl_windows=kl_windows, kl_length=kl_length, kl_source=kl_source, tox_prompts=tox_prompts,
                     samples=samples, top_p=top_p, scorer=scorer, fluency_model=fluency_model, steer_data=steer_data,
                     sample_batch_size=sample_batch_size, eval_split=eval_split, eval_folds=eval_fold or None,
@@ -170,14 +172,16 @@ def _check_method_flags(method: str, layer: int | None, given: set[str]) -> None
 
 
 def _judge_options(judge: str, base_url: str | None, model: str | None, info_model: str | None,
-                   protocol: str | None) -> dict:
+                   protocol: str | None, preset: str | None = None) -> dict:
     """Backend settings from the command line (API keys are read from the environment by the backend)."""
+    if preset is not None and judge != "hf":
+        raise typer.BadParameter(f"--judge-preset applies to the hf judge only, not to the {judge} judge")
     if judge == "openai":
         opts = {"base_url": base_url, "model": model, "protocol": protocol}
         if info_model:
             opts.update(truth_model=model, info_model=info_model)
     elif judge == "hf":
-        opts = {"truth_model": model, "info_model": info_model}
+        opts = {"truth_model": model, "info_model": info_model, "preset": preset}
     else:
         if any(v is not None for v in (base_url, model, info_model, protocol)):
             raise typer.BadParameter(f"--judge-* options do not apply to the {judge} judge")
@@ -324,6 +328,31 @@ def judge_train(
     console.print(f"embedded judge trained in {time.perf_counter() - t:.0f} s → {path}")
 
 
+@judge_app.command("rejudge")
+def judge_rejudge(
+    runs: list[Path] = typer.Argument(..., help="Finished TruthfulQA run directories (each with generations_foldK.jsonl)."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding the TruthfulQA data the runs used [$BENCH_DATA_DIR]."),
+) -> None:
+    """Re-judge runs' saved answers with today's judge (the run's judge name and options): judged numbers only."""
+    import json
+
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.judges import get_judge
+    from bench.rejudge import rejudge_run
+
+    judges: dict[str, object] = {}
+    for run_dir in runs:
+        try:
+            cfg = json.loads((run_dir / "results.json").read_text())["config"]
+            key = json.dumps([cfg.get("judge"), cfg.get("judge_options")], sort_keys=True, default=str)
+            if key not in judges:  # one judge per name and options: built (and trained) once
+                opts = {**({"data_dir": data_dir} if cfg["judge"] == "embedded" else {}), **cfg.get("judge_options", {})}
+                judges[key] = get_judge(cfg["judge"], **opts)
+            rejudge_run(run_dir, judges[key], data_dir, echo=console.print)
+        except (OSError, KeyError, DataNotFoundError, ValueError) as err:
+            _fail(f"{run_dir}: {err}")
+
+
 @judge_app.command("validate")
 def judge_validate(
     judge: str = typer.Option("embedded", help="Judge: embedded, openai, hf."),
@@ -335,10 +364,12 @@ def judge_validate(
     judge_model: Optional[str] = typer.Option(None, help="openai judge model / hf truth-judge model."),
     judge_info_model: Optional[str] = typer.Option(None, help="Separate informativeness model (openai completion, hf)."),
     judge_protocol: Optional[str] = typer.Option(None, help="openai judge: chat or completion."),
+    judge_preset: Optional[str] = typer.Option(None, help="hf judge preset: allenai, hitz-gemma2-9b-en, hitz-gemma2-9b-multi, hitz-llama31-8b-multi."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding the human label files."),
     output: Optional[Path] = typer.Option(None, help="Also write the results as JSON here."),
 ) -> None:
-    """Agreement with the human labels: accuracy, balanced accuracy, confusion counts, for truth and info."""
+    """Agreement with the human labels on model-written answers (accuracy, Cohen's κ, positive-rate bias) under both
+    protocols, and how often broken answers are called informative; the embedded judge is retrained per fold."""
     from bench.data.truthfulqa import DataNotFoundError
     from bench.judges import get_judge
     from bench.judges.validate import PROTOCOLS, validate_embedded, validate_fixed
@@ -350,18 +381,25 @@ def judge_validate(
         _fail(f"unknown protocol(s) {bad}; valid: {', '.join(PROTOCOLS)}")
     try:
         if judge == "embedded":
+            _judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol, judge_preset)
             res = validate_embedded(data_dir, folds, seed, protocol, limit=limit, echo=lambda m: console.print(m))
         else:
-            opts = _judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol)
+            opts = _judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol, judge_preset)
             res = validate_fixed(get_judge(judge, **opts), data_dir, limit, seed)
     except (DataNotFoundError, ValueError, RuntimeError) as err:
         _fail(str(err))
     rows = []
     for aspect, by_proto in res["results"].items():
         for proto, r in by_proto.items():
-            c = r["confusion"]
-            rows.append([aspect, proto, f"{r['accuracy']:.4f}", f"{r['balanced_accuracy']:.4f}",
-                         f"{c['tp']}/{c['fp']}/{c['tn']}/{c['fn']}", str(r["n"])])
-    print(markdown_table(["aspect", "protocol", "accuracy", "balanced accuracy", "TP/FP/TN/FN", "answers"], rows))
+            m, a = r["model_written"], r["all_rows"]
+            broken = [r[k]["positive_rate"] for k in ("broken_real", "broken_synthetic") if k in r]
+            rows.append([aspect, proto, f"{m['accuracy']:.3f}", f"{m['kappa']:.3f}", f"{m['bias']:+.3f}",
+                         f"{m['balanced_accuracy']:.3f}", str(m["n"]), f"{a['accuracy']:.3f}",
+                         " / ".join("–" if b is None else f"{b:.3f}" for b in broken)])
+    print(markdown_table(["aspect", "protocol", "accuracy", "Cohen's κ", "bias (judge − human)", "balanced acc.",
+                          "answers", "accuracy, all rows (with references)", "broken answers called positive "
+                          "(real / synthetic)"], rows))
+    console.print("Model-written answers only (TruthfulQA's reference answers excluded) unless marked; 'positive' "
+                  "is true (truth) or informative (info).")
     if output:
         write_json(output, res)

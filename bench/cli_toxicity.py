@@ -47,7 +47,7 @@ def train(
     seed: int = typer.Option(0, help="Seed of the train/held-out split (by prompt)."),
     force: bool = typer.Option(False, help="Retrain even when a current model for this data and seed exists."),
 ) -> None:
-    """Train the embedded scorer (TF-IDF + logistic regression) and save it in the cache (about half a minute)."""
+    """Train the embedded scorer on RTP prompt texts, check it on the GPT-2 continuations, cache it (about a minute)."""
     from bench.data.truthfulqa import DataNotFoundError
     from bench.toxicity.data import file_sha256
     from bench.toxicity.embedded import default_dir, is_current, read_metadata, train_embedded_scorer
@@ -70,17 +70,29 @@ def train(
     _print_training(meta)
 
 
+def _ci(r: dict, key: str) -> str:
+    """``value [lo, hi]`` of a metric with its bootstrap interval."""
+    value, ci = r.get(key), r.get(f"{key}_ci")
+    return _fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if value is not None and ci else "")
+
+
 def _print_training(meta: dict) -> None:
     table = Table(title="embedded toxicity scorer")
     table.add_column("field")
     table.add_column("value")
-    val, n = meta["validation"], meta["n_texts"]
+    n, checks = meta["n_texts"], meta["checks"]
+    pool = n["pool"]
     rows = [("model", meta["model_type"]), ("seed", str(meta["seed"])),
-            ("train texts", f"{n['train']['total']} ({n['train']['groups']} prompts)"),
-            ("held-out texts", f"{n['validation']['total']} ({n['validation']['groups']} prompts, "
-                               f"{n['validation']['positive']} toxic)"),
-            ("held-out AUROC", _fmt(val["auroc"])), ("held-out Spearman", _fmt(val["spearman"])),
-            ("held-out Brier", _fmt(val["brier"])), ("training time", f"{meta['train_seconds']} s")]
+            ("train texts", f"{n['train']['total']} RTP prompts ({n['train']['positive']} toxic)"),
+            ("held-out prompts", f"{n['heldout_prompts']['total']} ({n['heldout_prompts']['positive']} toxic)"),
+            ("not used", f"{pool['steering_part']} RTP prompts of the steering part, {pool['prompted_gens_prompts']} "
+                         "prompted_gens prompts, every continuation"),
+            ("stack", ", ".join(f"{f} {c:+.3f}" for f, c in zip(meta["stack"]["features"], meta["stack"]["coef"]))
+             + f", intercept {meta['stack']['intercept']:+.3f}"),
+            ("training time", f"{meta['train_seconds']} s")]
+    for c in checks.values():
+        rows.append((f"{c['set']} (n {c['n']}, {c['n_positive']} toxic)",
+                     f"AUROC {_ci(c, 'auroc')}, Spearman {_ci(c, 'spearman')}"))
     for row in rows:
         table.add_row(*row)
     out_console.print(table)
@@ -91,10 +103,12 @@ def validate(
     scorer: Optional[list[str]] = typer.Option(None, "--scorer", help="Scorer to validate (repeatable) [embedded, profanity-check]."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="Scorer option SCORER.KEY=VALUE (repeatable), e.g. perspective.qps=0.5."),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding toxicity/*.jsonl [$BENCH_DATA_DIR]."),
-    seed: int = typer.Option(0, help="Seed of the held-out split (must be the embedded scorer's training seed)."),
+    seed: int = typer.Option(0, help="Seed of the held-out prompts and of the bootstrap (must be the embedded scorer's training seed)."),
+    resamples: int = typer.Option(1000, min=1, help="Prompt-group bootstrap resamples for the 95 % intervals."),
     output: Optional[Path] = typer.Option(None, help="Write the full report (reliability tables included) to this JSON file."),
 ) -> None:
-    """AUROC, Spearman and Brier score of scorers against Perspective on the held-out texts."""
+    """AUROC and Spearman (bootstrap 95 % intervals) of scorers against Perspective, per set: GPT-2 continuations,
+    human continuations, held-out RTP prompts; and task-level EMT / toxicity probability on the continuations."""
     from bench.data.truthfulqa import DataNotFoundError
     from bench.runs import write_json
     from bench.toxicity.base import ScorerNotAvailableError
@@ -102,46 +116,91 @@ def validate(
 
     names = scorer or list(DEFAULT_SCORERS)
     try:
-        report = validate_scorers(names, data_dir, seed, _parse_options(option or []))
+        report = validate_scorers(names, data_dir, seed, _parse_options(option or []), resamples)
     except (DataNotFoundError, ScorerNotAvailableError, ValueError) as err:
         _fail(str(err))
-    table = Table(title=f"toxicity scorers vs Perspective (held-out: {report['n']} texts, "
-                        f"{report['n_positive']} toxic, {report['n_groups']} prompts; seed {seed})")
-    for col in ("scorer", "AUROC", "Spearman", "Brier", "AUROC prompts", "AUROC generations", "EMT (Persp.)",
-                "tox. prob. (Persp.)"):
-        table.add_column(col, justify="left" if col == "scorer" else "right")
-    for name, r in report["scorers"].items():
-        gens = r["by_source"].get("generation", {})
-        task = r["task_level"]
-        emt = tp = "–"
-        if task.get("n_prompts"):
-            e, t = task["expected_max_toxicity"], task["toxicity_probability"]
-            emt = f"{e['scorer']['mean']:.3f} ({e['perspective']['mean']:.3f})"
-            tp = f"{t['scorer']['mean']:.3f} ({t['perspective']['mean']:.3f})"
-        table.add_row(name, _fmt(r["auroc"]), _fmt(r["spearman"]), _fmt(r["brier"]),
-                      _fmt(r["by_source"].get("prompt", {}).get("auroc")), _fmt(gens.get("auroc")), emt, tp)
-    out_console.print(table)
+    _print_validation(report)
     if output is not None:
         write_json(output, report)
         console.print(f"wrote {output}")
 
 
+def _print_validation(report: dict) -> None:
+    table = Table(title=f"toxicity scorers vs Perspective >= 0.5 (95 % intervals: {report['bootstrap']['resamples']} "
+                        f"prompt-group bootstrap resamples, seed {report['seed']})")
+    for col in ("scorer", "set", "n (toxic)", "AUROC [95 % CI]", "Spearman [95 % CI]", "Brier"):
+        table.add_column(col, justify="left" if col in ("scorer", "set") else "right")
+    for name, r in report["scorers"].items():
+        for key, s in r["sets"].items():
+            table.add_row(name, key, f"{s['n']} ({s['n_positive']})", _ci(s, "auroc"),
+                          _ci(s, "spearman"), _fmt(s["brier"]))
+    table.caption = "; ".join(f"{k}: {v['description']}" for k, v in report["sets"].items())
+    out_console.print(table)
+    task = Table(title="task level on the prompted_gens prompts' GPT-2 continuations: scorer vs Perspective")
+    for col in ("scorer", "prompts", "EMT", "EMT Persp.", "Δ [95 % CI]", "tox. prob.", "Persp.", "Δ [95 % CI]",
+                "ρ maxima"):
+        task.add_column(col, justify="left" if col == "scorer" else "right")
+    for name, r in report["scorers"].items():
+        t = r.get("task_level", {})
+        if not t.get("n_prompts"):
+            continue
+        cells = []
+        for key in ("expected_max_toxicity", "toxicity_probability"):
+            e = t[key]
+            lo, hi = e["difference_ci"]
+            cells += [_fmt(e["scorer"]["mean"]), _fmt(e["perspective"]["mean"]),
+                      f"{e['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"]
+        task.add_row(name, str(t["n_prompts"]), *cells, _fmt(t["max_spearman"]))
+    out_console.print(task)
+
+
 @toxicity_app.command()
 def candidates(
     data_dir: Optional[str] = typer.Option(None, help="Folder holding toxicity/*.jsonl [$BENCH_DATA_DIR]."),
-    seed: int = typer.Option(0, help="Seed of the train/held-out split."),
+    seed: int = typer.Option(0, help="Seed of the train/held-out split of the scorer's RTP prompts."),
+    output: Optional[Path] = typer.Option(None, help="Write the comparison to this JSON file."),
 ) -> None:
-    """Held-out AUROC of the candidate embedded models (how the embedded scorer was chosen)."""
+    """Held-out-prompt AUROC of the candidate embedded models and the rule's choice (continuations play no part)."""
     from bench.data.truthfulqa import DataNotFoundError
+    from bench.runs import write_json
     from bench.toxicity.validate import compare_candidates
 
     try:
         report = compare_candidates(data_dir, seed)
     except (DataNotFoundError, ValueError) as err:
         _fail(str(err))
-    table = Table(title=f"candidate embedded scorers (train {report['n_train']}, held-out {report['n_validation']})")
-    for col in ("candidate", "AUROC", "Spearman", "Brier", "fit s"):
+    table = Table(title=f"candidate embedded scorers (train {report['n_train']} RTP prompts, "
+                        f"held-out {report['n_heldout']} RTP prompts)")
+    for col in ("candidate", "AUROC", "Spearman", "Brier"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for name, r in report["candidates"].items():
-        table.add_row(name, _fmt(r["auroc"], 4), _fmt(r["spearman"]), _fmt(r["brier"]), _fmt(r.get("fit_seconds"), 1))
+        table.add_row(name + ("  ← chosen" if name == report["chosen"] else ""), _fmt(r["auroc"], 4),
+                      _fmt(r["spearman"]), _fmt(r["brier"]))
     out_console.print(table)
+    console.print(f"rule: {report['rule']}")
+    if output is not None:
+        write_json(output, report)
+        console.print(f"wrote {output}")
+
+
+@toxicity_app.command()
+def rescore(
+    runs: list[Path] = typer.Argument(..., help="Finished toxicity run directories (each with samples_foldK.jsonl)."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding toxicity/*.jsonl, to train the embedded scorer if needed [$BENCH_DATA_DIR]."),
+) -> None:
+    """Re-score runs' saved samples with today's scorer: toxicity numbers only (fluency, diversity kept)."""
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.toxicity.base import ScorerNotAvailableError, get_scorer
+    from bench.toxicity.rescore import rescore_run
+
+    scorers: dict[str, object] = {}
+    for run_dir in runs:
+        try:
+            cfg = json.loads((run_dir / "results.json").read_text())["config"]
+            key = json.dumps([cfg.get("scorer"), cfg.get("scorer_options")], sort_keys=True, default=str)
+            if key not in scorers:  # one scorer per name and options: built (and trained) once
+                opts = {**({"data_dir": data_dir} if cfg["scorer"] == "embedded" else {}), **cfg.get("scorer_options", {})}
+                scorers[key] = get_scorer(cfg["scorer"], **opts)
+            rescore_run(run_dir, scorers[key], echo=console.print)
+        except (OSError, KeyError, DataNotFoundError, ScorerNotAvailableError, ValueError) as err:
+            _fail(f"{run_dir}: {err}")

@@ -21,6 +21,26 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+#: metrics read by the judge → the judge aspects whose validated error they carry
+JUDGED = {"true": ("truth",), "info": ("info",), "true_and_info": ("truth", "info"),
+          "true_info_product": ("truth", "info")}
+JUDGE_NOTE = ("judge err: share of human-labelled *model-written* answers (TruthfulQA's reference answers excluded) "
+              "that the run's judge gets wrong, 5-fold, {protocol} protocol (`bench judge validate`; accuracy, κ and "
+              "bias are in each run's results.json under judge.validation); n/a: a judge without that validation.")
+
+
+def judge_error(result: dict, metric: str) -> str:
+    """``judge err 0.17`` (or ``0.17/0.13`` for truth/info) for a judged metric of ``result``; "" otherwise."""
+    aspects = JUDGED.get(metric)
+    if not aspects:
+        return ""
+    validation = (result.get("judge") or {}).get("validation") or {}
+    errs = [1.0 - validation[a]["accuracy"] for a in aspects if a in validation]
+    if len(errs) != len(aspects):
+        return "judge err n/a"
+    return "judge err " + "/".join(f"{e:.2f}" for e in errs)
+
+
 def run_layer(result: dict) -> str | None:
     """The run's layer: the configured one, else the folds' own choices (``"16/17"``), else None."""
     layer = result["config"].get("layer")
@@ -43,5 +63,25 @@ def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2",
         cfg = r["config"]
         layer = run_layer(r)
         rows.append([cfg["model"], cfg["method"], layer or "–",
-                     *[fmt(r["metrics"][m]) for m in metrics], str(len(r["folds"])), str(r["metrics"][metrics[0]]["n"])])
-    return markdown_table(header, rows)
+                     *[fmt(r["metrics"][m]) + (f" ({j})" if (j := judge_error(r, m)) else "") for m in metrics],
+                     str(len(r["folds"])), str(r["metrics"][metrics[0]]["n"])])
+    table = markdown_table(header, rows)
+    if any(judge_error(r, m) for r in results for m in metrics):
+        protocols = {((r.get("judge") or {}).get("validation") or {}).get("protocol") for r in results} - {None}
+        table += "\n\n" + JUDGE_NOTE.format(protocol="/".join(sorted(protocols)) or "–")
+    return table
+
+
+def save_revised_run(run_dir, results: dict, per_question: list[dict], history: str, entry: dict) -> None:
+    """Write a finished run whose numbers were revised from its saved outputs (re-judged, re-scored): ``entry``
+    appended to ``results[history]``, then per_question.jsonl, results.md and results.json (last) atomically."""
+    import json
+    from pathlib import Path
+
+    from bench.runs import git_commit, now_iso, write_json, write_text
+
+    run_dir = Path(run_dir)
+    results.setdefault(history, []).append({"date": now_iso(), "git": git_commit(), **entry})
+    write_text(run_dir / "per_question.jsonl", "".join(json.dumps(r) + "\n" for r in per_question))
+    write_text(run_dir / "results.md", results_table([results], tuple(results["metrics"])) + "\n")
+    write_json(run_dir / "results.json", results)

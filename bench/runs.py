@@ -46,6 +46,19 @@ def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
             os.unlink(tmp)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically write a text file (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def read_progress(path: Path) -> list[dict]:
     """Records of an append-only progress file (JSON lines). A torn tail left by a killed run is cut off the
     file, so that records appended after a resume start on a line of their own."""

@@ -11,12 +11,10 @@ from pathlib import Path
 import pandas as pd
 
 from bench.metrics import label, ordered
-from bench.report import fmt, markdown_table, run_layer
+from bench.report import JUDGE_NOTE, fmt, judge_error, markdown_table, run_layer
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
 WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
-
-
 def load_results(paths: list[str]) -> list[dict]:
     """``results.json`` files given directly, as run directories, or as glob patterns."""
     found: list[Path] = []
@@ -24,6 +22,8 @@ def load_results(paths: list[str]) -> list[dict]:
         pattern = glob.has_magic(p)
         matches = [Path(m) for m in glob.glob(p)] if pattern else [Path(p)]
         for m in matches:
+            if pattern and m.is_file() and m.suffix != ".json":
+                continue  # a glob over a folder also matches its plots and tables
             f = m / "results.json" if m.is_dir() else m
             if f.is_file():
                 found.append(f)
@@ -54,14 +54,15 @@ def long_table(results: list[dict]) -> pd.DataFrame:
             rows.append({"model": cfg["model"], "method": cfg["method"], "task": cfg["task"],
                          "layer": run_layer(r), "metric": metric, "mean": v["mean"], "se": v.get("se", math.nan),
                          "n": v.get("n"), "folds": len(r.get("folds", [])), "run": Path(r["_path"]).parent.name,
-                         "path": r["_path"]})
+                         "judge_error": judge_error(r, metric), "path": r["_path"]})
     return pd.DataFrame(rows)
 
 
 def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     """Rows (model, method, task, layer, run); a "mean ± se" column per metric, and the number of questions."""
     long = long.assign(
-        cell=[fmt({"mean": m, "se": s}) for m, s in zip(long["mean"], long["se"])],
+        cell=[fmt({"mean": m, "se": s}) + (f" ({j})" if j else "")
+              for m, s, j in zip(long["mean"], long["se"], long["judge_error"])],
         layer=long["layer"].fillna("–").astype(str))
     keys = ["model", "method", "task", "layer", "run"]
     wide = long.groupby([*keys, "metric"], sort=False)["cell"].first().unstack("metric").reset_index()
@@ -103,6 +104,9 @@ def write_tables(results: list[dict], output: Path, name: str = "table") -> dict
     wide = wide_table(long)
     comp = reference_comparison(long)
     md = markdown_table([str(c) for c in wide.columns], [[str(x) for x in row] for row in wide.itertuples(index=False)])
+    protocols = {((r.get("judge") or {}).get("validation") or {}).get("protocol") for r in results} - {None}
+    if (long["judge_error"] != "").any():
+        md += "\n\n" + JUDGE_NOTE.format(protocol="/".join(sorted(protocols)) or "–")
     if len(comp):
         md += "\n\nReference figures for the same model, method and metric:\n\n" + markdown_table(
             list(comp.columns), [[f"{x:.3f}" if isinstance(x, float) else str(x) for x in row]

@@ -73,3 +73,111 @@ def test_missing_embedded_judge_without_training_says_how_to_train(judge_cache):
         get_judge("embedded", train_if_missing=False)
     with pytest.raises(ValueError, match="valid: embedded, hf, openai"):
         get_judge("gpt-judge")
+
+
+def test_agreement_reports_kappa_and_bias():
+    r = agreement([True, True, False, False], [0.9, 0.8, 0.7, 0.1])
+    assert r["bias"] == 0.75 - 0.5 and r["sensitivity"] == 1.0 and r["specificity"] == 0.5
+    assert r["kappa"] == 0.5  # (0.75 − 0.5) / (1 − 0.5)
+
+
+def test_references_are_told_apart_from_model_written_answers():
+    from bench.data.truthfulqa import Question
+    from bench.judges.embedded import is_reference
+
+    q = Question(0, "Q?", "Nothing happens.", ("Nothing happens.", "You digest them."), ("They grow in you.",))
+    assert is_reference(q, "nothing happens") and is_reference(q, "They grow in you!")
+    assert not is_reference(q, "Nothing happens to you.") and not is_reference(None, "x")
+
+
+def test_corruptions_are_broken_and_seeded():
+    import random
+
+    from bench.judges.degenerate import KINDS, corrupt, corruptions, degeneracy_features
+
+    answer = "Watermelon seeds pass through your digestive system without harm."
+    out = {k: corrupt(answer, k, random.Random(0), [answer]) for k in KINDS}
+    assert out["loop"].count(out["loop"].split()[0]) >= 5 and sorted(out["shuffle"].split()) == sorted(answer.split())
+    assert corruptions([answer] * 10, 1.0, 3) == corruptions([answer] * 10, 1.0, 3)
+    f = degeneracy_features([answer, out["loop"]])
+    assert f[1, 0] > f[0, 0] and f[1, 4] >= 5  # word repetition and the longest loop see the loop
+    with pytest.raises(ValueError, match="valid: loop"):
+        corrupt(answer, "reverse", random.Random(0))
+
+
+def test_rejudge_replaces_only_the_judged_numbers(tiny_dir, tqa_dir, tmp_path, judge_cache, monkeypatch):
+    """A finished run re-judged by another judge: True/Info follow the new verdicts, MC and fluency stay."""
+    from bench.judges import JUDGES, Judge, Verdict
+    from bench.rejudge import rejudge_run
+    from bench.runner import RunConfig
+    from bench.sweep import run_point
+
+    out = tmp_path / "run"
+    run_point(RunConfig(method="none", model=str(tiny_dir), task="truthfulqa-gen", limit=12, max_new_tokens=6,
+                        gen_batch_size=4), out, str(tqa_dir), echo=lambda s: None)
+    before = json.loads((out / "results.json").read_text())
+
+    class Const(Judge):
+        name = "const"
+
+        def identity(self) -> dict:
+            return {"backend": "const", "validation": {"protocol": "deployment", "truth": {"accuracy": 0.8},
+                                                      "info": {"accuracy": 0.9}}}
+
+        def judge(self, items):
+            return [Verdict(1.0, 0.0 if i.question == "What is fact 1?" else 1.0) for i in items]
+
+    monkeypatch.setitem(JUDGES, "const", Const)
+    rejudge_run(out, Const(), tqa_dir, echo=lambda s: None)
+    after = json.loads((out / "results.json").read_text())
+    assert after["metrics"]["true"]["mean"] == 1.0 and after["metrics"]["answer_nll"] == before["metrics"]["answer_nll"]
+    recs = [json.loads(line) for line in (out / "per_question.jsonl").read_text().splitlines()]
+    assert [r["info"] for r in recs] == [r["question"] != "What is fact 1?" for r in recs]
+    assert after["metrics"]["info"]["mean"] == pytest.approx(np.mean([f["metrics"]["info"]["mean"] for f in after["folds"]]))
+    assert after["judge"]["backend"] == "const" and after["rejudged"][0]["previous_judge"] == before["judge"]
+    assert after["rejudged"][0]["previous_metrics"]["true"] == before["metrics"]["true"]
+    assert "judge err 0.20" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="not the data the run used"):
+        rejudge_run(out, Const(), _other_data(tmp_path), echo=lambda s: None)
+
+
+def _other_data(tmp_path):
+    from conftest import write_label_files, write_tqa_csv
+
+    d = tmp_path / "other" / "truthfulqa"
+    csv_path = write_tqa_csv(d / "TruthfulQA.csv")
+    csv_path.write_text(csv_path.read_text().replace("What is fact 3?", "What is fact three?"))
+    write_label_files(d)
+    return d.parent
+
+
+def test_broken_answers_are_judged_uninformative(shared_data):
+    """The informativeness classifier trained on four fifths of the questions (by question) calls < 5 % of a fixed
+    set of synthetic broken answers (loops, shuffles, noise) to the other fifth's questions informative, and < 5 % of
+    the real broken answers of our runs, while still calling most held-out model-written answers right."""
+    import random
+    import zlib
+
+    from bench.judges.degenerate import corrupt, real_degenerate_answers
+    from bench.judges.embedded import Featurizer, Rows, _refs, dedup_labels, fit_aspect, is_reference, label_corpus
+
+    refs, _ = _refs(shared_data)
+    examples, _ = dedup_labels("info", shared_data)
+    held = {q for q in refs if zlib.crc32(q.encode()) % 5 == 0}
+    train = [e for e in examples if e.question not in held]
+    test = [e for e in examples if e.question in held and not is_reference(refs[e.question], e.answer)]
+    feat = Featurizer(refs, label_corpus(shared_data))
+    rows = Rows.build(feat, [e.question for e in train], [e.answer for e in train])
+    clf = fit_aspect(feat, rows, np.array([e.label for e in train], int), "info", seed=0)
+    rng = random.Random(7)
+    held_refs = sorted(held)
+    broken = [(q, corrupt(rng.choice(refs[q].correct), kind, rng))
+              for q in held_refs[:100] for kind in ("loop", "shuffle", "noise")]
+    p = clf.predict_rows(Rows.build(feat, [q for q, _ in broken], [a for _, a in broken]))
+    assert (p >= 0.5).mean() < 0.05, [b for b, x in zip(broken, p) if x >= 0.5][:5]
+    by_index = {q.index: q.question for q in refs.values()}
+    real = [r for r in real_degenerate_answers() if by_index[r["index"]].strip() in held]
+    p_real = clf.predict_rows(Rows.build(feat, [by_index[r["index"]] for r in real], [r["answer"] for r in real]))
+    assert len(real) > 50 and (p_real >= 0.5).mean() < 0.05
+    p_test = clf.predict_rows(Rows.build(feat, [e.question for e in test], [e.answer for e in test]))
+    assert ((p_test >= 0.5) == np.array([e.label for e in test])).mean() > 0.8

@@ -207,13 +207,14 @@ def test_steering_groups_and_exclusion(tox_data: Path):
 
 def test_embedded_scorer_trains_saves_and_scores(tox_data: Path, tmp_path: Path):
     from bench.toxicity.data import load_scored_texts
-    from bench.toxicity.embedded import default_dir, split_heldout
+    from bench.toxicity.embedded import default_dir, scorer_pool, split_heldout
 
     items, files = load_scored_texts(tox_data)
     assert len(items) == 48 + 6 * (5 + 1)
     train, val = split_heldout(items, seed=3)
     assert train and val and not {i.group for i in train} & {i.group for i in val}
     assert split_heldout(items, seed=3) == (train, val)
+    pool = scorer_pool(items)
 
     with pytest.raises(ScorerNotAvailableError, match="bench toxicity train"):
         get_scorer("embedded", auto_train=False)
@@ -221,11 +222,12 @@ def test_embedded_scorer_trains_saves_and_scores(tox_data: Path, tmp_path: Path)
     assert default_dir() == tmp_path / "cache" / "scorers" / "toxicity-embedded"
     meta = json.loads((default_dir() / "metadata.json").read_text())
     assert meta["files"]["toxic"]["sha256"] == files["toxic"]["sha256"]
-    assert meta["n_texts"]["train"]["total"] + meta["n_texts"]["validation"]["total"] == len(items)
-    assert {"auroc", "spearman", "brier"} <= set(meta["validation"])
+    assert meta["n_texts"]["train"]["total"] + meta["n_texts"]["heldout_prompts"]["total"] == len(pool)
+    assert {"auroc", "auroc_ci", "spearman", "spearman_ci", "n", "n_positive"} <= set(meta["validation"])
     s = scorer.score(["you are a stupid idiot", "a visit to the museum and the garden", ""])
     assert s[0] > s[1] and s[2] == 0.0 and all(0.0 <= v <= 1.0 for v in s)
     assert scorer.identity()["scorer"] == "embedded"
+    assert scorer.identity()["validation"] == meta["validation"]
     again = get_scorer("embedded", auto_train=False)  # loads the saved model
     assert again.score(["you are a stupid idiot"]) == pytest.approx(s[:1])
 
@@ -243,21 +245,160 @@ def test_toxicity_cli_train_and_validate(tox_data: Path, tmp_path: Path):
     runner = CliRunner()
     res = runner.invoke(toxicity_app, ["train", "--data-dir", str(tox_data), "--seed", "1"])
     assert res.exit_code == 0, res.output
-    assert "held-out AUROC" in res.output
+    assert "AUROC" in res.output and "continuations" in res.output
     res = runner.invoke(toxicity_app, ["train", "--data-dir", str(tox_data), "--seed", "1"])
     assert res.exit_code == 0 and "up to date" in res.output
     out = tmp_path / "report.json"
-    res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--seed", "1", "--output", str(out)])
+    res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--seed", "1", "--resamples", "200",
+                                       "--output", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert set(report["scorers"]) == {"embedded", "profanity-check"}
-    emb = report["scorers"]["embedded"]
-    assert {"auroc", "spearman", "brier", "reliability", "by_source", "task_level", "n"} <= set(emb)
-    assert len(emb["reliability"]) == 10 and sum(r["n"] for r in emb["reliability"]) == report["n"]
+    assert report["bootstrap"]["resamples"] == 200 and set(report["sets"]) == {"continuations", "human", "heldout_prompts"}
+    assert report["sets"]["continuations"] == {"description": "prompted_gens_gpt2 GPT-2 continuations", "n": 30,
+                                               "n_positive": 12, "n_groups": 6}
+    assert report["sets"]["human"]["n"] == 6 and report["sets"]["heldout_prompts"]["n"] > 0
+    for entry in report["scorers"].values():
+        assert set(entry["sets"]) == set(report["sets"])
+        for name, r in entry["sets"].items():
+            assert r["n"] == report["sets"][name]["n"] and len(r["reliability"]) == 10
+            assert sum(b["n"] for b in r["reliability"]) == r["n"]
+            if name == "human":  # the fixture's human continuations all score 0.03: neither AUROC nor Spearman
+                assert r["auroc"] is r["auroc_ci"] is r["spearman"] is r["spearman_ci"] is None
+                continue
+            for key in ("auroc", "spearman"):
+                lo, hi = r[f"{key}_ci"]
+                assert lo <= r[key] <= hi
+            assert 0 < r["resamples_used"] <= 200  # a resample of few prompts may lack one class
+        task = entry["task_level"]
+        assert task["n_prompts"] == 6 and task["n_texts"] == 30
+        assert task["expected_max_toxicity"]["perspective"]["mean"] == pytest.approx(0.8)  # every prompt: max 0.8
+        assert task["toxicity_probability"]["perspective"]["mean"] == 1.0
+        lo, hi = task["expected_max_toxicity"]["difference_ci"]
+        assert lo <= task["expected_max_toxicity"]["difference"] <= hi
+    assert report["scorers"]["embedded"]["identity"]["validation"]["auroc"] == pytest.approx(
+        report["scorers"]["embedded"]["sets"]["continuations"]["auroc"])
     res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--seed", "2"])
     assert res.exit_code == 2 and "seed 1" in res.output
     res = runner.invoke(toxicity_app, ["validate", "--data-dir", str(tox_data), "--scorer", "nope"])
     assert res.exit_code == 2 and "valid:" in res.output
+
+
+def test_scorer_never_trains_on_prompted_gens_texts(tox_data: Path, tmp_path: Path):
+    from bench.toxicity.data import load_scored_texts, rtp_part
+    from bench.toxicity.embedded import scorer_split, train_embedded_scorer
+
+    # an RTP record whose prompt is one of prompted_gens' prompts (and in the scorer part) must be left out too
+    text = next(f"Prompt number {i} says" for i in range(6) if rtp_part(f"Prompt number {i} says") == "scorer")
+    with (tox_data / "toxicity" / "rtp_nontoxic_5k.jsonl").open("a") as fh:
+        fh.write(json.dumps(_rtp(text, 0.1)) + "\n")
+    items, _ = load_scored_texts(tox_data)
+    prompts = [it for it in items if it.source == "prompt"]
+    train, heldout = scorer_split(items, seed=0)
+    pool = train + heldout
+    assert {it.source for it in pool} == {"prompt"} and all(rtp_part(it.text) == "scorer" for it in pool)
+    assert not {it.text for it in pool} & {it.text for it in items if it.source != "prompt"}
+    assert not {it.group for it in pool} & {it.group for it in items if it.source != "prompt"}
+    assert len(pool) == sum(rtp_part(it.text) == "scorer" for it in prompts) - 1  # the prompted_gens prompt
+    meta = train_embedded_scorer(tox_data, tmp_path / "model", seed=0, resamples=50)
+    n = meta["n_texts"]
+    assert n["train"]["total"] == n["train"]["prompt"] == len(train) and n["train"]["generation"] == n["train"]["human"] == 0
+    assert n["pool"]["prompted_gens_prompts"] == 1 and n["pool"]["heldout_prompts"] == len(heldout)
+    assert n["pool"]["steering_part"] == sum(rtp_part(it.text) == "steering" for it in prompts) > 0
+    v = meta["validation"]
+    assert set(v) == {"set", "auroc", "auroc_ci", "spearman", "spearman_ci", "n", "n_positive"}
+    assert (v["n"], v["n_positive"]) == (30, 12) and "not in training" in v["set"]
+    assert v["auroc_ci"][0] <= v["auroc"] <= v["auroc_ci"][1]
+
+
+def test_group_bootstrap_resamples_whole_prompt_groups():
+    from bench.toxicity.agreement import group_bootstrap, with_intervals
+
+    scores, tox = [0.9, 0.8, 0.1, 0.2, 0.7, 0.3], [0.9, 0.6, 0.1, 0.4, 0.2, 0.1]
+    r = with_intervals(scores, tox, ["a", "a", "b", "b", "c", "c"], resamples=300, seed=1)
+    assert r == with_intervals(scores, tox, ["a", "a", "b", "b", "c", "c"], resamples=300, seed=1)
+    assert r["n_groups"] == 3 and r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1]
+    one = group_bootstrap(scores, tox, ["g"] * 6, resamples=20)  # one group: every resample is the whole set
+    assert one["auroc_ci"] == pytest.approx([r["auroc"], r["auroc"]])
+    assert one["spearman_ci"] == pytest.approx([r["spearman"], r["spearman"]])
+
+
+def test_steering_texts_and_scorer_training_texts_are_disjoint(shared_data: Path):
+    """Both steering sources against the embedded scorer's whole pool (training + held-out prompts), real data."""
+    from bench.tasks.toxicity import STEER_SOURCES, steering_questions
+    from bench.toxicity.data import load_scored_texts, normalise
+    from bench.toxicity.embedded import scorer_split
+
+    assert (shared_data / "toxicity" / "rtp_toxic_5k.jsonl").is_file(), "shared toxicity data missing"
+    items, _ = load_scored_texts(shared_data)
+    train, heldout = scorer_split(items, seed=0)
+    assert len(train) > 6000 and len(heldout) > 1500
+    scorer_texts = {normalise(it.text) for it in train + heldout}
+    for source in STEER_SOURCES:
+        groups = steering_questions(source, [], shared_data, seed=0)  # nothing excluded: every text a fit may see
+        steer = {normalise(t) for q in groups for t in (q.question, *q.correct, *q.incorrect) if t.strip()}
+        assert len(steer) > 1500, source  # gpt2-gens: 100 prompts + ~2,500 continuations; rtp: ~19 groups of 100
+        shared = steer & scorer_texts
+        assert not shared, f"--steer-data {source}: {len(shared)} texts also train the scorer, e.g. {sorted(shared)[:3]}"
+
+
+def _synthetic_toxicity_run(run: Path) -> tuple[list[list[str]], dict]:
+    """A finished one-fold toxicity run as the runner writes it: samples, per-question records, results, fold file."""
+    from bench.report import results_table
+
+    samples = [["you stupid idiot", "a calm day"], ["the garden opens", ""], ["fuck you moron", "fine weather"]]
+    old = [[0.2, 0.1], [0.3, 0.0], [0.4, 0.2]]
+    records = [{"index": i, "id": f"p:{i}", "max_toxicity": max(s), "scores": s, "mean_ppl": 10.0 + i}
+               for i, s in enumerate(old)]
+    metrics = {"expected_max_toxicity": expected_max_toxicity(old), "toxicity_probability": toxicity_probability(old),
+               "fluency_ppl": {"mean": 12.5, "se": 1.5, "n": 5}, "dist-1": {"mean": 0.7, "se": 0.1, "n": 3}}
+    results = {"config": {"model": "tiny", "method": "none", "task": "toxicity", "layer": None,
+                          "scorer": "profanity-check", "scorer_options": {}},
+               "scorer": {"scorer": "old-scorer", "version": 1, "fluency_model": "ref-lm"}, "metrics": metrics,
+               "folds": [{"fold": 0, "layer": None, "metrics": json.loads(json.dumps(metrics))}]}
+    _write_jsonl(run / "samples_fold0.jsonl", [{"index": i, "id": f"p:{i}", "prompt": f"P{i}", "samples": s}
+                                               for i, s in enumerate(samples)])
+    _write_jsonl(run / "per_question.jsonl", [{"fold": 0, **r} for r in records])
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "results.md").write_text(results_table([results], tuple(metrics)) + "\n")
+    (run / "fold_0.toxicity.json").write_text(json.dumps({"metrics": metrics, "records": records}))
+    return samples, results
+
+
+def test_rescore_replaces_toxicity_numbers_and_keeps_the_rest(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from bench.cli_toxicity import toxicity_app
+
+    run = tmp_path / "run"
+    samples, before = _synthetic_toxicity_run(run)
+    res = CliRunner().invoke(toxicity_app, ["rescore", str(run)])
+    assert res.exit_code == 0, res.output
+    scorer = get_scorer("profanity-check")
+    new = [scorer.score(s) for s in samples]
+    after = json.loads((run / "results.json").read_text())
+    emt = expected_max_toxicity(new)
+    assert after["metrics"]["expected_max_toxicity"]["mean"] == pytest.approx(emt["mean"])
+    assert after["metrics"]["toxicity_probability"]["mean"] == pytest.approx(toxicity_probability(new)["mean"])
+    assert after["folds"][0]["metrics"]["expected_max_toxicity"]["mean"] == pytest.approx(emt["mean"])
+    for m in ("fluency_ppl", "dist-1"):
+        assert after["metrics"][m] == before["metrics"][m] and after["folds"][0]["metrics"][m] == before["metrics"][m]
+    assert after["scorer"] == {**scorer.identity(), "fluency_model": "ref-lm"}
+    entry = after["rescored"][-1]
+    assert entry["previous_scorer"] == before["scorer"] and {"date", "git"} <= set(entry)
+    assert entry["previous_metrics"]["expected_max_toxicity"] == before["metrics"]["expected_max_toxicity"]
+    per_q = [json.loads(x) for x in (run / "per_question.jsonl").read_text().splitlines()]
+    assert [v for r in per_q for v in r["scores"]] == pytest.approx([v for s in new for v in s])
+    assert [r["mean_ppl"] for r in per_q] == [10.0, 11.0, 12.0]
+    assert [r["max_toxicity"] for r in per_q] == pytest.approx([max(s) for s in new]) and per_q[1]["scores"][1] == 0.0
+    assert f"{emt['mean']:.3f} ± {emt['se']:.3f}" in (run / "results.md").read_text()
+    fold_file = json.loads((run / "fold_0.toxicity.json").read_text())
+    assert [v for r in fold_file["records"] for v in r["scores"]] == pytest.approx([v for s in new for v in s])
+    assert not list(run.glob(".*"))  # no temp file left behind
+
+    (run / "samples_fold0.jsonl").write_text(json.dumps({"index": 0, "samples": samples[0]}) + "\n")
+    res = CliRunner().invoke(toxicity_app, ["rescore", str(run)])
+    assert res.exit_code == 2 and "lacks the samples of 2 prompts" in " ".join(res.output.split())
 
 
 # --------------------------------------------------------------------------- other scorers

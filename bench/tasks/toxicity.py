@@ -9,6 +9,11 @@ regions need groups). Two sources, never overlapping the evaluation prompts:
   groups, but few toxic texts (about 30).
 * ``rtp``: the RTP prompt texts themselves (``rtp_toxic_5k`` vs ``rtp_nontoxic_5k``), which have no natural
   grouping: they are dealt at random (seeded) into groups of ``RTP_GROUP`` toxic + ``RTP_GROUP`` non-toxic texts.
+  Only the records of the *steering part* (:func:`bench.toxicity.data.rtp_part`, a fixed fifth) are used: the
+  rest trains the embedded toxicity scorer, so a fit never sees a text the scorer was trained on.
+
+Neither source shares a text with the embedded scorer's training texts (``gpt2-gens`` is its validation set;
+``tests/test_toxicity.py`` checks both on the shared data).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from bench.toxicity.data import (
     load_steering_groups,
     load_toxicity_prompts,
     normalise,
+    rtp_part,
 )
 from bench.toxicity.metrics import (
     conditional_perplexity,
@@ -78,8 +84,12 @@ def steering_questions(source: str, eval_prompts: list[ToxicityPrompt], data_dir
         from bench.data.toxicity import load_prompt_texts
 
         banned = {normalise(p.text) for p in eval_prompts}
-        toxic = [t for t in load_prompt_texts("toxic", data_dir)[0] if normalise(t) not in banned]
-        clean = [t for t in load_prompt_texts("nontoxic", data_dir)[0] if normalise(t) not in banned]
+
+        def usable(t: str) -> bool:
+            return normalise(t) not in banned and rtp_part(t) == "steering"
+
+        toxic = [t for t in load_prompt_texts("toxic", data_dir)[0] if usable(t)]
+        clean = [t for t in load_prompt_texts("nontoxic", data_dir)[0] if usable(t)]
         rng = np.random.RandomState(seed)
         toxic = [toxic[i] for i in rng.permutation(len(toxic))]
         clean = [clean[i] for i in rng.permutation(len(clean))]

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 HUB_ID = "allenai/real-toxicity-prompts"
 PROMPT_SETS = ("challenging", "toxic", "nontoxic")
+# RTP prompt records (rtp_toxic_5k + rtp_nontoxic_5k) are dealt once, by a fixed hash of the normalised prompt text
+# (no seed), into a steering part (``--steer-data rtp`` fits on it) and a scorer part (the embedded scorer trains
+# and is checked on it), so no text ever both steers and trains the scorer.
+STEERING_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,12 @@ class SteeringGroup:
 def normalise(text: str) -> str:
     """The form prompts are compared in: whitespace collapsed and stripped."""
     return re.sub(r"\s+", " ", text).strip()
+
+
+def rtp_part(text: str) -> str:
+    """``"steering"`` or ``"scorer"``: the part an RTP prompt record belongs to (:data:`STEERING_FRACTION`)."""
+    digest = hashlib.sha256(f"rtp-part:{normalise(text)}".encode()).hexdigest()
+    return "steering" if int(digest[:12], 16) / 16**12 < STEERING_FRACTION else "scorer"
 
 
 def _score(value: object, where: str, field: str) -> float | None:

@@ -37,10 +37,11 @@ def _version(package: str) -> str | None:
 
 @register_scorer("embedded")
 class EmbeddedScorer(ToxicityScorer):
-    """The TF-IDF + logistic regression scorer trained on the shared Perspective-scored texts.
+    """TF-IDF logistic regression stacked with profanity-check, trained on Perspective-scored RTP prompt texts.
 
     Loads ``<cache_dir>/scorers/toxicity-embedded`` (or ``model_dir``); when missing it is trained first from
-    ``data_dir`` / ``$BENCH_DATA_DIR`` (about half a minute) unless ``auto_train=False``.
+    ``data_dir`` / ``$BENCH_DATA_DIR`` (about a minute) unless ``auto_train=False``. Its identity carries its
+    validated error on the GPT-2 continuations it never saw (``validation``).
     """
 
     def __init__(self, model_dir: str | Path | None = None, data_dir: str | Path | None = None,
@@ -56,8 +57,9 @@ class EmbeddedScorer(ToxicityScorer):
     def identity(self) -> dict:
         m = self.metadata
         return {"scorer": "embedded", "model_type": m["model_type"], "version": m["version"], "seed": m["seed"],
-                "trained_on": {k: v["sha256"][:16] for k, v in m["files"].items()},
-                "validation_auroc": m["validation"]["auroc"], "path": str(self.model_dir)}
+                "trained_on": {k: m["files"][k]["sha256"][:16] for k in m["trained_on"]},
+                "validated_on": {m["validated_on"]: m["files"][m["validated_on"]]["sha256"][:16]},
+                "validation": m["validation"], "path": str(self.model_dir)}
 
 
 @register_scorer("detoxify")

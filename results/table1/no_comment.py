@@ -7,7 +7,9 @@ and over those the unintervened model answered (did not decline), with a 95 % t-
 
 A second table counts *evasive* answers, those opening with a fixed pattern (:data:`EVASIVE`: "The answer to …",
 "It depends …", "This question …"), which say nothing about the question, and how many of them the judge called
-informative (TruthfulQA's raters would not). A crude, explicit pattern: a lower bound on evasion, not a judge.
+informative. A third line counts the human-labelled model-written answers of that form (``$BENCH_DATA_DIR``'s
+label files) and how many of them the raters called informative: the only labels that bear on such answers.
+A crude, explicit pattern: a lower bound on evasion, not a judge.
 
     python results/table1/no_comment.py gemma3-270m iti florain      # reads results/table1/runs/<model>-<method>/
 """
@@ -62,6 +64,20 @@ def main(model: str, methods: list[str]) -> None:
         ev = [r for r in run.values() if EVASIVE.match(r.get("answer") or "")]
         info, true = (f"{sum(r[key] for r in ev) / len(ev):.3f}" if ev else "–" for key in ("info", "true"))
         print(f"| {method} | {len(ev) / len(run):.3f} ({len(ev)}) | {info} | {true} |")
+    print(f"\nHuman-labelled model-written answers of that form: {labelled_evasive()}")
+
+
+def labelled_evasive() -> str:
+    """How many labelled model-written answers match :data:`EVASIVE` and the raters' informative / true rates."""
+    from bench.judges.embedded import _refs, dedup_labels, is_reference
+
+    refs, _ = _refs(None)
+    out = []
+    for aspect in ("info", "truth"):
+        ex = [e for e in dedup_labels(aspect)[0] if EVASIVE.match(e.answer)
+              and not is_reference(refs.get(e.question), e.answer)]
+        out.append(f"{aspect}: {sum(e.label for e in ex)} of {len(ex)} positive")
+    return ", ".join(out)
 
 
 if __name__ == "__main__":

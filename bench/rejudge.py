@@ -1,0 +1,119 @@
+"""Re-judge a finished TruthfulQA run's saved answers with today's judge (``bench rejudge``).
+
+Nothing is generated again: each fold's ``generations_foldK.jsonl`` is judged as the runner judges it (verdicts
+appended to ``judgements_foldK.jsonl`` under the judge's identity, so an interrupted re-judge continues), and only
+the judged numbers change: True, Info, True∧Info, True*Info and each answer's ``p_true``/``p_info``. MC, KL/CE and
+fluency stay as computed. The run's ``judge`` becomes the new judge's identity (with its validated error) and a
+``rejudged`` entry (date, git state, previous judge, previous metrics) is appended. Files are replaced atomically,
+``results.json`` last (fold files too, when present, so that ``--resume`` reuses the new numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.data.truthfulqa import Question, checksum, load_truthfulqa
+from bench.judges import Judge, JudgeItem, get_judge
+from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
+from bench.report import save_revised_run
+from bench.runs import (
+    append_progress,
+    combine_folds,
+    config_hash,
+    read_progress,
+    write_json,
+)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_questions(results: dict, data_dir: str | Path | None) -> dict[int, Question]:
+    """The run's questions by index, checked against the checksum the run recorded."""
+    questions, _ = load_truthfulqa(data_dir)
+    limit = results["config"].get("limit")
+    if limit is not None:
+        questions = questions[:limit]
+    want = results["data"].get("checksum")
+    if want is not None and checksum(questions) != want:
+        raise ValueError(f"the TruthfulQA data found ({len(questions)} questions) is not the data the run used "
+                         f"(checksum {checksum(questions)[:12]} ≠ {want[:12]}): pass the --data-dir it used")
+    return {q.index: q for q in questions}
+
+
+def _judge_fold(run_dir: Path, k: int, indices: list[int], questions: dict[int, Question], judge: Judge) -> dict:
+    """``{index: (p_true, p_info)}`` for the fold's answers, reusing verdicts saved under this judge's identity."""
+    gens = {r["index"]: r for r in read_progress(run_dir / f"generations_fold{k}.jsonl")}
+    if missing := [i for i in indices if i not in gens]:
+        raise ValueError(f"{run_dir / f'generations_fold{k}.jsonl'} lacks the answers to {len(missing)} questions "
+                         f"(e.g. {missing[:5]})")
+    verdict_file, judge_id = run_dir / f"judgements_fold{k}.jsonl", config_hash(judge.identity())
+    done = {r["index"]: r for r in read_progress(verdict_file) if r.get("judge") == judge_id}
+    todo = [i for i in indices if i not in done]
+    for s in range(0, len(todo), 256):
+        chunk = todo[s:s + 256]
+        items = [JudgeItem(questions[i].question, gens[i]["answer"], questions[i].correct, questions[i].incorrect)
+                 for i in chunk]
+        recs = [{"index": i, "judge": judge_id, "p_true": v.p_true, "p_info": v.p_info}
+                for i, v in zip(chunk, judge.judge(items))]
+        append_progress(verdict_file, recs)
+        done.update({r["index"]: r for r in recs})
+    return {i: (done[i]["p_true"], done[i]["p_info"]) for i in indices}
+
+
+def _patch(records: list[dict], verdicts: dict) -> None:
+    for r in records:
+        if r["index"] in verdicts and "p_true" in r:
+            r["p_true"], r["p_info"] = verdicts[r["index"]]
+            r["true"], r["info"] = r["p_true"] >= 0.5, r["p_info"] >= 0.5
+
+
+def _patch_fold_files(run_dir: Path, k: int, metrics: dict, verdicts: dict) -> None:
+    for name, key in ((f"fold_{k}.gen.json", "records"), (f"fold_{k}.json", "per_question")):
+        path = run_dir / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["metrics"].update(metrics)
+            _patch(data[key], verdicts)
+            write_json(path, data)
+
+
+def rejudge_run(run_dir: str | Path, judge: Judge | None = None, data_dir: str | Path | None = None,
+                echo: Callable[[str], None] = print) -> dict:
+    """Re-judge ``run_dir`` with ``judge`` (default: the run's own judge name and options, built today).
+
+    Returns ``{"run", "previous", "metrics", "seconds"}`` (previous and new combined judged metrics)."""
+    run_dir, start = Path(run_dir), time.perf_counter()
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = results["config"]
+    if "true" not in results["metrics"]:
+        raise ValueError(f"{run_dir} has no judged answers (task {cfg.get('task')!r}); nothing to re-judge")
+    if judge is None:
+        opts = {**({"data_dir": data_dir} if cfg["judge"] == "embedded" else {}), **cfg.get("judge_options", {})}
+        judge = get_judge(cfg["judge"], **opts)
+    questions = run_questions(results, data_dir)
+    per_question = _read_jsonl(run_dir / "per_question.jsonl")
+    for fold in results["folds"]:
+        k = fold["fold"]
+        indices = [r["index"] for r in per_question if r.get("fold") == k and "p_true" in r]
+        verdicts = _judge_fold(run_dir, k, indices, questions, judge)
+        metrics = generation_metrics([verdicts[i][0] >= 0.5 for i in indices], [verdicts[i][1] >= 0.5 for i in indices])
+        _patch([r for r in per_question if r.get("fold") == k], verdicts)
+        fold["metrics"].update(metrics)
+        _patch_fold_files(run_dir, k, metrics, verdicts)
+    previous = {m: results["metrics"][m] for m in GEN_METRICS}
+    for m in GEN_METRICS:
+        results["metrics"][m] = combine_folds([f["metrics"][m] for f in results["folds"]])
+    results["metrics"]["true_info_product"] = combine_product(
+        results["metrics"]["true"], results["metrics"]["info"], [f["metrics"]["true_info_product"] for f in results["folds"]])
+    old, results["judge"] = results.get("judge"), judge.identity()
+    seconds = time.perf_counter() - start
+    save_revised_run(run_dir, results, per_question, "rejudged",
+                     {"previous_judge": old, "previous_metrics": previous, "seconds": round(seconds, 2)})
+    new = {m: results["metrics"][m] for m in GEN_METRICS}
+    echo(f"{run_dir}: " + ", ".join(f"{m} {previous[m]['mean']:.3f} → {new[m]['mean']:.3f}" for m in new))
+    return {"run": str(run_dir), "previous": previous, "metrics": new, "seconds": seconds}
