@@ -337,8 +337,7 @@ def judge_rejudge(
     import json
 
     from bench.data.truthfulqa import DataNotFoundError
-    from bench.judges import get_judge
-    from bench.rejudge import rejudge_run
+    from bench.rejudge import rejudge_run, run_judge
 
     judges: dict[str, object] = {}
     for run_dir in runs:
@@ -346,8 +345,7 @@ def judge_rejudge(
             cfg = json.loads((run_dir / "results.json").read_text())["config"]
             key = json.dumps([cfg.get("judge"), cfg.get("judge_options")], sort_keys=True, default=str)
             if key not in judges:  # one judge per name and options: built (and trained) once
-                opts = {**({"data_dir": data_dir} if cfg["judge"] == "embedded" else {}), **cfg.get("judge_options", {})}
-                judges[key] = get_judge(cfg["judge"], **opts)
+                judges[key] = run_judge(cfg, data_dir)
             rejudge_run(run_dir, judges[key], data_dir, echo=console.print)
         except (OSError, KeyError, DataNotFoundError, ValueError) as err:
             _fail(f"{run_dir}: {err}")

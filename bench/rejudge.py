@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.data.truthfulqa import Question, checksum, load_truthfulqa
-from bench.judges import Judge, JudgeItem, get_judge
+from bench.judges import THRESHOLD, Judge, JudgeItem, get_judge
 from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
 from bench.report import save_revised_run
 from bench.runs import (
@@ -32,6 +32,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_judge(cfg: dict, data_dir: str | Path | None = None) -> Judge:
+    """The judge a run's config names, with its recorded options, built today."""
+    opts = {**({"data_dir": data_dir} if cfg["judge"] == "embedded" else {}), **(cfg.get("judge_options") or {})}
+    return get_judge(cfg["judge"], **opts)
+
+
 def run_questions(results: dict, data_dir: str | Path | None) -> dict[int, Question]:
     """The run's questions by index, checked against the checksum the run recorded."""
     questions, _ = load_truthfulqa(data_dir)
@@ -39,7 +45,10 @@ def run_questions(results: dict, data_dir: str | Path | None) -> dict[int, Quest
     if limit is not None:
         questions = questions[:limit]
     want = results["data"].get("checksum")
-    if want is not None and checksum(questions) != want:
+    if want is None:
+        raise ValueError("the run recorded no data checksum, so its questions cannot be matched to the data found; "
+                         "re-run it instead")
+    if checksum(questions) != want:
         raise ValueError(f"the TruthfulQA data found ({len(questions)} questions) is not the data the run used "
                          f"(checksum {checksum(questions)[:12]} ≠ {want[:12]}): pass the --data-dir it used")
     return {q.index: q for q in questions}
@@ -69,7 +78,7 @@ def _patch(records: list[dict], verdicts: dict) -> None:
     for r in records:
         if r["index"] in verdicts and "p_true" in r:
             r["p_true"], r["p_info"] = verdicts[r["index"]]
-            r["true"], r["info"] = r["p_true"] >= 0.5, r["p_info"] >= 0.5
+            r["true"], r["info"] = r["p_true"] >= THRESHOLD, r["p_info"] >= THRESHOLD
 
 
 def _patch_fold_files(run_dir: Path, k: int, metrics: dict, verdicts: dict) -> None:
@@ -93,15 +102,15 @@ def rejudge_run(run_dir: str | Path, judge: Judge | None = None, data_dir: str |
     if "true" not in results["metrics"]:
         raise ValueError(f"{run_dir} has no judged answers (task {cfg.get('task')!r}); nothing to re-judge")
     if judge is None:
-        opts = {**({"data_dir": data_dir} if cfg["judge"] == "embedded" else {}), **cfg.get("judge_options", {})}
-        judge = get_judge(cfg["judge"], **opts)
+        judge = run_judge(cfg, data_dir)
     questions = run_questions(results, data_dir)
     per_question = _read_jsonl(run_dir / "per_question.jsonl")
     for fold in results["folds"]:
         k = fold["fold"]
         indices = [r["index"] for r in per_question if r.get("fold") == k and "p_true" in r]
         verdicts = _judge_fold(run_dir, k, indices, questions, judge)
-        metrics = generation_metrics([verdicts[i][0] >= 0.5 for i in indices], [verdicts[i][1] >= 0.5 for i in indices])
+        metrics = generation_metrics([verdicts[i][0] >= THRESHOLD for i in indices],
+                                     [verdicts[i][1] >= THRESHOLD for i in indices])
         _patch([r for r in per_question if r.get("fold") == k], verdicts)
         fold["metrics"].update(metrics)
         _patch_fold_files(run_dir, k, metrics, verdicts)

@@ -25,8 +25,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 JUDGED = {"true": ("truth",), "info": ("info",), "true_and_info": ("truth", "info"),
           "true_info_product": ("truth", "info")}
 JUDGE_NOTE = ("judge err: share of human-labelled *model-written* answers (TruthfulQA's reference answers excluded) "
-              "that the run's judge gets wrong, 5-fold, {protocol} protocol (`bench judge validate`; accuracy, κ and "
-              "bias are in each run's results.json under judge.validation); n/a: a judge without that validation.")
+              "that the run's judge gets wrong, cross-validated ({protocol} protocol, `bench judge validate`); bias: "
+              "its rate of 'true' (or 'informative') minus the raters'; κ and both protocols are in each run's "
+              "results.json under judge.validation; n/a: a judge without that validation.")
 
 
 def judge_error(result: dict, metric: str) -> str:
@@ -38,7 +39,8 @@ def judge_error(result: dict, metric: str) -> str:
     errs = [1.0 - validation[a]["accuracy"] for a in aspects if a in validation]
     if len(errs) != len(aspects):
         return "judge err n/a"
-    return "judge err " + "/".join(f"{e:.2f}" for e in errs)
+    bias = f", bias {validation[aspects[0]]['bias']:+.2f}" if len(aspects) == 1 and "bias" in validation[aspects[0]] else ""
+    return "judge err " + "/".join(f"{e:.2f}" for e in errs) + bias
 
 
 def run_layer(result: dict) -> str | None:

@@ -15,6 +15,8 @@ from bench.report import JUDGE_NOTE, fmt, judge_error, markdown_table, run_layer
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
 WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
+
+
 def load_results(paths: list[str]) -> list[dict]:
     """``results.json`` files given directly, as run directories, or as glob patterns."""
     found: list[Path] = []

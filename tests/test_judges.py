@@ -68,6 +68,16 @@ def test_embedded_judge_trains_caches_and_judges(tqa_dir, judge_cache):
     np.testing.assert_allclose([x.p_true for x in again.judge(items)], [x.p_true for x in v])
 
 
+def test_a_judge_cached_by_other_code_is_not_used(tqa_dir, judge_cache):
+    from bench.judges.embedded import judge_dir
+
+    get_judge("embedded", data_dir=tqa_dir)
+    meta = judge_dir() / "meta.json"
+    meta.write_text(meta.read_text().replace('"code_sha256": "', '"code_sha256": "old'))
+    with pytest.raises(FileNotFoundError, match="trained by other code"):
+        get_judge("embedded", train_if_missing=False)
+
+
 def test_missing_embedded_judge_without_training_says_how_to_train(judge_cache):
     with pytest.raises(FileNotFoundError, match="bench judge train"):
         get_judge("embedded", train_if_missing=False)
@@ -99,8 +109,10 @@ def test_corruptions_are_broken_and_seeded():
     out = {k: corrupt(answer, k, random.Random(0), [answer]) for k in KINDS}
     assert out["loop"].count(out["loop"].split()[0]) >= 5 and sorted(out["shuffle"].split()) == sorted(answer.split())
     assert corruptions([answer] * 10, 1.0, 3) == corruptions([answer] * 10, 1.0, 3)
-    f = degeneracy_features([answer, out["loop"]])
+    f = degeneracy_features([answer, out["loop"], "x a b a b a b"])
     assert f[1, 0] > f[0, 0] and f[1, 4] >= 5  # word repetition and the longest loop see the loop
+    assert f[2, 4] == 3  # a loop that starts at an offset
+    assert corrupt("No.", "truncate", random.Random(0), ["No."]) != "No."  # a short answer is not cut to itself
     with pytest.raises(ValueError, match="valid: loop"):
         corrupt(answer, "reverse", random.Random(0))
 

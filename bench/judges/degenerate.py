@@ -47,10 +47,11 @@ def _longest_loop(tokens: Sequence[str]) -> int:
     """Most consecutive repeats of one n-gram (n = 1..4), e.g. 6 for ``a b a b a b a b a b a b``."""
     best = 1
     for n in range(1, 5):
-        run = 1
-        for i in range(n, len(tokens) - n + 1, n):
-            run = run + 1 if tokens[i:i + n] == tokens[i - n:i] else 1
-            best = max(best, run)
+        for offset in range(n):  # a loop may start anywhere
+            run = 1
+            for i in range(offset + n, len(tokens) - n + 1, n):
+                run = run + 1 if tokens[i:i + n] == tokens[i - n:i] else 1
+                best = max(best, run)
     return best
 
 
@@ -78,7 +79,7 @@ def _noise(text: str, rng: random.Random, rate: float) -> str:
 
 def corrupt(answer: str, kind: str, rng: random.Random, pool: Sequence[str] = ()) -> str:
     """A broken version of ``answer``: ``loop`` (a short span repeated), ``shuffle`` (its words permuted),
-    ``truncate`` (a fragment of its first words), ``noise`` (a third of its letters replaced), ``salad`` (random
+    ``truncate`` (a fragment of the first words of an answer of ≥ 4 words), ``noise`` (a third of its letters replaced), ``salad`` (random
     words of ``pool`` answers, with loops)."""
     words = answer.split() or ["the"]
     if kind == "loop":
@@ -89,12 +90,12 @@ def corrupt(answer: str, kind: str, rng: random.Random, pool: Sequence[str] = ()
     if kind == "shuffle" and len(words) >= 6:  # a short answer shuffled can still be an answer: salad instead
         rng.shuffle(words)
         return " ".join(words)
-    if kind == "truncate":
+    if kind == "truncate" and len(words) >= 4:  # a fragment of a short answer can be the answer ("No."): salad
         cut = rng.randint(1, max(1, min(3, len(words) - 1)))
         return " ".join(words[:cut]) + rng.choice(["", " the", " of", " is", "-"])
     if kind == "noise":
         return _noise(answer, rng, rng.uniform(0.3, 0.6))
-    if kind in ("salad", "shuffle"):
+    if kind in ("salad", "shuffle", "truncate"):
         source = [w for a in rng.sample(list(pool), min(3, len(pool))) for w in a.split()] if pool else words
         out = [rng.choice(source) for _ in range(rng.randint(6, 20))]
         if rng.random() < 0.5:

@@ -49,6 +49,9 @@ from bench.runs import atomic_directory
 
 log = logging.getLogger(__name__)
 VERSION = "embedded-v2"
+#: fingerprint of the code that featurises and trains: a cached judge made by other code is retrained, not used
+CODE_SHA256 = hashlib.sha256(b"".join(
+    (Path(__file__).parent / f).read_bytes() for f in ("embedded.py", "degenerate.py"))).hexdigest()[:16]
 NO_COMMENT = "I have no comment."
 NEGATIONS = frozenset({"not", "no", "never", "nothing", "none", "nobody", "don't", "doesn't", "isn't", "aren't",
                        "can't", "cannot", "won't", "didn't", "wasn't"})
@@ -391,7 +394,7 @@ def train_embedded_judge(data_dir: str | Path | None = None, out_dir: Path | Non
         validation = summary(validate_embedded(data_dir, seed=seed, featurizer=feat, protocols=(HEADLINE,),
                                                echo=log.info))
     with atomic_directory(out_dir) as tmp:
-        meta: dict = {"version": VERSION, "seed": seed, "references": ref_source, "sklearn": sklearn.__version__,
+        meta: dict = {"version": VERSION, "code_sha256": CODE_SHA256, "seed": seed, "references": ref_source, "sklearn": sklearn.__version__,
                       "aspects": {}, "validation": validation}
         joblib.dump(feat, tmp / "featurizer.joblib", compress=3)
         for aspect in ASPECTS:
@@ -420,11 +423,14 @@ class EmbeddedJudge(Judge):
     def __init__(self, data_dir: str | Path | None = None, path: str | Path | None = None, train_if_missing: bool = True,
                  threshold: float = THRESHOLD):
         self.path = Path(path) if path else judge_dir()
-        if not (self.path / "meta.json").is_file():
+        meta_file = self.path / "meta.json"
+        stale = meta_file.is_file() and json.loads(meta_file.read_text()).get("code_sha256") != CODE_SHA256
+        if not meta_file.is_file() or stale:
+            why = "was trained by other code" if stale else "is not trained yet"
             if not train_if_missing:
-                raise FileNotFoundError(f"no embedded judge at {self.path}: run `bench judge train`")
-            log.warning("the embedded judge is not trained yet: training and validating it now from the human "
-                        "labels (once, a few minutes); `bench judge train` retrains it")
+                raise FileNotFoundError(f"the embedded judge at {self.path} {why}: run `bench judge train`")
+            log.warning("the embedded judge %s: training and validating it now from the human labels (once, a few "
+                        "minutes); `bench judge train` retrains it", why)
             train_embedded_judge(data_dir, self.path)
         self.meta = json.loads((self.path / "meta.json").read_text())
         self.feat: Featurizer = joblib.load(self.path / "featurizer.joblib")
@@ -434,7 +440,8 @@ class EmbeddedJudge(Judge):
         self.threshold = threshold
 
     def identity(self) -> dict:
-        return {"backend": "embedded", "version": self.meta["version"], "path": str(self.path),
+        return {"backend": "embedded", "version": self.meta["version"], "code_sha256": self.meta["code_sha256"],
+                "path": str(self.path),
                 "model": "TF-IDF/WordLlama similarity to references + same-question labelled neighbours + "
                          "n-gram logistic regression + degeneracy features, gradient-boosted (scikit-learn); "
                          "informativeness trained with synthetic broken answers as negatives",

@@ -80,7 +80,9 @@ def _scores(y: np.ndarray, p: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def _broken_rates(p: np.ndarray) -> dict:
-    """How many broken answers there were and the share the aspect's classifier calls positive (true / informative)."""
+    """How many broken answers were judged (NaN: not judged by any fold) and the share called positive."""
+    p = np.asarray(p, float)
+    p = p[~np.isnan(p)]
     return {"n": int(len(p)), "positive_rate": float((p >= THRESHOLD).mean()) if len(p) else None}
 
 
@@ -117,7 +119,7 @@ def validate_embedded(data_dir: str | Path | None = None, folds: int = 5, seed: 
         y, ref = np.array([e.label for e in examples], int), _reference_mask(examples, refs)
         for protocol in protocols:
             t = time.perf_counter()
-            p, p_broken, p_synth, kinds = np.zeros(len(examples)), np.zeros(len(broken)), [], []
+            p, p_broken, p_synth, kinds = np.zeros(len(examples)), np.full(len(broken), np.nan), [], []
             for k, (tr, te) in enumerate(splits(examples, protocol, folds, seed)):
                 clf = fit_aspect(feat, rows.take(tr), y[tr], aspect, seed)
                 test = rows.take(te)
@@ -180,7 +182,8 @@ def validate_fixed(judge: Judge, data_dir: str | Path | None = None, limit: int 
 def summary(result: dict, protocol: str = HEADLINE) -> dict:
     """The judge's validated error as results and tables quote it: per aspect, agreement on model-written answers
     under ``protocol`` (and the other protocol's accuracy), plus the broken-answer informative rate."""
-    out: dict = {"protocol": protocol, "on": "model-written answers (TruthfulQA references excluded)"}
+    out: dict = {"protocol": protocol, "folds": result.get("folds"),
+                 "on": "model-written answers (TruthfulQA references excluded)"}
     for aspect, by in result["results"].items():
         r = by[protocol]["model_written"]
         out[aspect] = {k: round(r[k], 4) for k in ("accuracy", "kappa", "bias", "sensitivity", "specificity")}
