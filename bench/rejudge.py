@@ -17,11 +17,10 @@ from pathlib import Path
 
 from bench.data.truthfulqa import Question, checksum, load_truthfulqa
 from bench.judges import THRESHOLD, Judge, JudgeItem, get_judge
-from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
+from bench.metrics.generation import GEN_METRICS, combine_fold_metrics, generation_metrics
 from bench.report import save_revised_run
 from bench.runs import (
     append_progress,
-    combine_folds,
     config_hash,
     read_progress,
     write_json,
@@ -115,10 +114,8 @@ def rejudge_run(run_dir: str | Path, judge: Judge | None = None, data_dir: str |
         fold["metrics"].update(metrics)
         _patch_fold_files(run_dir, k, metrics, verdicts)
     previous = {m: results["metrics"][m] for m in GEN_METRICS}
-    for m in GEN_METRICS:
-        results["metrics"][m] = combine_folds([f["metrics"][m] for f in results["folds"]])
-    results["metrics"]["true_info_product"] = combine_product(
-        results["metrics"]["true"], results["metrics"]["info"], [f["metrics"]["true_info_product"] for f in results["folds"]])
+    combined = combine_fold_metrics([{m: f["metrics"][m] for m in GEN_METRICS} for f in results["folds"]])
+    results["metrics"].update(combined)
     old, results["judge"] = results.get("judge"), judge.identity()
     seconds = time.perf_counter() - start
     save_revised_run(run_dir, results, per_question, "rejudged",

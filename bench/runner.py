@@ -23,14 +23,13 @@ from bench.interventions import Intervention, get_method
 from bench.judges import JudgeItem, get_judge, judge_names
 from bench.methods import FitContext, probe_layer
 from bench.metrics.fluency import continuation_nll
-from bench.metrics.generation import GEN_METRICS, combine_product, generation_metrics
+from bench.metrics.generation import GEN_METRICS, combine_fold_metrics, generation_metrics
 from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
 from bench.paths import repo_root
 from bench.report import results_table
 from bench.runs import (
     SCHEMA_VERSION,
     append_progress,
-    combine_folds,
     config_hash,
     environment,
     git_commit,
@@ -464,10 +463,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         echo(f"fold {fold.fold}: " + _scores(metrics)
              + f" ({len(state.tox_prompts) if toxicity else len(test_qs)} {'prompts' if toxicity else 'questions'}, "
                f"eval {fr['timings']['eval_s']:.1f} s)")
-    combined = {m: combine_folds([f["metrics"][m] for f in fold_results]) for m in fold_results[0]["metrics"]}
-    if "true_info_product" in combined:
-        combined["true_info_product"] = combine_product(combined["true"], combined["info"],
-                                                        [f["metrics"]["true_info_product"] for f in fold_results])
+    combined = combine_fold_metrics([f["metrics"] for f in fold_results])
     if toxicity:
         data = {"prompts": source, "n_prompts": len(tox_prompts), "steering": cfg.steer_data,
                 "n_steering_groups": len(questions), "checksum": data_sum,

@@ -23,10 +23,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bench.metrics import higher_is_better, label
-from bench.metrics.generation import combine_product
+from bench.metrics.generation import combine_fold_metrics
 from bench.probes import PROBE_SCORES
 from bench.runner import TASKS, RunConfig, missing_parts, run
-from bench.runs import combine_folds, now_iso, write_json
+from bench.runs import now_iso, write_json
 
 SWEEP_FILE = "sweep.json"
 
@@ -342,15 +342,6 @@ def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = Non
     return out
 
 
-def _combine(per_fold: list[dict]) -> dict:
-    """Fold metrics combined as the runner does (mean of fold means; True*Info as the product of the rates)."""
-    combined = {m: combine_folds([f[m] for f in per_fold]) for m in per_fold[0]}
-    if "true_info_product" in combined:
-        combined["true_info_product"] = combine_product(combined["true"], combined["info"],
-                                                        [f["true_info_product"] for f in per_fold])
-    return combined
-
-
 def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, metric: str = "mc2",
               data_dir: str | None = None, baseline: bool = True, final: bool = True,
               echo: Callable[[str], None] = print, max_fluency_ratio: float | None = None) -> dict:
@@ -419,7 +410,7 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
             runs.append({"value": v, "folds": ks, "run": point["run"]})
             fold_metrics.update({f["fold"]: f["metrics"] for f in point["folds"]})
         sweep["final"] = {"runs": runs, "split": "test",
-                          "metrics": _combine([fold_metrics[k] for k in sorted(fold_metrics)])}
+                          "metrics": combine_fold_metrics([fold_metrics[k] for k in sorted(fold_metrics)])}
         write_json(output / SWEEP_FILE, sweep)
     return sweep
 

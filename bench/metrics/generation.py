@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from bench.runs import summarise
+from bench.runs import combine_folds, summarise
 
 GEN_METRICS = ("true", "info", "true_and_info", "true_info_product")
 LABELS = {"true": "True%", "info": "Info%", "true_and_info": "True∧Info (share of answers)",
@@ -39,3 +39,13 @@ def combine_product(true: dict, info: dict, per_fold: list[dict]) -> dict:
     """The product of fold-averaged rates; covariance of the averaged means = Σ cov_f / F²."""
     covs = [f.get("cov_true_info", float("nan")) for f in per_fold]
     return _product(true, info, sum(covs) / len(covs) ** 2)
+
+
+def combine_fold_metrics(per_fold: list[dict[str, dict]]) -> dict[str, dict]:
+    """Every metric over folds as runs report it: the mean of fold means (:func:`bench.runs.combine_folds`), and
+    True*Info as the product of the fold-averaged rates (:func:`combine_product`)."""
+    combined = {m: combine_folds([f[m] for f in per_fold]) for m in per_fold[0]}
+    if "true_info_product" in combined:
+        combined["true_info_product"] = combine_product(combined["true"], combined["info"],
+                                                        [f["true_info_product"] for f in per_fold])
+    return combined
