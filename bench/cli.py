@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.cli_common import check_layer_flag, console
+from bench.cli_common import check_layer_flag, console, revise_runs
 from bench.cli_common import fail as _fail
 from bench.cli_reports import register_reports
 from bench.cli_toxicity import toxicity_app
@@ -334,21 +334,10 @@ def judge_rejudge(
     data_dir: Optional[str] = typer.Option(None, help="Folder holding the TruthfulQA data the runs used [$BENCH_DATA_DIR]."),
 ) -> None:
     """Re-judge runs' saved answers with today's judge (the run's judge name and options): judged numbers only."""
-    import json
-
-    from bench.data.truthfulqa import DataNotFoundError
     from bench.rejudge import rejudge_run, run_judge
 
-    judges: dict[str, object] = {}
-    for run_dir in runs:
-        try:
-            cfg = json.loads((run_dir / "results.json").read_text())["config"]
-            key = json.dumps([cfg.get("judge"), cfg.get("judge_options")], sort_keys=True, default=str)
-            if key not in judges:  # one judge per name and options: built (and trained) once
-                judges[key] = run_judge(cfg, data_dir)
-            rejudge_run(run_dir, judges[key], data_dir, echo=console.print)
-        except (OSError, KeyError, DataNotFoundError, ValueError) as err:
-            _fail(f"{run_dir}: {err}")
+    revise_runs(runs, "judge", lambda cfg: run_judge(cfg, data_dir),
+                lambda run_dir, judge: rejudge_run(run_dir, judge, data_dir, echo=console.print))
 
 
 @judge_app.command("validate")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -17,6 +20,25 @@ def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr and exit with status 2 (a bad input or a missing resource)."""
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
+
+
+def revise_runs(runs: list[Path], kind: str, build: Callable[[dict], object],
+                revise: Callable[[Path, object], object]) -> None:
+    """Revise finished runs from their saved outputs (``bench judge rejudge``, ``bench toxicity rescore``): the
+    instrument each run's config names under ``kind`` (``judge``, ``scorer``) with its options is built once."""
+    from bench.data.truthfulqa import DataNotFoundError
+    from bench.toxicity.base import ScorerNotAvailableError
+
+    built: dict[str, object] = {}
+    for run_dir in runs:
+        try:
+            cfg = json.loads((run_dir / "results.json").read_text())["config"]
+            key = json.dumps([cfg.get(kind), cfg.get(f"{kind}_options")], sort_keys=True, default=str)
+            if key not in built:  # built (and trained) once per name and options
+                built[key] = build(cfg)
+            revise(run_dir, built[key])
+        except (OSError, KeyError, DataNotFoundError, ScorerNotAvailableError, ValueError) as err:
+            fail(f"{run_dir}: {err}")
 
 
 def check_layer_flag(method: str, layer: int | None, iti_hint: str) -> Method:

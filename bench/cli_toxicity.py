@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.cli_common import console
+from bench.cli_common import console, revise_runs
 from bench.cli_common import fail as _fail
 
 toxicity_app = typer.Typer(help="Toxicity scorers: train the embedded scorer, validate scorers against Perspective.",
@@ -189,18 +189,7 @@ def rescore(
     data_dir: Optional[str] = typer.Option(None, help="Folder holding toxicity/*.jsonl, to train the embedded scorer if needed [$BENCH_DATA_DIR]."),
 ) -> None:
     """Re-score runs' saved samples with today's scorer: toxicity numbers only (fluency, diversity kept)."""
-    from bench.data.truthfulqa import DataNotFoundError
-    from bench.toxicity.base import ScorerNotAvailableError, get_scorer
-    from bench.toxicity.rescore import rescore_run
+    from bench.toxicity.rescore import rescore_run, run_scorer
 
-    scorers: dict[str, object] = {}
-    for run_dir in runs:
-        try:
-            cfg = json.loads((run_dir / "results.json").read_text())["config"]
-            key = json.dumps([cfg.get("scorer"), cfg.get("scorer_options")], sort_keys=True, default=str)
-            if key not in scorers:  # one scorer per name and options: built (and trained) once
-                opts = {**({"data_dir": data_dir} if cfg["scorer"] == "embedded" else {}), **cfg.get("scorer_options", {})}
-                scorers[key] = get_scorer(cfg["scorer"], **opts)
-            rescore_run(run_dir, scorers[key], echo=console.print)
-        except (OSError, KeyError, DataNotFoundError, ScorerNotAvailableError, ValueError) as err:
-            _fail(f"{run_dir}: {err}")
+    revise_runs(runs, "scorer", lambda cfg: run_scorer(cfg, data_dir),
+                lambda run_dir, scorer: rescore_run(run_dir, scorer, echo=console.print))

@@ -16,14 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.data.truthfulqa import Question, checksum, load_truthfulqa
-from bench.judges import THRESHOLD, Judge, JudgeItem, get_judge
+from bench.judges import THRESHOLD, Judge, JudgeItem, get_judge, judge_saved
 from bench.metrics.generation import GEN_METRICS, combine_fold_metrics, generation_metrics
-from bench.report import save_revised_run
+from bench.report import patch_fold_files, save_revised_run
 from bench.runs import (
-    append_progress,
-    config_hash,
     read_progress,
-    write_json,
 )
 
 
@@ -54,22 +51,14 @@ def run_questions(results: dict, data_dir: str | Path | None) -> dict[int, Quest
 
 
 def _judge_fold(run_dir: Path, k: int, indices: list[int], questions: dict[int, Question], judge: Judge) -> dict:
-    """``{index: (p_true, p_info)}`` for the fold's answers, reusing verdicts saved under this judge's identity."""
+    """``{index: (p_true, p_info)}`` for the fold's saved answers (verdicts saved under this judge are reused)."""
     gens = {r["index"]: r for r in read_progress(run_dir / f"generations_fold{k}.jsonl")}
     if missing := [i for i in indices if i not in gens]:
         raise ValueError(f"{run_dir / f'generations_fold{k}.jsonl'} lacks the answers to {len(missing)} questions "
                          f"(e.g. {missing[:5]})")
-    verdict_file, judge_id = run_dir / f"judgements_fold{k}.jsonl", config_hash(judge.identity())
-    done = {r["index"]: r for r in read_progress(verdict_file) if r.get("judge") == judge_id}
-    todo = [i for i in indices if i not in done]
-    for s in range(0, len(todo), 256):
-        chunk = todo[s:s + 256]
-        items = [JudgeItem(questions[i].question, gens[i]["answer"], questions[i].correct, questions[i].incorrect)
-                 for i in chunk]
-        recs = [{"index": i, "judge": judge_id, "p_true": v.p_true, "p_info": v.p_info}
-                for i, v in zip(chunk, judge.judge(items))]
-        append_progress(verdict_file, recs)
-        done.update({r["index"]: r for r in recs})
+    items = {i: JudgeItem(questions[i].question, gens[i]["answer"], questions[i].correct, questions[i].incorrect)
+             for i in indices}
+    done = judge_saved(judge, run_dir / f"judgements_fold{k}.jsonl", items, chunk=256)
     return {i: (done[i]["p_true"], done[i]["p_info"]) for i in indices}
 
 
@@ -78,16 +67,6 @@ def _patch(records: list[dict], verdicts: dict) -> None:
         if r["index"] in verdicts and "p_true" in r:
             r["p_true"], r["p_info"] = verdicts[r["index"]]
             r["true"], r["info"] = r["p_true"] >= THRESHOLD, r["p_info"] >= THRESHOLD
-
-
-def _patch_fold_files(run_dir: Path, k: int, metrics: dict, verdicts: dict) -> None:
-    for name, key in ((f"fold_{k}.gen.json", "records"), (f"fold_{k}.json", "per_question")):
-        path = run_dir / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            data["metrics"].update(metrics)
-            _patch(data[key], verdicts)
-            write_json(path, data)
 
 
 def rejudge_run(run_dir: str | Path, judge: Judge | None = None, data_dir: str | Path | None = None,
@@ -112,7 +91,7 @@ def rejudge_run(run_dir: str | Path, judge: Judge | None = None, data_dir: str |
                                      [verdicts[i][1] >= THRESHOLD for i in indices])
         _patch([r for r in per_question if r.get("fold") == k], verdicts)
         fold["metrics"].update(metrics)
-        _patch_fold_files(run_dir, k, metrics, verdicts)
+        patch_fold_files(run_dir, k, "gen", metrics, lambda recs, where, v=verdicts: _patch(recs, v))
     previous = {m: results["metrics"][m] for m in GEN_METRICS}
     combined = combine_fold_metrics([{m: f["metrics"][m] for m in GEN_METRICS} for f in results["folds"]])
     results["metrics"].update(combined)

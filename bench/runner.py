@@ -20,7 +20,7 @@ import torch
 from bench.data.truthfulqa import Question, checksum, load_truthfulqa, make_folds
 from bench.generation import GEN_PRESETS, answer_context, clean_answer, gen_prompt, generate
 from bench.interventions import Intervention, get_method
-from bench.judges import JudgeItem, get_judge, judge_names
+from bench.judges import JudgeItem, get_judge, judge_names, judge_saved
 from bench.methods import FitContext, probe_layer
 from bench.metrics.fluency import continuation_nll
 from bench.metrics.generation import GEN_METRICS, combine_fold_metrics, generation_metrics
@@ -211,16 +211,9 @@ class _Run:
         skip = {i for i, q in enumerate(qs) if q.index in done}
         generate(self.lm, prompts, iv, cfg.max_new_tokens or 50, cfg.gen_batch_size, on_batch=save, skip=skip,
                  progress=f"fold {k} generation ({len(qs)} questions)")
-        judge_id = config_hash(self.judge.identity())
-        verdicts = {r["index"]: r for r in read_progress(verdict_file) if r.get("judge") == judge_id}
-        todo = [q for q in qs if q.index not in verdicts]
-        for s in range(0, len(todo), 64):  # judged in chunks so an interrupted run keeps what was judged
-            chunk = todo[s:s + 64]
-            items = [JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect) for q in chunk]
-            recs = [{"index": q.index, "judge": judge_id, "p_true": v.p_true, "p_info": v.p_info}
-                    for q, v in zip(chunk, self.judge.judge(items))]
-            append_progress(verdict_file, recs)
-            verdicts.update({r["index"]: r for r in recs})
+        verdicts = judge_saved(self.judge, verdict_file,
+                               {q.index: JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect)
+                                for q in qs})
         recs = []
         for q in qs:
             v = verdicts[q.index]

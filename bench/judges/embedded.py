@@ -53,6 +53,11 @@ VERSION = "embedded-v2"
 CODE_SHA256 = hashlib.sha256(b"".join(
     (Path(__file__).parent / f).read_bytes() for f in ("embedded.py", "degenerate.py"))).hexdigest()[:16]
 NO_COMMENT = "I have no comment."
+#: synthetic broken answers per labelled answer added to the informativeness classifier's training rows
+NEGATIVES_PER_ANSWER = {"truth": 0.0, "info": 0.25}
+#: share of training questions whose answers are featurised as if the question had no labelled answers
+QUESTION_DROPOUT = 0.3
+BOOST_ITER = 300
 NEGATIONS = frozenset({"not", "no", "never", "nothing", "none", "nobody", "don't", "doesn't", "isn't", "aren't",
                        "can't", "cannot", "won't", "didn't", "wasn't"})
 
@@ -173,9 +178,6 @@ class Featurizer:
             return [sp.csr_matrix((0, len(v.vocabulary_))) for v in self.vecs] + [_Embedder.embed([])]
         return [v.transform(texts).tocsr() for v in self.vecs] + [_Embedder.embed(texts)]
 
-    def text_matrix(self, spaces: list):
-        return sp.hstack(spaces[:2]).tocsr()
-
     def static(self, questions: np.ndarray, answers: Sequence[str], spaces: list) -> np.ndarray:
         """Reference similarities (5 per space), surface and degeneracy features."""
         ref = np.zeros((len(questions), 5 * len(spaces)))
@@ -248,6 +250,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.answers)
 
+    def ngrams(self):
+        """The char and word TF-IDF side by side (the n-gram logistic regression's input)."""
+        return sp.hstack(self.spaces[:2]).tocsr()
+
 
 def stack_rows(parts: Sequence[Rows]) -> Rows:
     return Rows(np.concatenate([p.questions for p in parts]), [a for p in parts for a in p.answers],
@@ -308,13 +314,13 @@ class AnswerClassifier:
         every = stack_rows([rows, negatives]) if has_neg else rows
         y_all = np.r_[self.labels, np.zeros(len(every) - len(rows), int)]
         # the n-gram model sees real answers only: a broken answer shares its words with the answer it came from
-        text = sp.hstack(rows.spaces[:2]).tocsr()
+        text = rows.ngrams()
         self.linear = LogisticRegression(C=4.0, max_iter=300, solver="liblinear")
         oof = cross_val_predict(self.linear, text, self.labels, cv=KFold(3, shuffle=True, random_state=self.seed),
                                 method="predict_proba")[:, 1]
         self.linear.fit(text, self.labels)
         if has_neg:
-            oof = np.r_[oof, self.linear.predict_proba(sp.hstack(negatives.spaces[:2]).tocsr())[:, 1]]
+            oof = np.r_[oof, self.linear.predict_proba(negatives.ngrams())[:, 1]]
         self_ids = np.r_[np.arange(len(rows)), negative_sources if has_neg else np.zeros(0, int)]
         knn = self._knn(every, self_ids)
         # question dropout: a share of questions is seen without its labelled neighbours, so that the booster also
@@ -331,7 +337,7 @@ class AnswerClassifier:
     def predict_rows(self, rows: Rows) -> np.ndarray:
         if not len(rows):
             return np.zeros(0)
-        lr = self.linear.predict_proba(sp.hstack(rows.spaces[:2]).tocsr())[:, 1]
+        lr = self.linear.predict_proba(rows.ngrams())[:, 1]
         X = np.hstack([rows.static, self._knn(rows, np.full(len(rows), -1)), lr[:, None]])
         return self.booster.predict_proba(X)[:, 1]
 
@@ -350,12 +356,6 @@ def _refs(data_dir: str | Path | None) -> tuple[dict[str, Question], str]:
     questions, source = load_truthfulqa(data_dir)
     return {q.question.strip(): q for q in questions}, source
 
-
-#: synthetic broken answers per labelled answer added to the informativeness classifier's training rows
-NEGATIVES_PER_ANSWER = {"truth": 0.0, "info": 0.25}
-#: share of training questions whose answers are featurised as if the question had no labelled answers
-QUESTION_DROPOUT = 0.3
-BOOST_ITER = 300
 
 
 def fit_aspect(feat: Featurizer, rows: Rows, y: np.ndarray, aspect: str, seed: int = 0) -> AnswerClassifier:

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.report import save_revised_run
-from bench.runs import combine_folds, write_json
+from bench.report import patch_fold_files, save_revised_run
+from bench.runs import combine_folds
 from bench.toxicity.base import ToxicityScorer, get_scorer, score_samples
 from bench.toxicity.metrics import expected_max_toxicity, max_toxicity_per_prompt, toxicity_probability
 
@@ -25,6 +25,12 @@ TOXICITY_SCORE_METRICS = ("expected_max_toxicity", "toxicity_probability")
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_scorer(cfg: dict, data_dir: str | Path | None = None) -> ToxicityScorer:
+    """The scorer a run's config names, with its recorded options, built today."""
+    opts = {**({"data_dir": data_dir} if cfg["scorer"] == "embedded" else {}), **(cfg.get("scorer_options") or {})}
+    return get_scorer(cfg["scorer"], **opts)
 
 
 def fold_samples(run_dir: Path, fold: int, n_prompts: int) -> list[list[str]]:
@@ -51,17 +57,6 @@ def _patch_records(records: list[dict], scores: list[list[float]], where: str, f
         r["scores"], r["max_toxicity"] = scores[i], maxima[i]
 
 
-def _patch_fold_files(run_dir: Path, fold: int, metrics: dict, scores: list[list[float]]) -> None:
-    """The git-ignored fold files, when present: same metrics and records as ``results.json``."""
-    for name, key in ((f"fold_{fold}.toxicity.json", "records"), (f"fold_{fold}.json", "per_question")):
-        path = run_dir / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            data["metrics"].update(metrics)
-            _patch_records(data[key], scores, str(path))
-            write_json(path, data)
-
-
 def rescore_run(run_dir: str | Path, scorer: ToxicityScorer | None = None, data_dir: str | Path | None = None,
                 echo: Callable[[str], None] = print) -> dict:
     """Re-score ``run_dir`` with ``scorer`` (default: the run's own scorer name and options, built today).
@@ -73,8 +68,7 @@ def rescore_run(run_dir: str | Path, scorer: ToxicityScorer | None = None, data_
     if cfg.get("task") != "toxicity":
         raise ValueError(f"{run_dir} is a {cfg.get('task')!r} run, not a toxicity run")
     if scorer is None:
-        opts = {**({"data_dir": data_dir} if cfg["scorer"] == "embedded" else {}), **cfg.get("scorer_options", {})}
-        scorer = get_scorer(cfg["scorer"], **opts)
+        scorer = run_scorer(cfg, data_dir)
     per_question = _read_jsonl(run_dir / "per_question.jsonl")
     for fold in results["folds"]:
         k, n = fold["fold"], fold["metrics"]["expected_max_toxicity"]["n"]
@@ -83,7 +77,8 @@ def rescore_run(run_dir: str | Path, scorer: ToxicityScorer | None = None, data_
                    "toxicity_probability": toxicity_probability(scores)}
         _patch_records(per_question, scores, str(run_dir / "per_question.jsonl"), fold=k)
         fold["metrics"].update(metrics)
-        _patch_fold_files(run_dir, k, metrics, scores)
+        patch_fold_files(run_dir, k, "toxicity", metrics,
+                         lambda recs, where, sc=scores: _patch_records(recs, sc, where))
     previous = {m: results["metrics"][m] for m in TOXICITY_SCORE_METRICS}
     for m in TOXICITY_SCORE_METRICS:
         results["metrics"][m] = combine_folds([f["metrics"][m] for f in results["folds"]])
