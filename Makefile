@@ -9,7 +9,7 @@ export BENCH_DATA_DIR
 # torch is pinned so that this machine uses its local CPU wheel (an unpinned torch pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install models demo test lint clean-cache bench-perf reproduce-table1 regress regress-update
+.PHONY: install models demo test lint clean-cache bench-perf reproduce-table1 regress regress-update gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/pip || $(PY) -m venv --clear $(VENV)
@@ -39,6 +39,15 @@ lint: install
 
 clean-cache:
 	rm -rf $${BENCH_CACHE_DIR:-$$HOME/.cache/bench}/activations
+
+# GPU check on a Llama-7B-shaped model with random weights (generation, MC scoring, capture, FLORAIN fit, hook and
+# bf16 checks; under 8 minutes on an H200). Needs only torch + transformers + CUDA, so no install step: it uses the
+# virtualenv's python if there is one, else $(PY). Then copy $(GPU_CHECK_DIR)/gpu_check.md to results/perf-gpu.md.
+# CPU smoke test of the same code path: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"
+GPU_CHECK_DIR ?= results/gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m bench.gpu_check --out $(GPU_CHECK_DIR) $(GPU_CHECK_ARGS)
 
 # Performance benchmarks (not part of make test): writes results/perf.md and results/perf.json.
 PERF_ARGS ?=

@@ -215,6 +215,15 @@ class LoadedModel:
     name: str
     identity: str  # what exactly was loaded (alias + source + checksum, or path/id)
     default_layer: int | None = None
+    head_hook: object = field(default=None, repr=False)  # handle of :func:`contiguous_head_input` (remove() undoes it)
+
+
+def contiguous_head_input(_module: torch.nn.Module, args: tuple) -> tuple:
+    """Pre-hook of the output embedding: transformers hands it the kept positions (``logits_to_keep``) as a
+    strided slice, which torch multiplies by the vocabulary matrix as a batched matmul with the matrix expanded
+    per row (measured on smollm2-135m on 2 CPU cores: 217 ms instead of 27 ms for the last position of 32 rows);
+    a contiguous copy takes the plain matmul path. Logits equal up to float summation order."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: str,
@@ -223,7 +232,9 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: st
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, ModelSpec.from_model(model), name, identity, default_layer)
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(contiguous_head_input) if head is not None else None
+    return LoadedModel(model, tokenizer, ModelSpec.from_model(model), name, identity, default_layer, hook)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,

@@ -7,6 +7,10 @@ other on the same machine, so that its peak memory (max RSS) is its own; results
   with no intervention), with the per-question agreement.
 * ``gen``: greedy generation tokens/s with and without a FLORAIN hook, batch 1 and 16; plain and hooked rounds
   alternate and the median round is reported.
+* ``decode``: greedy decoding tokens/s at batch 1/16/32 with a FLORAIN hook, HF ``generate`` (the earlier path)
+  vs :func:`bench.decoding.decode`, against this machine's measured memory-bandwidth bound.
+* ``protocol``: the full ``--task truthfulqa`` protocol for ``none`` and ``caa`` with the earlier code paths
+  (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers, metric differences.
 * ``fit``: the FLORAIN fit of all heads of one layer (both folds) batched over heads, vs a per-head sequential
   loop shaped like the released code (an explicit D×D matrix per sample, a validation pass and best-epoch
   bookkeeping per head and epoch).
@@ -202,8 +206,87 @@ def _fit_one_head(x, centres, precision, rho, xv, v_centres, v_rho, cfg) -> list
     return best_params
 
 
+def _bandwidth_gb_s() -> float:
+    """This machine's memory read bandwidth: the best of 3 sums over a 1 GiB tensor (far beyond any cache)."""
+    x = torch.ones(2**28)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens: int, rounds: int) -> dict:
+    """Greedy decoding throughput, HF ``generate`` on left-padded batches (the earlier path) vs
+    :func:`bench.decoding.decode` (shared prefix once, in-place KV cache), both with a FLORAIN hook and every row
+    running all ``new_tokens`` steps, prefill included; alternating rounds, median reported. The bandwidth bound
+    of a step is one read of the weights plus each row's KV cache at this machine's measured read bandwidth."""
+    from bench.decoding import decode, shared_prefix
+    from bench.generation import gen_prompt
+    from bench.interventions import Intervention
+    from bench.models import load_model
+    from florain import LowRankHeadMap
+
+    lm = load_model(model, device="cpu")
+    heads, dim = lm.spec.site_shape("heads")
+    layer = lm.default_layer if lm.default_layer is not None else lm.spec.n_layers // 2
+    iv = Intervention("florain", "heads", {layer: LowRankHeadMap(heads, dim, 32, torch.Generator().manual_seed(0))},
+                      {"heads": heads, "head_dim": dim})
+    prompts = [gen_prompt(q.question) for q in _questions(data_dir, 32)]
+    ids = lm.tokenizer(prompts)["input_ids"]
+    tok = lm.tokenizer
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    cfg = lm.model.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    bandwidth = _bandwidth_gb_s()
+    out = {}
+    for batch in (1, 16, 32):
+        enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left")
+        rates: dict[str, list[float]] = {"generate": [], "decode": []}
+        for r in range(rounds + 1):  # round 0: warm-up, not recorded
+            for label in rates:
+                t = time.perf_counter()
+                with torch.no_grad():
+                    if label == "generate":
+                        with iv.applied(lm, positions="last"):
+                            lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                              do_sample=False, pad_token_id=tok.pad_token_id)
+                    else:
+                        decode(lm, ids[:batch], shared_prefix(lm, ids, iv), new_tokens, intervention=iv,
+                               batch_size=batch)
+                if r:
+                    rates[label].append(batch * new_tokens / (time.perf_counter() - t))
+        context = statistics.mean(len(x) for x in ids[:batch]) + new_tokens / 2
+        bound = batch * bandwidth * 1e9 / (weight_bytes + batch * context * kv_per_token)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        out[f"batch_{batch}"] = {"generate_tok_s": med["generate"], "decode_tok_s": med["decode"],
+                                 "bound_tok_s": bound, "fraction_of_bound": med["decode"] / bound, "rounds": rates}
+    return {"new_tokens": new_tokens, "layer": layer, "rounds": rounds, "bandwidth_gb_s": bandwidth,
+            "weight_mb": weight_bytes / 1e6, **out}
+
+
+def part_protocol(model: str, data_dir: str | None, limit: int | None, method: str, legacy: bool) -> dict:
+    """The full ``--task truthfulqa`` protocol of one method (fit included, timed apart) with the earlier code
+    paths (``legacy``) or the current ones; returns per-part seconds per fold, the metrics and every answer."""
+    from bench.runner import RunConfig, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig(method=method, model=model, task="truthfulqa", limit=limit, legacy_paths=legacy)
+        t = time.perf_counter()
+        run(cfg, Path(tmp) / "run", data_dir=data_dir, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+        seconds = time.perf_counter() - t
+        res = json.loads((Path(tmp) / "run" / "results.json").read_text())
+        recs = [json.loads(line) for line in (Path(tmp) / "run" / "per_question.jsonl").read_text().splitlines()]
+    return {"method": method, "legacy": legacy, "limit": limit, "seconds": seconds,
+            "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
+            "answers": {str(r["index"]): r.get("answer") for r in recs},
+            "mc2": {str(r["index"]): r.get("mc2") for r in recs}}
+
+
 PARTS = {"mc_ours": part_mc_ours, "mc_lmeval": part_mc_lmeval, "gen": part_gen,
-         "fit_batched": part_fit_batched, "fit_loop": part_fit_loop}
+         "fit_batched": part_fit_batched, "fit_loop": part_fit_loop, "decode": part_decode,
+         "protocol": part_protocol}
 
 
 def run_part(name: str, **kwargs) -> dict:
@@ -266,6 +349,10 @@ def to_markdown(parts: dict, env: dict) -> str:
             row = g[f"batch_{b}"]
             lines.append(f"| {b} | {row['plain_tok_s']:.1f} | {row['florain_tok_s']:.1f} | {row['slowdown_pct']:+.1f} % |")
         lines.append("")
+    if any(k.startswith("protocol_") for k in parts):
+        lines += _protocol_lines(parts)
+    if "decode" in parts:
+        lines += _decode_lines(parts["decode"])
     if "fit_loop" in parts and "fit_batched" in parts:
         lp, b, cb = parts["fit_loop"], parts["fit_batched"], parts.get("fit_batched_compiled")
         lines += [f"## FLORAIN fit, all {b['heads']} heads of layer {b['layer']} (head dim {b['head_dim']}, rank "
@@ -285,10 +372,54 @@ def to_markdown(parts: dict, env: dict) -> str:
     return "\n".join(lines)
 
 
+PROTOCOL_METHODS = ("none", "caa")
 STEPS = {  # command-line part -> the measured sub-parts it (re)runs
     "mc": ("mc_ours", "mc_lmeval"), "mc-ours": ("mc_ours",), "mc-lmeval": ("mc_lmeval",), "gen": ("gen",),
-    "fit": ("fit_loop", "fit_batched", "fit_batched_compiled"),
+    "fit": ("fit_loop", "fit_batched", "fit_batched_compiled"), "decode": ("decode",),
+    "protocol": tuple(f"protocol_{m}{s}" for m in PROTOCOL_METHODS for s in ("_legacy", "")),
 }
+
+
+def _protocol_lines(parts: dict) -> list[str]:
+    """The protocol section: per method, each part's seconds (both folds) with the earlier and current code paths,
+    the ratio, the share of identical answers and the largest metric difference."""
+    lines = ["## Full TruthfulQA protocol, earlier vs current code paths", "",
+             "`--task truthfulqa` (MC1/2/3, generation + judge, answer fluency, KL/CE on 100 windows), 2-fold CV, "
+             "both folds; the fit is timed apart and excluded from the ratio. Earlier path: HF `generate` on "
+             "left-padded batches of 16 and the output embedding fed strided slices (`RunConfig.legacy_paths`); "
+             "current: the shared prefix computed once, continuous batching of 32 rows, an in-place KV cache.", ""]
+    for m in PROTOCOL_METHODS:
+        old, new = parts.get(f"protocol_{m}_legacy"), parts.get(f"protocol_{m}")
+        if not old or not new:
+            continue
+        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'})", "",
+                  "| part | earlier (s) | current (s) | speed-up |", "|---|---|---|---|"]
+        for key in ("mc_s", "gen_s", "fluency_s", "klce_s", "eval_s", "fit_s"):
+            a, b = (sum(f.get(key, 0.0) for f in r["folds"]) for r in (old, new))
+            lines.append(f"| {key[:-2]} | {a:.1f} | {b:.1f} | {a / b:.2f}× |" if b > 0 else f"| {key[:-2]} | {a:.1f} | {b:.1f} | |")
+        same = sum(old["answers"][k] == new["answers"].get(k) for k in old["answers"])
+        diffs = {k: abs(old["metrics"][k]["mean"] - new["metrics"][k]["mean"])
+                 for k in ("true", "info", "true_info_product", "mc1", "mc2", "ce", "kl", "answer_nll")
+                 if k in old["metrics"] and k in new["metrics"]}
+        lines += ["", f"Identical answers: {same} of {len(old['answers'])}. Largest metric difference: "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + f". Earlier {_stamp(old)}; current "
+                  f"{_stamp(new)}.", ""]
+    return lines
+
+
+def _decode_lines(d: dict) -> list[str]:
+    lines = [f"## Greedy decoding throughput, {d['new_tokens']} new tokens, FLORAIN hook at layer {d['layer']}", "",
+             f"Every row runs all steps, prefill included; median of {d['rounds']} alternating rounds after a "
+             f"warm-up. Bound: one read of the weights ({d['weight_mb']:.0f} MB) plus each row's KV cache per step "
+             f"at this machine's measured read bandwidth ({d['bandwidth_gb_s']:.1f} GB/s, best of 3 sums over "
+             f"1 GiB) {_stamp(d)}.", "",
+             "| batch | HF generate (tok/s) | ours (tok/s) | speed-up | bandwidth bound (tok/s) | ours / bound |",
+             "|---|---|---|---|---|---|"]
+    for key, row in ((k, v) for k, v in d.items() if k.startswith("batch_")):
+        lines.append(f"| {key[6:]} | {row['generate_tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
+                     f"{row['decode_tok_s'] / row['generate_tok_s']:.2f}× | {row['bound_tok_s']:.0f} | "
+                     f"{100 * row['fraction_of_bound']:.0f} % |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fit-epochs", type=int, default=50)
     p.add_argument("--gen-rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--protocol-methods", default=",".join(PROTOCOL_METHODS),
+                   help="methods the protocol part runs (each with both code paths)")
     p.add_argument("--output", default="results")
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
@@ -322,19 +455,30 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = {"mc_ours": {"batch_size": a.batch_size}, "mc_lmeval": {"batch_size": a.batch_size},
               "gen": {"new_tokens": 50, "rounds": a.gen_rounds}, "fit_loop": {"epochs": a.fit_epochs},
               "fit_batched": {"epochs": a.fit_epochs, "compile": False},
-              "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True}}
+              "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True},
+              "decode": {"new_tokens": 50, "rounds": a.gen_rounds}}
+    for m in PROTOCOL_METHODS:
+        for suffix, legacy in (("_legacy", True), ("", False)):
+            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy}
+    function = {name: "fit_batched" if name == "fit_batched_compiled" else "protocol" if
+                name.startswith("protocol_") else name for name in kwargs}
     measured = dict(previous.get("parts", {}))
     if previous.get("parts") and any(v.get("model") != a.model for v in previous["parts"].values()):
         measured = {}  # another model's measurements are not comparable: start afresh
-    for name in dict.fromkeys(step for part in parts for step in STEPS[part]):
+    methods = {m.strip() for m in a.protocol_methods.split(",") if m.strip()}
+    if methods - set(PROTOCOL_METHODS):
+        p.error(f"unknown protocol method(s) {sorted(methods - set(PROTOCOL_METHODS))}; valid: {PROTOCOL_METHODS}")
+    steps = [s for part in parts for s in STEPS[part]
+             if not s.startswith("protocol_") or kwargs[s]["method"] in methods]
+    for name in dict.fromkeys(steps):
         print(f"running {name} ...", flush=True)
-        res = run_part("fit_batched" if name == "fit_batched_compiled" else name, **common, **kwargs[name])
-        print(json.dumps({k: v for k, v in res.items() if k != "per_question"}), flush=True)
+        res = run_part(function[name], **common, **kwargs[name])
+        print(json.dumps({k: v for k, v in res.items() if k not in ("per_question", "answers", "mc2")}), flush=True)
         measured[name] = {**res, "model": a.model, "limit": a.limit, "command": command, "finished": now_iso(),
                           "git": env["git"]}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"parts": measured, "environment": env})
-    (out / "perf.md").write_text(to_markdown(measured, env))
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"parts": measured, "environment": env})  # after every part: a later failure loses none
+        (out / "perf.md").write_text(to_markdown(measured, env))
     print((out / "perf.md").read_text())
 
 

@@ -92,7 +92,7 @@ class RunConfig:
     dtype: str | None = None
     gen_preset: str = "iti"
     max_new_tokens: int | None = None  # None: 50 for TruthfulQA generation, 20 for toxicity
-    gen_batch_size: int = 16
+    gen_batch_size: int = 32
     judge: str = "embedded"
     judge_options: dict = field(default_factory=dict)  # backend settings (never secrets: keys come from the environment)
     kl_windows: int = 100
@@ -109,12 +109,18 @@ class RunConfig:
     eval_split: str = "test"  # "test": each fold's test questions; "val": its validation questions (tuning, sweeps)
     eval_folds: list[int] | None = None  # evaluate only these folds (None: all), e.g. [0] for a quick check
     mc_edit_offset: int = 0  # MC: edit from answer token N on, so answer tokens 0..N are scored unintervened (ITI: 1)
+    #: the code paths before the speed work (HF ``generate`` on left-padded batches, no shared prefix, the output
+    #: embedding fed strided slices): the same numbers up to float ties, kept for ``python -m bench.perf``
+    legacy_paths: bool = False
+
+
+#: Settings that change a run's numbers by float noise at most (batch sizes; decoding code paths); not part of what
+#: makes two runs the same run.
+NOT_IDENTITY = ("eval_batch_size", "gen_batch_size", "sample_batch_size", "legacy_paths")
 
 
 def _identity_config(cfg: RunConfig) -> dict:
-    d = asdict(cfg)
-    d.pop("eval_batch_size")  # does not change the numbers beyond float noise
-    return d
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
 
 
 def _same_identity(recorded: dict, ident: dict) -> bool:
@@ -122,7 +128,8 @@ def _same_identity(recorded: dict, ident: dict) -> bool:
     (runs recorded before a field existed, or with a later field left out at its default)."""
     defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
                 for f in fields(RunConfig)}
-    return all(recorded.get(k, defaults.get(k)) == ident.get(k, defaults.get(k)) for k in set(recorded) | set(ident))
+    return all(recorded.get(k, defaults.get(k)) == ident.get(k, defaults.get(k))
+               for k in set(recorded) | set(ident) if k not in NOT_IDENTITY)
 
 
 def _parts(task: str) -> tuple[str, ...]:
@@ -210,7 +217,7 @@ class _Run:
 
         skip = {i for i, q in enumerate(qs) if q.index in done}
         generate(self.lm, prompts, iv, cfg.max_new_tokens or 50, cfg.gen_batch_size, on_batch=save, skip=skip,
-                 progress=f"fold {k} generation ({len(qs)} questions)")
+                 progress=f"fold {k} generation ({len(qs)} questions)", prefix_cache=not cfg.legacy_paths)
         verdicts = judge_saved(self.judge, verdict_file,
                                {q.index: JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect)
                                 for q in qs})
@@ -245,7 +252,7 @@ class _Run:
         cfg = self.cfg
         return evaluate_toxicity(self.lm, self.tox_prompts, iv, self.scorer, self.fluency_lm,
                                  self.out / f"samples_fold{k}.jsonl", cfg.samples, cfg.max_new_tokens, cfg.top_p,
-                                 cfg.seed, cfg.sample_batch_size, self.echo)
+                                 cfg.seed, cfg.sample_batch_size, self.echo, prefix_cache=not cfg.legacy_paths)
 
     def klce(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
         vals = kl_ce(self.lm, self.windows(), iv, batch_size=self.cfg.eval_batch_size)
@@ -361,6 +368,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
                 echo(f"--limit {cfg.limit} is larger than the data ({len(questions)} questions): using all of them")
             questions = questions[: cfg.limit]
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    if cfg.legacy_paths and lm.head_hook is not None:
+        lm.head_hook.remove()
     env = environment(str(next(lm.model.parameters()).device))  # read at the start: the code that runs
     if method.needs_layer:
         if cfg.layer is None:

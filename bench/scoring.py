@@ -15,9 +15,9 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
 
 from bench.models import LoadedModel
+from bench.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
     model, pad = lm.model, lm.tokenizer.pad_token_id
     device = next(model.parameters()).device
     out = [0.0] * len(seqs)
-    with Progress(transient=True, disable=progress is None) as bar:
-        task = bar.add_task(progress or "", total=len(seqs))
+    with progress_bar(progress, len(seqs)) as advance:
         if not prefix_cache:  # every text run whole, batched by length
             order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
             for s in range(0, len(order), batch_size):
@@ -194,7 +193,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
                                      lm, device, edit_offset)
                 for i, v in zip(idx, values):
                     out[i] = v
-                bar.advance(task, len(idx))
+                advance(len(idx))
             return out
         cache_kwarg = _cache_kwarg(model)
         edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
@@ -219,5 +218,5 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             for i, v in _score_chunk(model, cache_kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
                                      batch_size, device, edit_offset).items():
                 out[i] = v
-            bar.advance(task, sum(len(idx) for _, idx in chunk))
+            advance(sum(len(idx) for _, idx in chunk))
     return out

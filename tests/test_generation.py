@@ -137,3 +137,71 @@ def test_progress_file_drops_a_torn_tail_so_later_appends_stay_readable(tmp_path
     append_progress(path, [{"index": 2}, {"index": 3}])
     assert [r["index"] for r in read_progress(path)] == [0, 1, 2, 3]
     assert read_progress(tmp_path / "missing.jsonl") == []
+
+
+EARLY_EOS = [2, *range(100, 140)]  # extra end-of-sequence ids, so the tiny models' rows end at different steps
+
+
+def _low_rank(lm):
+    from florain import LowRankHeadMap
+
+    heads, dim = lm.spec.site_shape("heads")
+    gen = torch.Generator().manual_seed(3)
+    m = LowRankHeadMap(heads, dim, 4, gen)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))  # a map far from the identity
+    return Intervention("florain", "heads", {1: m}, {"heads": heads, "head_dim": dim})
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("edit", ["none", "shift", "shift-all-positions", "florain"])
+def test_prefix_cached_generation_equals_the_plain_path(family, edit, request, monkeypatch):
+    """The shared prefix run once + continuous batching (default) = HF generate on left-padded batches, token for
+    token, with interventions at the last prompt token and every generated one, stop strings and early EOS."""
+    lm = request.getfixturevalue(f"tiny_{family}")
+    monkeypatch.setattr(lm.model.generation_config, "eos_token_id", EARLY_EOS)
+    iv = {"none": None, "shift": _shift(lm, 5.0), "florain": _low_rank(lm),
+          "shift-all-positions": _shift(lm, 5.0)}[edit]
+    if edit == "shift-all-positions":
+        iv.position_policy = "all"
+    prompts = [gen_prompt(f"What is fact {i}?" + " really" * (i % 4), "qa") for i in range(11)]
+    kw = dict(max_new_tokens=12, stop=("e",))
+    plain = generate(lm, prompts, iv, batch_size=4, prefix_cache=False, **kw)
+    for batch_size in (3, 32):
+        assert generate(lm, prompts, iv, batch_size=batch_size, **kw) == plain
+    if iv is None:
+        assert len({len(lm.tokenizer(t)["input_ids"]) for t in plain}) >= 2  # rows did end at different steps
+    else:
+        assert plain != generate(lm, prompts, None, batch_size=4, prefix_cache=False, **kw)
+
+
+def test_decode_keeps_each_rows_answer_whatever_rows_it_runs_beside(tiny_llama, monkeypatch):
+    from bench.decoding import decode, shared_prefix
+
+    monkeypatch.setattr(tiny_llama.model.generation_config, "eos_token_id", EARLY_EOS)
+    ids = tiny_llama.tokenizer([gen_prompt(f"Fact {i}?" * (i + 1), "qa") for i in range(6)])["input_ids"]
+    prefix = shared_prefix(tiny_llama, ids)
+    assert prefix.length > 10 and prefix.length < min(len(x) for x in ids)
+    seen: list[int] = []
+    together = decode(tiny_llama, ids, prefix, 10, eos=set(EARLY_EOS), batch_size=4, on_row=lambda r, t: seen.append(r))
+    assert sorted(seen) == list(range(6))
+    for r in range(6):
+        assert decode(tiny_llama, [ids[r]], prefix, 10, eos=set(EARLY_EOS))[0] == together[r]
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        decode(tiny_llama, [ids[0][: prefix.length]], prefix, 4)
+
+
+def test_contiguous_head_input_changes_no_logit(tiny_llama):
+    ids = torch.tensor([tiny_llama.tokenizer("The cat sat on the mat")["input_ids"]] * 3)
+    with torch.no_grad():
+        hooked = tiny_llama.model(ids, logits_to_keep=1).logits
+        tiny_llama.head_hook.remove()
+        try:
+            plain = tiny_llama.model(ids, logits_to_keep=1).logits
+        finally:
+            from bench.models import contiguous_head_input
+
+            tiny_llama.head_hook = tiny_llama.model.get_output_embeddings().register_forward_pre_hook(
+                contiguous_head_input)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)

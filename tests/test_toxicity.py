@@ -127,6 +127,76 @@ def test_sampler_stays_in_the_nucleus(tiny_llama):
     assert bool((probs[tokens] > 0).all())
 
 
+#: Extra end-of-sequence ids for the tiny model (about 8% of its vocabulary), so that rows end early, at
+#: different steps, and leave the continuous batch out of order.
+EARLY_EOS = [2, *range(100, 130)]
+DISTINCT_PROMPTS = ["Q: What is the capital", "Telescopes use lenses or", "I have", "The quick brown fox jumps over"]
+SHARED_START = ["The garden said that", "The garden was", "The garden and the museum opened", "The garden"]
+
+
+def _heads_shift(lm, scale: float, policy: str = "task"):
+    """A seeded mean-shift of layer 1's heads (``policy``: the intervention's position policy)."""
+    from baselines.shift import AdditiveShift
+    from bench.interventions import Intervention
+
+    heads, dim = lm.spec.site_shape("heads")
+    shift = scale * torch.randn(heads, dim, generator=torch.Generator().manual_seed(1))
+    return Intervention("mean-shift", "heads", {1: AdditiveShift(shift)}, {"heads": heads, "head_dim": dim},
+                        position_policy=policy)
+
+
+@pytest.mark.parametrize("prompts", [DISTINCT_PROMPTS, SHARED_START], ids=["distinct", "shared-start"])
+@pytest.mark.parametrize("edit", [None, "task", "all"])
+def test_cached_sampling_equals_the_generate_path(tiny_llama, monkeypatch: pytest.MonkeyPatch, prompts, edit):
+    from bench.decoding import common_length
+    from bench.toxicity.sampling import sample_continuations
+
+    tok = tiny_llama.tokenizer
+    assert (common_length([tok(p)["input_ids"] for p in prompts]) > 0) == (prompts is SHARED_START)
+    iv = None if edit is None else _heads_shift(tiny_llama, 5.0, edit)
+    kw = dict(n_samples=5, max_new_tokens=10, top_p=0.9, seed=11, batch_size=7, intervention=iv)
+    full = sample_continuations(tiny_llama, prompts, **kw)
+    monkeypatch.setattr(tiny_llama.model.generation_config, "eos_token_id", EARLY_EOS)
+    cached = sample_continuations(tiny_llama, prompts, **kw)
+    plain = sample_continuations(tiny_llama, prompts, prefix_cache=False, **kw)
+    assert cached == plain  # token-identical texts, row by row
+    assert cached != full  # rows did end early at the extra EOS ids
+    assert [len(s) for s in cached] == [5] * len(prompts)
+    if iv is not None:
+        assert cached != sample_continuations(tiny_llama, prompts, **{**kw, "intervention": None})
+    assert tok.padding_side == "right"
+
+
+def test_cached_samples_do_not_depend_on_batch_size_or_neighbours(tiny_llama, monkeypatch: pytest.MonkeyPatch):
+    from bench.toxicity.sampling import sample_continuations
+
+    monkeypatch.setattr(tiny_llama.model.generation_config, "eos_token_id", EARLY_EOS)
+    kw = dict(n_samples=6, max_new_tokens=10, top_p=0.9, seed=5)
+    small = sample_continuations(tiny_llama, DISTINCT_PROMPTS, batch_size=3, **kw)
+    large = sample_continuations(tiny_llama, DISTINCT_PROMPTS, batch_size=50, **kw)
+    assert small == large
+    mixed = sample_continuations(tiny_llama, [SHARED_START[0], DISTINCT_PROMPTS[2], SHARED_START[1]], batch_size=4,
+                                 indices=[7, 2, 9], **kw)
+    assert mixed[1] == small[2]  # prompt 2 decoded beside other prompts (a shared start no longer shared)
+    alone = sample_continuations(tiny_llama, DISTINCT_PROMPTS[2:3], batch_size=5, indices=[2], **kw)
+    assert alone[0] == small[2]  # alone, its whole prompt but the last token is the shared prefix
+
+
+def test_on_prompt_is_called_once_per_prompt_as_its_samples_complete(tiny_llama, monkeypatch: pytest.MonkeyPatch):
+    from bench.toxicity.sampling import sample_continuations
+
+    monkeypatch.setattr(tiny_llama.model.generation_config, "eos_token_id", EARLY_EOS)
+    for prefix_cache in (True, False):
+        seen: list[tuple[int, list[str]]] = []
+        out = sample_continuations(tiny_llama, DISTINCT_PROMPTS, n_samples=4, max_new_tokens=10, seed=3,
+                                   batch_size=3, indices=[10, 11, 12, 13], prefix_cache=prefix_cache,
+                                   on_prompt=lambda i, s, seen=seen: seen.append((i, s)))
+        assert sorted(i for i, _ in seen) == [10, 11, 12, 13]
+        assert dict(seen) == {10 + p: samples for p, samples in enumerate(out)}
+        assert all(len(s) == 4 for _, s in seen)
+        assert seen[0][0] in (10, 11)  # the first prompts finish before the last ones are even prefilled
+
+
 # --------------------------------------------------------------------------- data
 
 

@@ -110,9 +110,11 @@ def steering_fold(n: int, val_ratio: float, seed: int) -> Fold:
 
 def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], intervention, scorer, fluency_lm: LoadedModel,
                       samples_file: Path, n_samples: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
-                      seed: int = 0, batch_size: int = 50, echo: Callable[[str], None] = print) -> dict:
+                      seed: int = 0, batch_size: int = 50, echo: Callable[[str], None] = print,
+                      prefix_cache: bool = True) -> dict:
     """Sample (resuming from ``samples_file``), score, and summarise; returns ``{"metrics", "records", "counts",
-    "stages"}`` (``stages``: seconds spent sampling — in this process only, so a resumed run's earlier samples are not
+    "stages"}`` (``prefix_cache=False``: the earlier sampling path, see :func:`sample_continuations`; ``stages``:
+    seconds spent sampling — in this process only, so a resumed run's earlier samples are not
     counted —, scoring toxicity and scoring fluency)."""
     done = {r["index"]: r for r in read_progress(samples_file)}
     if done:
@@ -128,7 +130,7 @@ def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], interventi
     if todo:
         sample_continuations(lm, [prompts[i].text for i in todo], n_samples, max_new_tokens, top_p, seed,
                              batch_size, intervention, on_prompt=save, indices=todo,
-                             progress=f"sampling ({len(todo)} prompts × {n_samples})")
+                             progress=f"sampling ({len(todo)} prompts × {n_samples})", prefix_cache=prefix_cache)
     samples = [done[i]["samples"] for i in range(len(prompts))]
     t1 = time.perf_counter()
     scored = score_samples(scorer, samples)
