@@ -393,7 +393,7 @@ def _ab_scores(lm: LoadedModel, encoded: list[tuple[list[int], int, int]], vecto
     import copy
     from contextlib import nullcontext
 
-    from bench.scoring import _cache_kwarg
+    from bench.decoding import cache_kwarg as _cache_kwarg
     from bench.sites import hooked
 
     device, cache_kwarg = next(lm.model.parameters()).device, _cache_kwarg(lm.model)

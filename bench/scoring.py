@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from dataclasses import dataclass
 
 import torch
 
+from bench.decoding import cache_kwarg, sliding_window
 from bench.models import LoadedModel
 from bench.progress import progress_bar
 
@@ -50,10 +50,6 @@ def common_prefix(seqs: list[Encoded]) -> int:
     return max(n, 0)
 
 
-def _cache_kwarg(model) -> str:  # transformers ≥ 5.24 renamed past_key_values to cache
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 #: Contexts are extended together in chunks of up to this many batches' worth of answers; the chunk's answers are
 #: then sorted by length into batches, which cuts padding (measured on smollm2-135m, 50 questions: 21.4 s with
 #: one batch per chunk, 17.0 s with 8).
@@ -70,12 +66,6 @@ def _select_rows(cache, rows: torch.Tensor):
     out.layers = [copy.copy(layer) for layer in cache.layers]
     out.batch_select_indices(rows)
     return out
-
-
-def _sliding_window(model) -> int | None:
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return getattr(cfg, "sliding_window", None)
 
 
 def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int], cache, past: int, pad: int,
@@ -195,7 +185,7 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
                     out[i] = v
                 advance(len(idx))
             return out
-        cache_kwarg = _cache_kwarg(model)
+        kwarg = cache_kwarg(model)
         edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
         prefix_ctx = (lambda: intervention.applied(lm, positions="all")) if edits_all else contextlib.nullcontext
         # level 2 groups: one per context = every token before the answer's predicting position
@@ -212,10 +202,10 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             base = getattr(o, "cache", None) or o.past_key_values
         # padding slots between a context and its answers shift a sliding window's reach: mix contexts only
         # when every padded row fits in the window
-        window = _sliding_window(model)
+        window = sliding_window(model)
         mix = window is None or 2 * max(len(s.ids) for s in seqs) < window
         for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
-            for i, v in _score_chunk(model, cache_kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
+            for i, v in _score_chunk(model, kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
                                      batch_size, device, edit_offset).items():
                 out[i] = v
             advance(sum(len(idx) for _, idx in chunk))
