@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 #: Number of examples. The paper's few-shot N is not recorded in the released code (``--prompting`` defaults
-#: to 0); 5 keeps the prompt short for small models. Set it with ``--shots``.
+#: to 0); 5 keeps the prompt short for small models. Set it with ``-O shots=N``.
 DEFAULT_SHOTS = 5
 
 

@@ -72,7 +72,7 @@ DPO_BATCH = 8
 #: Our default epochs (stage 1, stage 2), not the released 5 + 5: on smollm2-135m (30 × 9 heads) a DPO step of 8
 #: pairs costs ≈ 11 s on 2 CPU cores (≈ 20 s measured with the cores shared), 41 steps an epoch for a fold's ~326
 #: training pairs, so 5 + 5 epochs would take ≈ 75 min a fold; 1 + 2 (the ``lofit-sft`` budget) ≈ 24 min.
-#: ``--lofit-epochs 5`` restores the released schedule.
+#: ``-O epochs=5`` restores the released schedule.
 DPO_EPOCHS = (1, 2)
 #: transformers 4.39.2 ``TrainingArguments`` defaults the released script leaves unset: AdamW (weight decay 0),
 #: linear decay of the learning rate to 0 without warm-up, gradient-norm clipping at 1.0.

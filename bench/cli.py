@@ -20,6 +20,8 @@ app = typer.Typer(help="Benchmark inference-time activation interventions (FLORA
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List and pull models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+methods_app = typer.Typer(help="List the methods and show their options.", no_args_is_help=True)
+app.add_typer(methods_app, name="methods")
 judge_app = typer.Typer(help="Train and validate the TruthfulQA judges.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
 app.add_typer(toxicity_app, name="toxicity")
@@ -35,39 +37,13 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 @app.command()
 def run(
-    method: str = typer.Option("florain", help="Method: none, florain, iti, mean-shift, caa, mean-diff-resid, lofit, lofit-sft, few-shot."),
+    method: str = typer.Option("florain", help="Method: a name from `bench methods list` (none, florain, iti, mean-shift, caa, mean-diff-resid, lofit, lofit-sft, few-shot, and installed plugins)."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, toxicity (RealToxicityPrompts), or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on [the paper's layer for the paper models; otherwise chosen per fold by the released probe rule on that fold's training/validation questions]."),
     site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
-    rank: Optional[int] = typer.Option(None, help="FLORAIN rank k [32]."),
-    alpha: Optional[float] = typer.Option(None, help="FLORAIN α: weight of the question direction vs the global one [0.2]."),
-    extrapolation: Optional[str] = typer.Option(None, help="FLORAIN centre: raw = μ_q⁺ + λ[α(μ_q⁺ − μ_q⁻) + (1 − α)(μ⁺ − μ⁻)] (paper) or unit = the same with unit-length differences (released code) [raw]."),
-    lam: Optional[float] = typer.Option(None, help="FLORAIN λ: raw form, a multiple of the mean differences [5, paper]; unit form, activation units (overrides --lam-scale)."),
-    lam_scale: Optional[float] = typer.Option(None, help="FLORAIN unit form only: λ as a multiple of the mean head-activation norm [16.7 = the released λ=30 over Llama-7B's norm 1.8]."),
-    beta: Optional[float] = typer.Option(None, help="FLORAIN covariance shrinkage toward its diagonal, 1 = none [1.0]."),
-    shrinking: Optional[float] = typer.Option(None, help="FLORAIN ρ divisor [1.0]."),
-    epochs: Optional[int] = typer.Option(None, help="FLORAIN training epochs [1000]."),
-    lr: Optional[float] = typer.Option(None, help="FLORAIN Adam learning rate [2e-4]."),
-    fit_batch_size: Optional[int] = typer.Option(None, help="FLORAIN training batch size [100]."),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the FLORAIN training step."),
-    drop_identity: bool = typer.Option(False, help="Reproduce the released code's inference bug (apply f(a) − a)."),
-    iti_alpha: Optional[float] = typer.Option(None, help="ITI strength α (shift = α σ θ̂) [15, ITI paper]."),
-    iti_k: Optional[int] = typer.Option(None, help="ITI number of heads K [48/1024 of all heads, at least 1]."),
-    iti_layer: Optional[int] = typer.Option(None, help="ITI: choose the K heads within this layer only (a layer sweep of ITI) [all layers; K then defaults to 48/1024 of the layer's heads, at least 1]."),
-    iti_rank: Optional[str] = typer.Option(None, help="ITI: rank heads by validation probe accuracy (ITI) or auroc (for class-imbalanced fitting texts, where every probe predicts the majority and accuracies tie) [accuracy]."),
-    iti_sigma_bank: Optional[str] = typer.Option(None, help="ITI: activations of σ: gen_end_q = ITI's bank, 'Q: {q} A: {a} Q: {another question}', built from the fold's training/validation questions only (ITI's spans all 817); qa = the 'Q: {q} A: {a}' activations of θ. Default: gen_end_q."),
-    caa_multiplier: Optional[float] = typer.Option(None, help="CAA multiplier of the mean A/B-pair residual difference [1.0]."),
-    caa_layer: Optional[str] = typer.Option(None, help="CAA layer: an index, or auto = per fold, the layer whose vector most raises the correct letter's probability on the fold's validation A/B prompts (CAA's layer sweep) [auto]."),
-    mean_diff_multiplier: Optional[float] = typer.Option(None, help="mean-diff-resid multiplier of the pooled mean residual difference of free-text answers [1.0]."),
-    shift_scale: Optional[float] = typer.Option(None, help="mean-shift scale of μ⁺ − μ⁻ [1.0]."),
-    shift_match: Optional[str] = typer.Option(None, help="mean-shift: a FLORAIN run directory; each head's μ⁺ − μ⁻ is rescaled to the norm of that run's mean edit on the same fold (matched strength) [off]."),
-    shots: Optional[int] = typer.Option(None, help="few-shot: number of training-fold examples [5]."),
-    lofit_k: Optional[int] = typer.Option(None, help="LoFiT: heads kept after stage 1 [lofit: 32/1024 of all heads; lofit-sft: 10%]."),
-    lofit_l1: Optional[float] = typer.Option(None, help="LoFiT: L1 weight on the stage-1 scalings [lofit: 5e-4; lofit-sft: 1e-3]."),
-    lofit_lr: Optional[float] = typer.Option(None, help="LoFiT: learning rate of both stages [lofit: 5e-3, then 1e-2; lofit-sft: 5e-3]."),
-    lofit_epochs: Optional[int] = typer.Option(None, help="LoFiT: epochs of each stage [1, then 2; the released lofit recipe: 5]."),
-    lofit_beta: Optional[float] = typer.Option(None, help="LoFiT (lofit, DPO): DPO temperature β [0.5]."),
+    option: list[str] = typer.Option([], "--option", "-O", help="A method option, NAME=VALUE (repeatable), e.g. -O rank=16 -O lam=5; `bench methods show METHOD` lists each option with its type, default and source."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile a method's training step where it has one (FLORAIN); float noise only."),
     folds: int = typer.Option(2, help="Cross-validation folds (ITI: contiguous blocks)."),
     val_ratio: float = typer.Option(0.2, help="Share of each training fold held out for validation."),
     seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
@@ -106,29 +82,18 @@ def run(
     """Fit a method on each training fold and evaluate it on the test fold; write results.json."""
     from bench.data.truthfulqa import DataNotFoundError
     from bench.models import ModelNotAvailableError
+    from bench.options import parse_assignments
     from bench.report import results_table
     from bench.runner import RunConfig
     from bench.runner import run as do_run
 
-    options = {"rank": rank, "alpha": alpha, "extrapolation": extrapolation, "lam": lam, "lam_scale": lam_scale, "beta": beta,
-               "shrinking": shrinking, "epochs": epochs, "lr": lr, "batch_size": fit_batch_size,
-               "seed": seed, "compile": compile, "drop_identity": drop_identity, "iti_alpha": iti_alpha,
-               "iti_k": iti_k, "iti_layer": iti_layer, "iti_rank": iti_rank, "iti_sigma_bank": iti_sigma_bank, "caa_multiplier": caa_multiplier, "caa_layer": caa_layer, "mean_diff_multiplier": mean_diff_multiplier, "shift_scale": shift_scale, "shift_match": shift_match, "shots": shots,
-               "lofit_k": lofit_k, "lofit_l1": lofit_l1, "lofit_lr": lofit_lr, "lofit_epochs": lofit_epochs,
-               "lofit_beta": lofit_beta}
-    options = {k: v for k, v in options.items() if v is not None}
-    _check_method_flags(method, layer, {k for k, v in options.items() if k not in _SHARED_OPTIONS and v is not False})
-    if iti_rank is not None:
-        from bench.probes import PROBE_SCORES
-
-        if iti_rank not in PROBE_SCORES:
-            _fail(f"--iti-rank {iti_rank!r} is not a probe score; valid: {', '.join(PROBE_SCORES)}")
-    if caa_layer is not None and caa_layer != "auto":
-        if not caa_layer.strip().lstrip("-").isdigit():
-            _fail(f"--caa-layer {caa_layer!r}: give a layer index or auto")
-        options["caa_layer"] = int(caa_layer)
+    try:
+        check_layer_flag(method, layer)
+        options = parse_assignments(option)  # checked with every other setting by the runner, before it loads
+    except ValueError as err:
+        _fail(str(err))
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
-                    seed=seed, limit=limit, prompt_mode=prompt_mode, options=options,
+                    seed=seed, limit=limit, prompt_mode=prompt_mode, options=options, compile=compile,
                     eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
                     gen_preset=gen_preset, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, judge=judge,
                     judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol,
@@ -149,28 +114,6 @@ def run(
                   f"peak memory {results['peak_memory_mb']:.0f} MB)")
 
 
-#: Options every method receives (the runner keeps each method's own); never an error to pass.
-_SHARED_OPTIONS = ("seed", "compile")
-#: Method option → its `bench run` flag, where the two names differ.
-_OPTION_FLAGS = {"batch_size": "--fit-batch-size"}
-
-
-def _flag(option: str) -> str:
-    return _OPTION_FLAGS.get(option, "--" + option.replace("_", "-"))
-
-
-def _check_method_flags(method: str, layer: int | None, given: set[str]) -> None:
-    """Refuse flags the method would ignore: ``--layer`` for a method that picks its own layers or none, and
-    another method's hyper-parameters (say ``--rank`` with ``--method iti``)."""
-    m = check_layer_flag(method, layer, iti_hint="--iti-layer")
-    foreign = sorted(given - set(m.options))
-    if foreign:
-        own = sorted(_flag(o) for o in m.options if o not in _SHARED_OPTIONS)
-        verb = "does" if len(foreign) == 1 else "do"
-        _fail(f"{', '.join(_flag(o) for o in foreign)} {verb} not apply to --method {method}; its own options: "
-              f"{', '.join(own) or 'none'}")
-
-
 def _judge_options(judge: str, base_url: str | None, model: str | None, info_model: str | None,
                    protocol: str | None, preset: str | None = None) -> dict:
     """Backend settings from the command line (API keys are read from the environment by the backend)."""
@@ -187,6 +130,46 @@ def _judge_options(judge: str, base_url: str | None, model: str | None, info_mod
             raise typer.BadParameter(f"--judge-* options do not apply to the {judge} judge")
         opts = {}
     return {k: v for k, v in opts.items() if v is not None}
+
+
+@methods_app.command("list")
+def methods_list() -> None:
+    """Every registered method (built-in and installed plugins): name, where it acts, options, description."""
+    from bench.interventions import load_methods
+    from bench.options import specs
+
+    table = Table(title="methods")
+    for col in ("method", "acts at", "options", "module", "description"):
+        table.add_column(col)
+    for name, m in sorted(load_methods().items()):
+        table.add_row(name, "one layer (--layer)" if m.needs_layer else "its own choice",
+                      ", ".join(s.name for s in specs(m.options)) or "–", m.fitter.__module__, m.description)
+    Console(width=200).print(table)
+
+
+@methods_app.command("show")
+def methods_show(name: str = typer.Argument(..., help="Method name (`bench methods list`).")) -> None:
+    """Each option of a method with its type, default and help; set them with `bench run -O NAME=VALUE`."""
+    from bench.interventions import get_method
+    from bench.options import describe
+
+    try:
+        m = get_method(name)
+    except ValueError as err:
+        _fail(str(err))
+    out = Console(width=200)
+    out.print(f"[bold]{name}[/] (recipe version {m.version}, {m.fitter.__module__}): {m.description}")
+    out.print(f"acts at: {'one layer, --layer' if m.needs_layer else 'its own choice of layers'}")
+    rows = describe(m.options)
+    if not rows:
+        out.print("no options")
+        return
+    table = Table(title=f"options of {name} (bench run --method {name} -O NAME=VALUE)")
+    for col in ("option", "type", "default", "help"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["type"], "none" if r["default"] is None else str(r["default"]), r["help"])
+    out.print(table)
 
 
 @models_app.command("list")

@@ -41,21 +41,19 @@ def revise_runs(runs: list[Path], kind: str, build: Callable[[dict], object],
             fail(f"{run_dir}: {err}")
 
 
-def check_layer_flag(method: str, layer: int | None, iti_hint: str) -> Method:
+def check_layer_flag(method: str, layer: int | None, iti_hint: str = "-O layer=N") -> Method:
     """The registered method; refuses ``--layer`` for one that does not act at one chosen layer (it would be
-    ignored silently). ``iti_hint``: how this command restricts ITI to one layer."""
-    from bench.interventions import METHODS, get_method
+    ignored silently). ``iti_hint``: how this command fixes ITI's or CAA's own layer option."""
+    from bench.interventions import get_method, load_methods
 
     try:
         m = get_method(method)
     except ValueError as err:
         fail(str(err))
     if layer is not None and not m.needs_layer:
-        hint = f" ITI chooses heads across all layers; to restrict it to one layer use {iti_hint}." \
-            if method == "iti" else ""
-        if method == "caa":
-            hint = (" CAA chooses its layer per fold on the fold's validation questions; to fix it use "
-                    f"{iti_hint.replace('--iti-layer', '--caa-layer')}.")
+        hint = {"iti": f" ITI chooses heads across all layers; to restrict it to one layer use {iti_hint}.",
+                "caa": " CAA chooses its layer per fold on the fold's validation questions; to fix it use "
+                       f"{iti_hint}."}.get(method, "")
         fail(f"--layer does not apply to --method {method}: it does not act at one chosen layer.{hint} "
-             "Methods that take --layer: " + ", ".join(n for n, x in METHODS.items() if x.needs_layer))
+             "Methods that take --layer: " + ", ".join(n for n, x in load_methods().items() if x.needs_layer))
     return m

@@ -15,8 +15,8 @@ from bench.cli_common import fail as _fail
 
 
 def sweep(
-    method: str = typer.Option(..., help="Method: florain, iti, caa, mean-diff-resid, mean-shift, lofit, lofit-sft, few-shot."),
-    param: str = typer.Option(..., help="Parameter: layer; florain: rank, alpha, lam, lam_scale, beta, shrinking, epochs, lr, batch_size; iti: alpha, k, layer (and rank, accuracy or auroc, with --set only); caa: multiplier, layer; mean-diff-resid: multiplier; mean-shift: scale; few-shot: shots; lofit: k, l1, lr, epochs, beta; lofit-sft: k, l1, lr, epochs."),
+    method: str = typer.Option(..., help="Method (`bench methods list`)."),
+    param: str = typer.Option(..., help="Parameter to sweep: layer (methods acting at one layer) or a numeric option of the method (`bench methods show METHOD`)."),
     values: str = typer.Option(..., help="Grid: numbers and inclusive ranges, e.g. 4-24, 4-24:2, 0.1,0.2,0.5, 0.5-2:0.5."),
     metric: str = typer.Option("mc2", help="Selection metric, scored on each fold's validation questions (ce/kl/toxicity: lower is better)."),
     max_fluency_ratio: Optional[float] = typer.Option(None, help="Choose only values whose validation fluency perplexity is at most this multiple of the unintervened model's. Toxicity: the samples' perplexity under --fluency-model, at most 1 point more continuations dropped for perplexity ≥ 1e4; TruthfulQA (--task truthfulqa or truthfulqa-gen): the answers' geometric-mean perplexity under the unintervened model, at most 5 points more empty answers."),
@@ -28,12 +28,12 @@ def sweep(
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
     task: str = typer.Option("truthfulqa-mc", help="Task of every grid point (as bench run)."),
     layer: Optional[int] = typer.Option(None, help="Fixed layer when another parameter is swept [the model's registry layer]."),
-    set_: list[str] = typer.Option([], "--set", help="Fix another parameter, NAME=VALUE (repeatable), e.g. --set epochs=300."),
+    set_: list[str] = typer.Option([], "--set", "--option", "-O", help="Fix the layer or a method option, NAME=VALUE (repeatable), e.g. -O epochs=300 (as bench run -O)."),
     site: str = typer.Option("heads", help="heads or attn-out."),
     folds: int = typer.Option(2, help="Cross-validation folds."),
-    seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
+    seed: int = typer.Option(42, help="Seed of the fold split and of the method's fit."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N questions (toxicity: test prompts = the first N, validation prompts = the last N)."),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the FLORAIN training step."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile a method's training step (FLORAIN); float noise only."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation tasks: new tokens per answer [50]."),
     kl_windows: int = typer.Option(100, help="KL/CE: number of text windows."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also score the unintervened model on the validation questions."),
@@ -58,9 +58,9 @@ def sweep(
     except ValueError as err:
         _fail(str(err))
     check_layer_flag(method, layer, iti_hint="--set layer=N")
-    options = {"seed": seed, "compile": compile, **options}
     cfg = RunConfig(method=method, model=model, task=task, layer=fixed_layer if fixed_layer is not None else layer,
-                    site=site, folds=folds, seed=seed, limit=limit, options=options, max_new_tokens=max_new_tokens,
+                    site=site, folds=folds, seed=seed, limit=limit, options=options, compile=compile,
+                    max_new_tokens=max_new_tokens,
                     kl_windows=kl_windows, samples=samples, tox_prompts=tox_prompts, fluency_model=fluency_model,
                     steer_data=steer_data, sample_batch_size=sample_batch_size, device=device, dtype=dtype)
     safe = Path(model).name if Path(model).is_dir() else model.replace("/", "_")

@@ -8,9 +8,11 @@ function (saved config + tensors → edit module); the pure maths lives in ``flo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -18,10 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bench.models import LoadedModel
-from bench.runs import atomic_directory
+from bench.options import NoOptions
+from bench.options import build as build_options
+from bench.options import effective as effective_options
+from bench.options import given as given_options
+from bench.runs import atomic_directory, check_format
 from bench.sites import Positions, hooked, site_device
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,7 +90,7 @@ class Intervention:
         method, site, layers = config.pop("method"), config.pop("site"), config.pop("layers")
         prefix = config.pop("prompt_prefix", "")
         policy = config.pop("position_policy", "task")
-        config.pop("format_version", None)
+        check_format(cfg_path, config.pop("format_version", None), FORMAT_VERSION, "saved intervention")
         tensors = load_file(str(weights))
         build = get_method(method).build
         modules = {}
@@ -109,37 +116,85 @@ class Intervention:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method. ``fit(ctx)`` returns an Intervention, or ``None`` for no intervention."""
+    """A registered method: ``fitter(ctx, options)`` returns an Intervention (``None``: no intervention);
+    ``build(config, tensors)`` rebuilds a saved one's edit module. ``options`` is the method's options dataclass
+    (:mod:`bench.options`): its fields are the only place an option's name, type, default and help are written."""
 
     name: str
     description: str
-    fit: Callable[..., Intervention | None]
+    fitter: Callable[..., Intervention | None]
     build: Callable[[dict, dict[str, torch.Tensor]], nn.Module]
     needs_layer: bool = True
-    options: tuple[str, ...] = ()  # the hyper-parameter names it reads from the run's options
-    defaults: Mapping[str, object] = field(default_factory=dict, hash=False)  # values of options not given
+    options: type = NoOptions
     #: The recipe's version: bumped when what the method fits changes at the same options (its construction or
     #: a default that is not an option), so a run fitted by an earlier recipe is never reused or resumed as this one.
     version: int = 1
 
-    def effective_options(self, options: Mapping[str, object]) -> dict:
-        """The method's own options with its known defaults filled in (``--rank 32`` equals no ``--rank``; a
-        ``None`` value means "not given", as in the fit functions)."""
-        given = {k: v for k, v in options.items() if v is not None}
-        return {k: v for k, v in {**self.defaults, **given}.items() if k in self.options}
+    def parse(self, values: Mapping[str, object], recorded: bool = False):
+        """The typed options from ``values`` (names → typed values or text); raises listing what is valid."""
+        return build_options(self.options, values, f"--method {self.name}", recorded)
+
+    def given_options(self, values: Mapping[str, object], recorded: bool = False) -> dict:
+        """The options ``values`` sets explicitly, checked, under their names (what a run records); ``recorded``:
+        values a run folder of an earlier version recorded (their legacy names read, retired ones dropped)."""
+        return given_options(self.options, values, f"--method {self.name}", recorded)
+
+    def effective_options(self, values: Mapping[str, object], recorded: bool = False) -> dict:
+        """Every option with its default filled in: two runs have the same options when these are equal."""
+        return effective_options(self.options, values, f"--method {self.name}", recorded)
+
+    def fit(self, ctx) -> Intervention | None:
+        """Fit on ``ctx`` (a :class:`bench.methods.FitContext`) with its options checked and typed."""
+        options = ctx.options if isinstance(ctx.options, self.options) else self.parse(ctx.options)
+        return self.fitter(ctx, options)
 
 
 METHODS: dict[str, Method] = {}
+#: Entry-point group through which an installed package registers its own methods (see README).
+METHOD_ENTRY_POINTS = "florain_bench.methods"
 
 
 def register(method: Method) -> Method:
+    if not is_dataclass(method.options):
+        raise TypeError(f"method {method.name!r}: options must be a dataclass, got {method.options!r}")
+    known = METHODS.get(method.name)
+    if known is not None and known.fitter.__module__ != method.fitter.__module__:
+        raise ValueError(f"method {method.name!r} is registered twice: by {known.fitter.__module__} and by "
+                         f"{method.fitter.__module__}; give the plugin's method another name")
     METHODS[method.name] = method
     return method
 
 
-def get_method(name: str) -> Method:
-    import bench.methods  # noqa: F401 - registers the built-in methods
+def method(name: str, description: str, build: Callable[[dict, dict[str, torch.Tensor]], nn.Module],
+           options: type = NoOptions, needs_layer: bool = True, version: int = 1):
+    """Decorator registering ``fit(ctx, options) -> Intervention | None`` as the method ``name``."""
+    def deco(fit: Callable[..., Intervention | None]) -> Callable[..., Intervention | None]:
+        register(Method(name, description, fit, build, needs_layer, options, version))
+        return fit
+    return deco
 
+
+_loaded = False
+
+
+def load_methods() -> dict[str, Method]:
+    """Every registered method: the built-in ones and those of installed plugins (entry points), loaded once."""
+    global _loaded
+    if not _loaded:
+        import bench.methods  # noqa: F401 - registers the built-in methods
+
+        _loaded = True
+        for ep in entry_points(group=METHOD_ENTRY_POINTS):
+            try:
+                ep.load()
+            except Exception as err:  # a broken plugin must not take the built-in methods down with it
+                log.warning("method plugin %s (%s) failed to load: %s", ep.name, ep.value, err)
+    return METHODS
+
+
+def get_method(name: str) -> Method:
+    load_methods()
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))} "
+                         "(`bench methods list`)")
     return METHODS[name]

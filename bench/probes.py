@@ -26,7 +26,7 @@ def head_probe_accuracies(train_acts: torch.Tensor, train_labels: torch.Tensor, 
     y_tr, y_va = train_labels.numpy(), val_labels.numpy()
     if score == "auroc" and len(np.unique(y_va)) < 2:
         raise ValueError("probe AUROC needs both classes among the validation examples; they hold only "
-                         f"label {int(y_va[0])} (use more validation data or --iti-rank accuracy)")
+                         f"label {int(y_va[0])} (use more validation data or -O rank=accuracy)")
     scores = []
     for h in range(train_acts.shape[1]):
         clf = LogisticRegression(max_iter=1000, random_state=seed)

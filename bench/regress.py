@@ -126,7 +126,8 @@ def _run_methods(cfg: RegressConfig, output: Path, data_dir: str | None, echo: C
         rc = RunConfig(method=method, model=cfg.model, task=cfg.task, layer=cfg.layer, folds=cfg.folds,
                        seed=cfg.seed, limit=cfg.limit, options=dict(options), judge=cfg.judge,
                        max_new_tokens=cfg.max_new_tokens, kl_windows=cfg.kl_windows, kl_length=cfg.kl_length,
-                       kl_source=cfg.kl_source, eval_folds=list(cfg.eval_folds))
+                       kl_source=cfg.kl_source, eval_folds=list(cfg.eval_folds),
+                       compile=False)  # the reference's fits ran without torch.compile
         echo(f"[regress] {method}")
         t = time.perf_counter()
         try:

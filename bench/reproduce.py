@@ -102,7 +102,7 @@ def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] =
     """Check availability, run every (model, method), write the table and plots; returns what was written.
 
     ``run_options``: extra RunConfig fields (tests use them to shorten runs, e.g. ``kl_windows``); its
-    ``options`` are merged into the method options (default: ``seed`` and ``compile``, as ``bench run``).
+    ``options`` map a method's name to its options.
     """
     from bench.data.truthfulqa import load_truthfulqa
     from bench.interventions import get_method
@@ -121,24 +121,24 @@ def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] =
     load_truthfulqa(data_dir)  # DataNotFoundError now, not after the first model
     output = Path(output)
     extra = dict(run_options or {})
-    # as `bench run`: the seed and torch.compile in the options (the runner keeps only each method's own)
-    options = {"seed": seed, "compile": True, **extra.pop("options", {})}
+    options = extra.pop("options", {})  # method name → its options
     runs = []
     for model in models:
         entry = REGISTRY.get(model)
         layer = entry.default_layer if entry else None  # the paper's layer; None: each fold chooses its own
         for method in _florain_before_mean_shift(methods):
-            opts = dict(options)
+            opts = dict(options.get(method, {}))
             if method == "mean-shift" and "florain" in methods:
                 # the control at FLORAIN's strength: each head's μ⁺ − μ⁻ scaled to the norm of FLORAIN's mean edit
-                opts["shift_match"] = str(output / "runs" / f"{safe_name(model)}-florain")
+                opts["match"] = str(output / "runs" / f"{safe_name(model)}-florain")
             cfg = RunConfig(method=method, model=model, task="truthfulqa", folds=2, seed=seed, limit=limit,
                             layer=layer if get_method(method).needs_layer else None, options=opts, **extra)
             out = output / "runs" / f"{safe_name(model)}-{method}"
             echo(f"[table1] {model} / {method} → {out}")
             run_point(cfg, out, data_dir, echo)
             runs.append(out)
-    results = load_results([str(r) for r in runs])
+    # the table and plots cover every finished run in the folder, not only this call's models and methods
+    results = load_results([str(output / "runs" / "*")])
     tables = write_tables(results, output, "table1")
     plots = plot_results(results, output)
     return {"runs": [str(r) for r in runs], "tables": {k: str(v) for k, v in tables.items()},

@@ -85,7 +85,7 @@ class RunConfig:
     seed: int = 42
     limit: int | None = None
     prompt_mode: str = "iti"
-    options: dict = field(default_factory=dict)  # method hyper-parameters
+    options: dict = field(default_factory=dict)  # the method's options given explicitly (see `bench methods show`)
     eval_batch_size: int = 16
     prefix_cache: bool = True
     device: str | None = None
@@ -112,24 +112,125 @@ class RunConfig:
     #: the code paths before the speed work (HF ``generate`` on left-padded batches, no shared prefix, the output
     #: embedding fed strided slices): the same numbers up to float ties, kept for ``python -m bench.perf``
     legacy_paths: bool = False
+    compile: bool = True  # torch.compile a method's training step where it has one (FLORAIN): float noise only
 
 
 #: Settings that change a run's numbers by float noise at most (batch sizes; decoding code paths); not part of what
 #: makes two runs the same run.
-NOT_IDENTITY = ("eval_batch_size", "gen_batch_size", "sample_batch_size", "legacy_paths")
+NOT_IDENTITY = ("eval_batch_size", "gen_batch_size", "sample_batch_size", "legacy_paths", "compile")
 
 
-def _identity_config(cfg: RunConfig) -> dict:
+def identity_config(cfg: RunConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
 
 
-def _same_identity(recorded: dict, ident: dict) -> bool:
-    """Whether a run directory's recorded identity is ``ident``; a field either side lacks counts as its default
-    (runs recorded before a field existed, or with a later field left out at its default)."""
+def same_identity(recorded: dict, ident: dict) -> bool:
+    """The one rule for "the same run" (``bench run --resume``, sweeps, reproduce): every identity field equal,
+    a field either side lacks counting as its default (runs recorded before a field existed), and the method's
+    options equal once every default is filled in (``-O lam=5`` equals no ``lam``; names recorded by earlier
+    versions are read). ``ident`` may leave fields to the runner: the sweep's caller does (see bench.sweep)."""
     defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
                 for f in fields(RunConfig)}
-    return all(recorded.get(k, defaults.get(k)) == ident.get(k, defaults.get(k))
-               for k in set(recorded) | set(ident) if k not in NOT_IDENTITY)
+    keys = (set(recorded) | set(ident)) - set(NOT_IDENTITY) - {"options"}
+    if any(recorded.get(k, defaults.get(k)) != ident.get(k, defaults.get(k)) for k in keys):
+        return False
+    method = get_method(ident.get("method", defaults["method"]))
+    try:
+        theirs = method.effective_options(recorded.get("options", {}), recorded=True)
+    except (ValueError, TypeError):
+        return False  # options this version of the method does not have: not the same run
+    return theirs == method.effective_options(ident.get("options", {}))
+
+
+def _check_problems(cfg: RunConfig) -> list[str]:
+    """What is wrong with ``cfg``, each with the valid values (empty: nothing)."""
+    from bench.prompts import MC_MODES
+
+    problems = []
+    try:
+        get_method(cfg.method).given_options(cfg.options)
+    except ValueError as err:
+        problems.append(str(err))
+    try:
+        parts = _parts(cfg.task)
+    except ValueError as err:
+        problems, parts = [*problems, str(err)], ()
+    if cfg.site not in SITES:
+        problems.append(f"unknown site {cfg.site!r}; valid: {', '.join(SITES)}")
+    if cfg.gen_preset not in GEN_PRESETS:
+        problems.append(f"unknown generation prompt preset {cfg.gen_preset!r}; valid: {', '.join(GEN_PRESETS)}")
+    if cfg.prompt_mode not in MC_MODES:
+        problems.append(f"unknown --prompt-mode {cfg.prompt_mode!r}; valid: {', '.join(MC_MODES)}")
+    for name, value, low in (("--max-new-tokens", cfg.max_new_tokens, 1), ("--kl-windows", cfg.kl_windows, 1),
+                             ("--kl-length", cfg.kl_length, 2), ("--samples", cfg.samples, 1),
+                             ("--limit", cfg.limit, 1), ("--mc-edit-offset", cfg.mc_edit_offset, 0)):
+        if value is not None and value < low:
+            problems.append(f"{name} must be ≥ {low}, got {value}")
+    if not 0.0 < cfg.top_p <= 1.0:  # (NaN fails this too)
+        problems.append(f"--top-p must lie in (0, 1], got {cfg.top_p}")
+    if not 0.0 <= cfg.val_ratio < 1.0:
+        problems.append(f"--val-ratio must lie in [0, 1), got {cfg.val_ratio}")
+    if cfg.eval_split not in ("test", "val"):
+        problems.append(f"unknown evaluation split {cfg.eval_split!r}; valid: test, val")
+    return problems + _task_problems(cfg, parts) + _resource_problems(cfg)
+
+
+def _task_problems(cfg: RunConfig, parts: tuple[str, ...]) -> list[str]:
+    """Checks that depend on the task: folds, toxicity's settings, the judge."""
+    problems = []
+    folds = 1 if cfg.task == "toxicity" else cfg.folds
+    if cfg.task == "toxicity":
+        from bench.toxicity.base import scorer_names
+
+        if cfg.method not in TOXICITY_METHODS:
+            problems.append(f"{cfg.method} has no detoxifying variant; --task toxicity takes: "
+                            f"{', '.join(TOXICITY_METHODS)}")
+        if cfg.steer_data not in STEER_SOURCES:
+            problems.append(f"unknown --steer-data {cfg.steer_data!r}; valid: {', '.join(STEER_SOURCES)}")
+        if cfg.scorer not in scorer_names():
+            problems.append(f"unknown toxicity scorer {cfg.scorer!r}; valid: {', '.join(scorer_names())}")
+    elif cfg.folds < 2:
+        problems.append(f"--folds must be ≥ 2 (cross-validation), got {cfg.folds}")
+    elif cfg.limit is not None and 1 <= cfg.limit < cfg.folds:
+        problems.append(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
+    if cfg.eval_folds is not None:
+        bad = [k for k in cfg.eval_folds if not 0 <= int(k) < folds]
+        if bad or not cfg.eval_folds:
+            problems.append(f"evaluation folds {bad or '[]'} out of range: valid 0..{folds - 1}")
+    if "gen" in parts and cfg.judge not in judge_names():
+        problems.append(f"unknown judge {cfg.judge!r}; valid: {', '.join(judge_names())}")
+    return problems
+
+
+def _resource_problems(cfg: RunConfig) -> list[str]:
+    """The model exists (alias, Hub id or local folder) and the device is there."""
+    from bench.models import DTYPES
+
+    problems = []
+    local = cfg.model.startswith((".", "/")) or cfg.model.count("/") > 1
+    if local and not Path(cfg.model).is_dir():
+        problems.append(f"--model {cfg.model}: no such local folder (a Hub id is ORG/NAME; an alias is one of "
+                        f"{', '.join(REGISTRY)})")
+    elif cfg.model not in REGISTRY and "/" not in cfg.model and not Path(cfg.model).is_dir():
+        try:
+            resolve_alias(cfg.model)
+        except ValueError as err:
+            problems.append(str(err))
+    if cfg.device is not None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {cfg.device}: no CUDA device is available here; use --device cpu (or leave it "
+                        "out: cuda when available, else cpu)")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        problems.append(f"unknown --dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    return problems
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse a run configuration before anything is loaded or written, listing every problem at once."""
+    problems = _check_problems(cfg)
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{len(problems)} problems with this run:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _parts(task: str) -> tuple[str, ...]:
@@ -319,45 +420,17 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     """Execute a run and return its results dict (also written to ``<output>/results.json``)."""
     t0 = time.perf_counter()
     method = get_method(cfg.method)
-    cfg.options = {k: v for k, v in cfg.options.items() if k in method.options}
+    check_config(cfg)  # every problem at once, before data, model or any file
+    cfg.options = method.given_options(cfg.options)
     parts = _parts(cfg.task)
     lm_eval_tasks = parse_tasks(cfg.task) if cfg.task.startswith("lm-eval:") else None
-    if cfg.site not in SITES:
-        raise ValueError(f"unknown site {cfg.site!r}; valid: {', '.join(SITES)}")
-    if cfg.gen_preset not in GEN_PRESETS:
-        raise ValueError(f"unknown generation prompt preset {cfg.gen_preset!r}; valid: {', '.join(GEN_PRESETS)}")
     if cfg.max_new_tokens is None:
         cfg.max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(cfg.task, 50)
-    if cfg.max_new_tokens < 1 or cfg.kl_windows < 1 or cfg.kl_length < 2 or cfg.samples < 1:
-        raise ValueError("--max-new-tokens, --kl-windows and --samples must be ≥ 1 and --kl-length ≥ 2")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ValueError(f"--top-p must lie in (0, 1], got {cfg.top_p}")
     toxicity = cfg.task == "toxicity"
     if toxicity:
-        from bench.toxicity.base import scorer_names
-
-        if cfg.method not in TOXICITY_METHODS:
-            raise ValueError(f"{cfg.method} has no detoxifying variant; --task toxicity takes: {', '.join(TOXICITY_METHODS)}")
-        if cfg.steer_data not in STEER_SOURCES:
-            raise ValueError(f"unknown --steer-data {cfg.steer_data!r}; valid: {', '.join(STEER_SOURCES)}")
-        if cfg.scorer not in scorer_names():
-            raise ValueError(f"unknown toxicity scorer {cfg.scorer!r}; valid: {', '.join(scorer_names())}")
         cfg.folds = 1  # fitted once on the steering texts, evaluated on every prompt
-    elif cfg.limit is not None and cfg.limit < cfg.folds:
-        raise ValueError(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
-    if cfg.eval_split not in ("test", "val"):
-        raise ValueError(f"unknown evaluation split {cfg.eval_split!r}; valid: test, val")
-    if cfg.mc_edit_offset < 0:
-        raise ValueError(f"--mc-edit-offset must be ≥ 0, got {cfg.mc_edit_offset}")
     if cfg.eval_folds is not None:
         cfg.eval_folds = sorted({int(k) for k in cfg.eval_folds})
-        bad = [k for k in cfg.eval_folds if not 0 <= k < cfg.folds]
-        if bad or not cfg.eval_folds:
-            raise ValueError(f"evaluation folds {bad or '[]'} out of range: valid 0..{cfg.folds - 1}")
-    if cfg.model not in REGISTRY and "/" not in cfg.model and not Path(cfg.model).is_dir():
-        resolve_alias(cfg.model)  # raises, listing the known aliases
-    if "gen" in parts and cfg.judge not in judge_names():
-        raise ValueError(f"unknown judge {cfg.judge!r}; valid: {', '.join(judge_names())}")
     if toxicity:
         tox_prompts, avoid, source = evaluation_prompts(cfg.tox_prompts, data_dir, cfg.limit, cfg.eval_split)
         questions = steering_questions(cfg.steer_data, avoid, data_dir, cfg.seed)
@@ -379,13 +452,13 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
     else:
         cfg.layer = None
     out = Path(output) if output else repo_root() / "results" / "runs" / new_run_id(cfg.model, cfg.method, cfg.task)
-    ident = _identity_config(cfg)
+    ident = identity_config(cfg)
     if method.version > 1:  # recorded only from version 2 on, so version-1 runs keep their identity
         ident["method_version"] = method.version
     marker = out / "run_config.json"
     if out.exists() and (out / "results.json").exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; choose another --output or pass --resume")
-    if marker.exists() and not _same_identity(json.loads(marker.read_text()).get("config", {}), ident):
+    if marker.exists() and not same_identity(json.loads(marker.read_text()).get("config", {}), ident):
         raise ValueError(f"cannot {'resume' if resume else 'reuse'} {out}: it was started with a different "
                          "configuration (see its run_config.json); choose another --output")
     if marker.exists() and not resume:
@@ -412,7 +485,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
             state.git.update(fold_results[-1].get("git") or {fold_file.name: None})
             continue
         ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
-                         dict(cfg.options), data_sum, text_format="continuation" if toxicity else "qa")
+                         method.parse(cfg.options), data_sum, text_format="continuation" if toxicity else "qa",
+                         seed=cfg.seed, compile=cfg.compile)
         if method.needs_layer and cfg.layer is None:
             ctx.layer = state.fold_layer(ctx, fold.fold)
         iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
@@ -491,6 +565,7 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
         "created": now_iso(),
         "config": {**asdict(cfg)},
         "method_version": method.version,
+        "method_options": method.effective_options(cfg.options),  # every option, defaults filled in
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
         "data": data,
         "judge": state.judge.identity() if "gen" in parts else None,

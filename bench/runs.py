@@ -32,6 +32,15 @@ SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "scikit-learn", "safetensors", "florain-bench")
 
 
+def check_format(path: Path | str, found: object, supported: int, what: str) -> None:
+    """Refuse a file written in a newer format than this code reads (``found``: its recorded version; a file
+    without one is version 1)."""
+    version = 1 if found is None else found
+    if not isinstance(version, int) or version > supported:
+        raise ValueError(f"{path}: {what} format version {found!r}, but this bench reads versions up to "
+                         f"{supported}: upgrade florain-bench to read it")
+
+
 def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
     """Atomically write ``obj`` as JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,81 +22,54 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from bench.interventions import get_method
 from bench.metrics import higher_is_better, label
 from bench.metrics.generation import combine_fold_metrics
-from bench.probes import PROBE_SCORES
-from bench.runner import TASKS, RunConfig, missing_parts, run
-from bench.runs import now_iso, write_json
+from bench.runner import TASKS, RunConfig, identity_config, missing_parts, run, same_identity
+from bench.runs import SCHEMA_VERSION, check_format, now_iso, write_json
 
 SWEEP_FILE = "sweep.json"
 
 
 @dataclass(frozen=True)
 class Param:
-    """A sweepable parameter: the name typed on the command line, where it goes, its type and axis label."""
+    """A settable parameter: the run's ``layer`` or one of the method's options (read from its dataclass)."""
 
     name: str
-    target: str  # "layer" (RunConfig.layer) or a method option key
-    kind: type  # int or float; str: a choice, settable with --set but not swept (no numeric axis)
+    target: str  # the option's name, or "layer" for RunConfig.layer (then ``option`` is False)
+    kind: type  # int or float: a numeric axis (--param); str, bool: settable with --set only
     label: str  # axis label, with units
     choices: tuple[str, ...] = ()  # the valid values of a str parameter
+    sweepable: bool = True
+    option: bool = True  # a method option (False: the run's layer, RunConfig.layer)
 
 
-_LAYER = Param("layer", "layer", int, "layer (index)")
-_FLORAIN = (
-    Param("rank", "rank", int, "rank k"),
-    Param("alpha", "alpha", float, "α (weight of the question direction)"),
-    Param("extrapolation", "extrapolation", str, "centre extrapolation", ("raw", "unit")),
-    Param("lam", "lam", float, "λ (raw: × mean differences; unit: activation units)"),
-    Param("lam_scale", "lam_scale", float, "λ scale (unit form; × mean head-activation norm)"),
-    Param("beta", "beta", float, "β (covariance shrinkage, 1 = none)"),
-    Param("shrinking", "shrinking", float, "ρ divisor"),
-    Param("epochs", "epochs", int, "training epochs"),
-    Param("lr", "lr", float, "Adam learning rate"),
-    Param("batch_size", "batch_size", int, "fit batch size (samples)"),
-)
-#: Sweepable parameters per method (``layer`` is added for methods that act at one layer).
-METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
-    "florain": _FLORAIN,
-    "iti": (Param("alpha", "iti_alpha", float, "ITI α (shift in σ units)"),
-            Param("k", "iti_k", int, "ITI K (number of heads)"),
-            Param("layer", "iti_layer", int, "layer (index; ITI heads chosen within it)"),
-            Param("rank", "iti_rank", str, "ITI head ranking", PROBE_SCORES)),
-    "caa": (Param("multiplier", "caa_multiplier", float, "CAA multiplier (× mean A/B-pair residual difference)"),
-            Param("layer", "caa_layer", int, "layer (index; CAA's vector built and added there)")),
-    "mean-diff-resid": (Param("multiplier", "mean_diff_multiplier", float,
-                              "mean-diff-resid multiplier (× pooled mean residual difference)"),),
-    "mean-shift": (Param("scale", "shift_scale", float, "mean-shift scale (× μ⁺ − μ⁻)"),),
-    "few-shot": (Param("shots", "shots", int, "few-shot examples (questions)"),),
-    "lofit": (Param("k", "lofit_k", int, "LoFiT K (heads)"), Param("l1", "lofit_l1", float, "LoFiT L1 weight"),
-              Param("lr", "lofit_lr", float, "LoFiT learning rate (both stages)"),
-              Param("epochs", "lofit_epochs", int, "LoFiT epochs (each stage)"),
-              Param("beta", "lofit_beta", float, "LoFiT DPO β")),
-    "lofit-sft": (Param("k", "lofit_k", int, "LoFiT K (heads)"), Param("l1", "lofit_l1", float, "LoFiT L1 weight"),
-                  Param("lr", "lofit_lr", float, "LoFiT Adam learning rate"),
-                  Param("epochs", "lofit_epochs", int, "LoFiT epochs (each stage)")),
-    "none": (),
-}
+_LAYER = Param("layer", "layer", int, "layer (index)", option=False)
 
 
 def method_params(method: str) -> dict[str, Param]:
-    """``{name: Param}`` for ``method``, including ``layer`` where the method acts at one layer."""
+    """``{name: Param}`` for ``method``: ``layer`` where the method acts at one layer, then every option."""
     from bench.interventions import get_method
+    from bench.options import specs
 
     m = get_method(method)  # raises for an unknown method
-    params = ((_LAYER,) if m.needs_layer else ()) + METHOD_PARAMS.get(method, ())
+    params = [_LAYER] if m.needs_layer else []
+    for spec in specs(m.options):
+        kind = spec.numeric or (bool if bool in spec.kinds else str)
+        params.append(Param(spec.name, spec.name, kind, spec.label, spec.choices,
+                            spec.sweep and spec.numeric is not None))
     return {p.name: p for p in params}
 
 
-def resolve_param(method: str, name: str) -> Param:
-    """The parameter ``name`` (or its option key, e.g. ``iti_alpha``; ``-`` and ``_`` alike) of ``method``."""
+def resolve_param(method: str, name: str, sweep: bool = False) -> Param:
+    """The parameter ``name`` of ``method`` (``-`` and ``_`` alike). ``sweep``: only one with a numeric axis."""
     params = method_params(method)
-    key = name.strip().replace("-", "_")
-    for p in params.values():
-        if key in (p.name, p.target):
-            return p
-    valid = ", ".join(params) or "none (the method has no parameters)"
-    raise ValueError(f"{method} has no sweepable parameter {name!r}; valid: {valid}")
+    p = params.get(name.strip().replace("-", "_"))
+    if p is None or (sweep and not p.sweepable):
+        valid = ", ".join(n for n, q in params.items() if q.sweepable or not sweep) or "none"
+        what = "sweepable parameter" if sweep else "parameter"
+        raise ValueError(f"{method} has no {what} {name!r}; valid: {valid} (see `bench methods show {method}`)")
+    return p
 
 
 _NUM = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -148,7 +121,7 @@ def format_value(value: float | int) -> str:
 def with_param(base: RunConfig, param: Param, value: float | int, **changes) -> RunConfig:
     """A copy of ``base`` with ``param`` set to ``value`` (and other RunConfig fields changed)."""
     cfg = replace(base, options=copy.deepcopy(base.options), **changes)
-    if param.target == "layer":
+    if not param.option:
         cfg.layer = int(value)
     else:
         cfg.options[param.target] = value
@@ -156,26 +129,18 @@ def with_param(base: RunConfig, param: Param, value: float | int, **changes) -> 
 
 
 def parse_assignments(method: str, items: list[str]) -> tuple[int | None, dict]:
-    """``--set NAME=VALUE`` items (sweepable parameter names) into a layer and method options."""
+    """``--set NAME=VALUE`` items (the run's layer or the method's options, as ``-O``) into a layer and options."""
+    from bench.interventions import get_method
+    from bench.options import parse_assignments as parse_items
+
     layer, options = None, {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. epochs=300")
+    for name, raw in parse_items(items, "--set").items():
         p = resolve_param(method, name)
-        if not raw.strip():
-            raise ValueError(f"--set {item!r}: missing value")
-        if p.kind is str:
-            if raw.strip() not in p.choices:
-                raise ValueError(f"--set {item!r}: valid values of {p.name}: {', '.join(p.choices)}")
-            value = raw.strip()
+        if not p.option:
+            (layer,) = parse_values(raw, int)
         else:
-            (value,) = parse_values(raw, p.kind)
-        if p.target == "layer":
-            layer = value
-        else:
-            options[p.target] = value
-    return layer, options
+            options[p.target] = raw
+    return layer, get_method(method).given_options(options)
 
 
 def task_metrics(task: str) -> tuple[str, ...] | None:
@@ -189,33 +154,28 @@ def task_metrics(task: str) -> tuple[str, ...] | None:
 
 
 def _same_run(res: dict, cfg: RunConfig) -> bool:
-    """Whether a finished ``results.json`` was produced by ``cfg`` (every field that changes the numbers; fields
-    left to the runner — layer, max_new_tokens when None — and torch.compile are not compared)."""
-    from dataclasses import fields
-
+    """Whether a finished ``results.json`` was produced by ``cfg``: the runner's one rule
+    (:func:`bench.runner.same_identity`), once the fields ``cfg`` leaves to the runner are resolved as it would
+    (the registry's layer, the task's max_new_tokens, one fold for toxicity)."""
     from bench.interventions import get_method
     from bench.models import REGISTRY
 
-    rc = res["config"]
-    for f in fields(RunConfig):
-        if f.name in ("options", "eval_batch_size", "device", "dtype"):
-            continue
-        want = getattr(cfg, f.name)
-        if f.name == "layer" and want is None and get_method(cfg.method).needs_layer:
-            # the runner resolves it: the registry's (paper) layer, else None, chosen per fold inside the run;
-            # a run recorded at any other fixed layer (e.g. one chosen before per-fold choices) is not this run
-            entry = REGISTRY.get(cfg.model)
-            want = entry.default_layer if entry else None
-        if (want is None and f.name == "max_new_tokens") or (f.name == "folds" and cfg.task == "toxicity"):
-            continue  # resolved by the runner (toxicity: one fit on the steering texts)
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if rc.get(f.name, default) != want:
-            return False
+    recorded, ident = dict(res["config"]), identity_config(cfg)
     method = get_method(cfg.method)
-    if res.get("method_version", 1) != method.version:
-        return False  # fitted by an earlier recipe of the method
-    mine, theirs = (method.effective_options(o) for o in (cfg.options, rc.get("options", {})))
-    return {k: v for k, v in mine.items() if k != "compile"} == {k: v for k, v in theirs.items() if k != "compile"}
+    if method.version > 1:
+        ident["method_version"] = method.version
+    if res.get("method_version", 1) > 1:
+        recorded["method_version"] = res["method_version"]
+    if cfg.layer is None and method.needs_layer:
+        # the registry's (paper) layer, else None, chosen per fold inside the run; a run recorded at any other
+        # fixed layer (e.g. one chosen before per-fold choices) is not this run
+        entry = REGISTRY.get(cfg.model)
+        ident["layer"] = entry.default_layer if entry else None
+    if cfg.max_new_tokens is None:
+        ident["max_new_tokens"] = recorded.get("max_new_tokens")  # the task's default, resolved by the runner
+    if cfg.task == "toxicity":
+        ident["folds"] = recorded.get("folds")  # one fit on the steering texts
+    return same_identity(recorded, ident)
 
 
 def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[str], None]) -> dict:
@@ -223,6 +183,7 @@ def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[s
     done = out / "results.json"
     if done.exists():
         res = json.loads(done.read_text())
+        check_format(done, res.get("schema_version"), SCHEMA_VERSION, "results")
         if not _same_run(res, cfg):
             raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
         missing = missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]])
@@ -233,6 +194,7 @@ def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[s
         # as the run recorded itself: ``cfg`` may differ in what _same_run ignores (e.g. options at their defaults)
         known = {f.name for f in fields(RunConfig)}
         cfg = RunConfig(**{k: v for k, v in res["config"].items() if k in known})
+        cfg.options = get_method(cfg.method).given_options(cfg.options, recorded=True)
     return run(cfg, out, data_dir, resume=True, echo=echo)
 
 
@@ -353,9 +315,10 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
     continuations bounded too: a score at matched fluency, not one bought by breaking the model. Needs the baseline.
     """
     p = resolve_param(base.method, param)
-    if p.kind is str:
-        raise ValueError(f"{p.name} is a choice ({', '.join(p.choices)}), not a number to sweep: fix it with "
-                         f"--set {p.name}=VALUE and sweep a numeric parameter")
+    if not p.sweepable:
+        what = f"a choice ({', '.join(p.choices)})" if p.choices else f"a {p.kind.__name__} option"
+        raise ValueError(f"{p.name} is {what}, not a number to sweep: fix it with --set {p.name}=VALUE and sweep a "
+                         "numeric parameter")
     values = parse_values(values if isinstance(values, str) else ",".join(str(v) for v in values), p.kind)
     if not values:
         raise ValueError("the grid is empty")

@@ -12,6 +12,7 @@ import pandas as pd
 
 from bench.metrics import label, ordered
 from bench.report import JUDGE_NOTE, fmt, judge_error, markdown_table, run_layer
+from bench.runs import SCHEMA_VERSION, check_format
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
 WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
@@ -40,6 +41,7 @@ def load_results(paths: list[str]) -> list[dict]:
             if any(glob.has_magic(p) for p in paths):
                 continue  # a glob may also match other JSON files
             raise ValueError(f"{f} is not a bench results file (no config/metrics)")
+        check_format(f, res.get("schema_version"), SCHEMA_VERSION, "results")
         res["_path"] = str(f)
         out.append(res)
     if not out:
@@ -84,10 +86,9 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
 
 def _method_order() -> list[str]:
     """Registered method names in registration order (``none`` first)."""
-    import bench.methods  # noqa: F401 - registers the built-in methods
-    from bench.interventions import METHODS
+    from bench.interventions import load_methods
 
-    return list(METHODS)
+    return list(load_methods())
 
 
 def reference_comparison(long: pd.DataFrame, reference_file: Path = REFERENCE_FILE) -> pd.DataFrame:

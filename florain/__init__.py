@@ -87,8 +87,8 @@ class FlorainConfig:
             raise ValueError(f"unknown extrapolation {self.extrapolation!r}; valid: {', '.join(EXTRAPOLATIONS)}")
         if self.lam_scale is not None and self.extrapolation != "unit":
             raise ValueError("lam_scale (λ as a multiple of the mean head-activation norm) belongs to the released "
-                             "form: pass extrapolation='unit' (--extrapolation unit), or set λ of the paper's raw "
-                             "form directly with lam (--lam; default 5)")
+                             "form: pass extrapolation='unit' (-O extrapolation=unit), or set λ of the paper's raw "
+                             f"form directly with lam (-O lam=...; default {PAPER_LAM:g})")
 
     def to_dict(self) -> dict:
         return asdict(self)

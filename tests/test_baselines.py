@@ -36,18 +36,33 @@ def test_top_heads_and_k_clamping():
     assert default_k(32, 32) == 48 and default_k(30, 9) == 13 and default_k(1, 2) == 1 and default_k(1, 32) == 2
 
 
+#: Short settings per method (a fit checks its options strictly, so each method gets its own).
+FAST = {"florain": {"epochs": 2, "rank": 2, "lam": 3.0}, "iti": {"k": 3}, "few-shot": {"shots": 3}}
+
+
 def _ctx(lm, tqa_dir, method_options=None, fold=0):
+    """A context whose options are a test's own settings (``_fit`` adds the method's short ones)."""
     qs, _ = load_truthfulqa(tqa_dir, use_hub=False)
     f = make_folds(len(qs), 2, 0.2, 42)[fold]
-    return FitContext(lm, qs, f, 1, "heads", {"epochs": 2, "rank": 2, "lam": 3.0, "iti_k": 3, "shots": 3,
-                                              **(method_options or {})}), qs, f
+    return FitContext(lm, qs, f, 1, "heads", dict(method_options or {})), qs, f
+
+
+def _fit(name, ctx):
+    """Fit ``name`` with its short settings, overridden by the context's options that are its own."""
+    from dataclasses import replace
+
+    from bench.options import specs
+
+    own = {s.name for s in specs(get_method(name).options)}
+    options = {**FAST.get(name, {}), **{k: v for k, v in ctx.options.items() if k in own}}
+    return get_method(name).fit(replace(ctx, options=options))
 
 
 @pytest.mark.parametrize("name", ["iti", "florain", "mean-shift"])
 def test_fits_never_use_the_test_fold(name, tiny_llama, tqa_dir, monkeypatch):
     """Poisoning the test questions' activations changes nothing a method fits from activations."""
     ctx, qs, fold = _ctx(tiny_llama, tqa_dir)
-    first = get_method(name).fit(ctx)
+    first = _fit(name, ctx)
     test_ids = torch.tensor([qs[i].index for i in fold.test])
     real = FitContext.activations
 
@@ -58,7 +73,7 @@ def test_fits_never_use_the_test_fold(name, tiny_llama, tqa_dir, monkeypatch):
 
     monkeypatch.setattr(FitContext, "activations", poisoned)
     assert bool(torch.isin(real(ctx)[2], test_ids).any())  # the poison reaches rows the fit could have read
-    second = get_method(name).fit(ctx)
+    second = _fit(name, ctx)
     assert first.layers == second.layers
     for layer in first.layers:
         a, b = first.modules[layer].state_dict(), second.modules[layer].state_dict()
@@ -87,9 +102,9 @@ def _registered() -> list[str]:
 def test_no_fit_reads_a_test_question(name, tiny_llama, tqa_dir):
     """Every registered method fits the same intervention when the test questions' texts and labels change."""
     ctx, qs, fold = _ctx(tiny_llama, tqa_dir)
-    first = get_method(name).fit(ctx)
+    first = _fit(name, ctx)
     ctx.questions = _poison_test_questions(qs, fold)
-    second = get_method(name).fit(ctx)
+    second = _fit(name, ctx)
     if first is None:
         assert second is None
         return
@@ -134,21 +149,21 @@ def test_layer_selection_never_reads_a_test_question(tiny_llama, tqa_dir):
 
 def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_dir):
     heads = tiny_llama.spec.n_heads
-    ctx, _, _ = _ctx(tiny_llama, tqa_dir, {"iti_layer": 2, "iti_k": None})
-    iv = get_method("iti").fit(ctx)
+    ctx, _, _ = _ctx(tiny_llama, tqa_dir, {"layer": 2, "k": None})
+    iv = _fit("iti", ctx)
     assert iv.layers == [2] and iv.config["layer_restriction"] == 2
     # K defaults to ITI's share of that one layer's heads (at least 1), not to every head of the layer
     assert iv.config["k"] == default_k(1, heads) == 1 and all(lay == 2 for lay, _ in iv.config["heads_chosen"])
     assert len(iv.config["probe_val_accuracy"]) == 1
-    wide = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 1, "iti_k": 3})[0])
+    wide = _fit("iti", _ctx(tiny_llama, tqa_dir, {"layer": 1, "k": 3})[0])
     assert [lay for lay, _ in wide.config["heads_chosen"]] == [1, 1, 1]
     accs = wide.config["probe_val_accuracy"]
     assert accs == sorted(accs, reverse=True)  # aligned with heads_chosen, best first
-    unrestricted = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_k": 1})[0])
+    unrestricted = _fit("iti", _ctx(tiny_llama, tqa_dir, {"k": 1})[0])
     assert unrestricted.config["layer_restriction"] is None
     with pytest.raises(ValueError, match="layer"):
-        get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 99})[0])
-    by_auc = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_layer": 1, "iti_k": 3, "iti_rank": "auroc"})[0])
+        _fit("iti", _ctx(tiny_llama, tqa_dir, {"layer": 99})[0])
+    by_auc = _fit("iti", _ctx(tiny_llama, tqa_dir, {"layer": 1, "k": 3, "rank": "auroc"})[0])
     assert by_auc.config["probe_score"] == "auroc" and len(by_auc.config["probe_val_auroc"]) == 3
     assert all(0.0 <= a <= 1.0 for a in by_auc.config["probe_val_auroc"])
 
@@ -156,7 +171,7 @@ def test_iti_restricted_to_one_layer_picks_its_heads_there_only(tiny_llama, tqa_
 def test_few_shot_prompts_never_contain_test_questions(tiny_llama, tqa_dir):
     for fold in (0, 1):
         ctx, qs, f = _ctx(tiny_llama, tqa_dir, {"shots": 4}, fold)
-        iv = get_method("few-shot").fit(ctx)
+        iv = _fit("few-shot", ctx)
         assert iv.prompt_prefix.count("Q: ") == 4
         for i in f.test:
             assert qs[i].question not in iv.prompt_prefix
@@ -182,7 +197,7 @@ def test_a_batch_of_different_prompts_is_shifted_in_every_row(tiny_llama):
 def test_save_load_identical_and_hooks_removed_after_errors(name, tiny_llama, tqa_dir, tmp_path):
     lm = tiny_llama
     ctx, _, _ = _ctx(lm, tqa_dir)
-    iv = get_method(name).fit(ctx)
+    iv = _fit(name, ctx)
     iv.save_pretrained(tmp_path / name)
     loaded = Intervention.from_pretrained(tmp_path / name)
     assert loaded.prompt_prefix == iv.prompt_prefix and loaded.layers == iv.layers
@@ -214,13 +229,13 @@ def test_additive_shift_follows_the_activations_dtype():
 def test_mean_shift_matched_to_florain_moves_as_far_as_its_mean_edit(tiny_llama, tqa_dir, tmp_path):
     """``shift_match``: each head's μ⁺ − μ⁻ keeps its direction and takes the norm of FLORAIN's mean edit."""
     ctx, _, fold = _ctx(tiny_llama, tqa_dir)
-    florain = get_method("florain").fit(ctx)
+    florain = _fit("florain", ctx)
     florain.save_pretrained(tmp_path / "run" / f"intervention_fold{fold.fold}")
     marker = tmp_path / "run" / "run_config.json"
     marker.write_text(json.dumps({"config": {"folds": 2, "val_ratio": 0.2, "seed": 42}}))
-    plain = get_method("mean-shift").fit(ctx)
-    ctx.options["shift_match"] = str(tmp_path / "run")
-    matched = get_method("mean-shift").fit(ctx)
+    plain = _fit("mean-shift", ctx)
+    ctx.options["match"] = str(tmp_path / "run")
+    matched = _fit("mean-shift", ctx)
     acts, labels, groups = ctx.activations()
     rows = ctx.split(groups, "train") | ctx.split(groups, "val")
     with torch.no_grad():
@@ -230,23 +245,23 @@ def test_mean_shift_matched_to_florain_moves_as_far_as_its_mean_edit(tiny_llama,
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
     torch.testing.assert_close(cos, torch.ones_like(cos), rtol=1e-4, atol=1e-4)
     assert matched.config["matched_to"] == str(tmp_path / "run")
-    ctx.options["shift_match"] = str(tmp_path / "nowhere")
+    ctx.options["match"] = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="intervention_fold0"):
-        get_method("mean-shift").fit(ctx)
-    ctx.options["shift_match"] = str(tmp_path / "run")
-    ctx.options["shift_scale"] = 2.0  # the scale multiplies the matched shift
-    torch.testing.assert_close(get_method("mean-shift").fit(ctx).modules[ctx.layer].shift, 2 * b)
+        _fit("mean-shift", ctx)
+    ctx.options["match"] = str(tmp_path / "run")
+    ctx.options["scale"] = 2.0  # the scale multiplies the matched shift
+    torch.testing.assert_close(_fit("mean-shift", ctx).modules[ctx.layer].shift, 2 * b)
     marker.write_text(json.dumps({"config": {"folds": 2, "val_ratio": 0.2, "seed": 7}}))
     with pytest.raises(ValueError, match="fold split"):  # fitted on another split: could have seen test questions
-        get_method("mean-shift").fit(ctx)
+        _fit("mean-shift", ctx)
     ctx.layer = 0
     with pytest.raises(ValueError, match="layers \\[1\\]"):
-        get_method("mean-shift").fit(ctx)
+        _fit("mean-shift", ctx)
 
 
 def test_probe_scores_are_cached_per_layer_and_keyed_by_the_split(tiny_llama, tqa_dir, monkeypatch):
     """ITI's head ranking and the layer rule share one probe fit per (capture, labels, split, seed, score)."""
-    import bench.methods as methods
+    import bench.methods.context as methods
 
     ctx, _, _ = _ctx(tiny_llama, tqa_dir)
     first = ctx.probe_scores([0, 2], seed=7)

@@ -11,7 +11,8 @@ from baselines.shift import mean_difference
 from bench.capture import capture
 from bench.data.truthfulqa import load_truthfulqa, make_folds
 from bench.interventions import get_method
-from bench.methods import FitContext, _ab_encode, _caa_items
+from bench.methods import FitContext
+from bench.methods.caa import _ab_encode, _caa_items
 
 
 def _ctx(lm, tqa_dir, options=None, fold=0, layer=-1):
@@ -46,7 +47,7 @@ def test_ab_prompts_balance_the_letters_and_share_the_question(tiny_llama):
 
 
 def test_vector_is_the_mean_of_per_pair_letter_differences(tiny_llama, tqa_dir):
-    ctx, qs, fold = _ctx(tiny_llama, tqa_dir, {"caa_layer": 1, "caa_multiplier": 2.0})
+    ctx, qs, fold = _ctx(tiny_llama, tqa_dir, {"layer": 1, "multiplier": 2.0})
     iv = get_method("caa").fit(ctx)
     assert iv.method == "caa" and iv.site == "residual" and iv.layers == [1]
     assert iv.config["layer_choice"] == "fixed" and "val_scores" not in iv.config
@@ -89,14 +90,14 @@ def test_caa_skips_one_sided_questions_and_checks_its_options(tiny_llama, tqa_di
     ctx.questions = list(qs)
     ctx.questions[i] = replace(qs[i], incorrect=())
     assert all(item[0] != qs[i].index for item in _caa_items(ctx, "train", True, 42))
-    with pytest.raises(ValueError, match="layer index or 'auto'"):
-        get_method("caa").fit(_ctx(tiny_llama, tqa_dir, {"caa_layer": "best"})[0])
+    with pytest.raises(ValueError, match="option layer: cannot read 'best'; valid: int | auto"):
+        get_method("caa").fit(_ctx(tiny_llama, tqa_dir, {"layer": "best"})[0])
     with pytest.raises(ValueError, match="layer"):
-        get_method("caa").fit(_ctx(tiny_llama, tqa_dir, {"caa_layer": 7})[0])
+        get_method("caa").fit(_ctx(tiny_llama, tqa_dir, {"layer": 7})[0])
 
 
 def test_mean_diff_resid_is_the_pooled_variant_at_the_runs_layer(tiny_llama, tqa_dir):
-    ctx, _, _ = _ctx(tiny_llama, tqa_dir, {"mean_diff_multiplier": 3.0}, layer=2)
+    ctx, _, _ = _ctx(tiny_llama, tqa_dir, {"multiplier": 3.0}, layer=2)
     iv = get_method("mean-diff-resid").fit(ctx)
     assert iv.method == "mean-diff-resid" and iv.site == "residual" and iv.layers == [2]
     acts, labels, groups = ctx.activations([2], "residual")
@@ -108,7 +109,7 @@ def test_mean_diff_resid_is_the_pooled_variant_at_the_runs_layer(tiny_llama, tqa
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma"])
 def test_sweep_scores_equal_full_forwards_with_the_edit_at_the_last_token(family, request):
     """The sweep reruns only the last prompt token per layer on a cache of the rest; a full forward agrees."""
-    from bench.methods import _ab_scores
+    from bench.methods.caa import _ab_scores
     from bench.sites import hooked
 
     lm = request.getfixturevalue(family)

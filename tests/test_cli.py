@@ -20,7 +20,7 @@ def test_florain_and_none_runs_write_results(tiny_dir, tqa_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
     r_none = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
     assert r_none.exit_code == 0, r_none.output
-    r_fl = _run("--method", "florain", *common, "--layer", "1", "--epochs", "3", "--rank", "2", "--lam", "5", "--no-compile",
+    r_fl = _run("--method", "florain", *common, "--layer", "1", "-O", "epochs=3", "-O", "rank=2", "-O", "lam=5", "--no-compile",
                 "--output", str(tmp_path / "fl"))
     assert r_fl.exit_code == 0, r_fl.output
     res_none = json.loads((tmp_path / "none" / "results.json").read_text())
@@ -115,8 +115,8 @@ def test_missing_data_error(tiny_dir, tmp_path, monkeypatch):
 
 def test_help_lists_every_flag():
     r = runner.invoke(app, ["run", "--help"])
-    for flag in ("--method", "--model", "--layer", "--rank", "--alpha", "--lam", "--beta", "--epochs", "--folds",
-                 "--seed", "--limit", "--data-dir", "--output", "--site", "--drop-identity"):
+    for flag in ("--method", "--model", "--layer", "--option", "-O", "--folds", "--seed", "--limit", "--data-dir",
+                 "--output", "--site", "--compile"):
         assert flag in r.output
 
 
@@ -133,16 +133,21 @@ def test_layers_command_ranks_layers_by_probe_accuracy(tiny_dir, tqa_dir, tmp_pa
 @pytest.mark.parametrize("method", ["iti", "mean-shift", "caa", "mean-diff-resid", "lofit", "few-shot"])
 def test_every_baseline_runs_and_differs_from_none(method, tiny_dir, tqa_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
-    own = {"iti": ["--iti-k", "2", "--iti-alpha", "50"], "mean-shift": ["--layer", "1", "--shift-scale", "8"],
-           "caa": ["--caa-layer", "1", "--caa-multiplier", "8"],
-           "mean-diff-resid": ["--layer", "1", "--mean-diff-multiplier", "8"], "lofit": ["--lofit-lr", "0.1"], "few-shot": ["--shots", "3"]}
+    own = {"iti": ["-O", "k=2", "-O", "alpha=50"], "mean-shift": ["--layer", "1", "-O", "scale=8"],
+           "caa": ["-O", "layer=1", "-O", "multiplier=8"],
+           "mean-diff-resid": ["--layer", "1", "-O", "multiplier=8"], "lofit": ["-O", "lr=0.1"], "few-shot": ["-O", "shots=3"]}
     r0 = _run("--method", "none", *common, "--output", str(tmp_path / "none"))
     r1 = _run("--method", method, *common, *own[method], "--output", str(tmp_path / method))
     assert r0.exit_code == 0 and r1.exit_code == 0, r1.output
     a = json.loads((tmp_path / "none" / "results.json").read_text())["metrics"]["mc2"]["mean"]
     res = json.loads((tmp_path / method / "results.json").read_text())
     assert res["metrics"]["mc2"]["mean"] != a
-    assert "compile" not in res["config"]["options"]  # only the method's own hyper-parameters are recorded
+    from bench.interventions import get_method
+    from bench.options import specs
+
+    given = dict(o.split("=") for o in own[method] if "=" in o)
+    assert res["config"]["options"] == get_method(method).given_options(given)  # as given, typed, by name
+    assert set(res["method_options"]) == {s.name for s in specs(get_method(method).options)}  # every option
 
 
 def test_lm_eval_tasks_through_the_harness_match_our_lm_eval_mode(tiny_dir, tqa_dir, tmp_path):
@@ -155,7 +160,7 @@ def test_lm_eval_tasks_through_the_harness_match_our_lm_eval_mode(tiny_dir, tqa_
     ours = json.loads((tmp_path / "b" / "results.json").read_text())["metrics"]
     assert abs(theirs["truthfulqa_mc1/acc"]["mean"] - ours["mc1"]["mean"]) <= 1e-4
     assert abs(theirs["truthfulqa_mc2/acc"]["mean"] - ours["mc2"]["mean"]) <= 1e-4
-    r3 = _run("--method", "florain", *common, "--layer", "1", "--epochs", "2", "--lam", "20", "--no-compile",
+    r3 = _run("--method", "florain", *common, "--layer", "1", "-O", "epochs=2", "-O", "lam=20", "--no-compile",
               "--task", "lm-eval:truthfulqa_mc2", "--output", str(tmp_path / "c"))
     assert r3.exit_code == 0, r3.output
     steered = json.loads((tmp_path / "c" / "results.json").read_text())["metrics"]
@@ -224,7 +229,7 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     assert again["metrics"] == res["metrics"] and again["data"]["kl_ce_texts"] == res["data"]["kl_ce_texts"]
     (tqa_dir / "moved.jsonl").rename(tqa_dir / "texts.jsonl")
     steered = tmp_path / "iti"
-    r = _run("--method", "iti", "--iti-alpha", "50", *common, "--output", str(steered))
+    r = _run("--method", "iti", "-O", "alpha=50", *common, "--output", str(steered))
     assert r.exit_code == 0, r.output
     assert json.loads((steered / "results.json").read_text())["metrics"]["kl"]["mean"] > 0
 
@@ -254,14 +259,19 @@ def test_eval_split_and_eval_fold_flags_select_the_questions(tiny_dir, tqa_dir, 
 @pytest.mark.parametrize("args, message", [
     (["--method", "iti", "--layer", "1"], "--layer does not apply to --method iti"),
     (["--method", "none", "--layer", "1"], "Methods that take --layer: florain, mean-shift, mean-diff-resid"),
-    (["--method", "iti", "--rank", "4"], "--rank does not apply to --method iti; its own options: --iti-alpha"),
-    (["--method", "florain", "--layer", "1", "--shots", "2", "--fit-batch-size", "8"],
-     "--shots does not apply to --method florain"),
-    (["--method", "mean-diff-resid", "--layer", "1", "--drop-identity"],
-     "--drop-identity does not apply to --method mean-diff-resid"),
-    (["--method", "caa", "--layer", "1"], "to fix it use --caa-layer"),
-    (["--method", "caa", "--caa-layer", "top"], "give a layer index or auto"),
-    (["--method", "iti", "--iti-rank", "AUROC"], "valid: accuracy, auroc"),
+    (["--method", "iti", "-O", "rank=4"], "--method iti option rank: cannot read '4'; valid: accuracy | auroc"),
+    (["--method", "iti", "-O", "lam=4"], "--method iti has no option 'lam'; valid: alpha, k, layer, rank, sigma_bank"),
+    (["--method", "florain", "--layer", "1", "-O", "shots=2", "-O", "batch_size=8"],
+     "--method florain has no option 'shots'"),
+    (["--method", "mean-diff-resid", "--layer", "1", "-O", "drop_identity=true"],
+     "--method mean-diff-resid has no option 'drop_identity'; valid: multiplier"),
+    (["--method", "caa", "--layer", "1"], "to fix it use -O layer=N"),
+    (["--method", "caa", "-O", "layer=top"], "--method caa option layer: cannot read 'top'; valid: int | auto"),
+    (["--method", "iti", "-O", "rank=AUROC"], "valid: accuracy | auroc"),
+    (["--method", "florain", "--layer", "1", "-O", "rank=0", "-O", "lam=nan"],
+     "option rank must be ≥ 1, got 0; --method florain option lam must be a finite number, got nan"),  # all at once
+    (["--method", "florain", "--layer", "1", "-O", "rank"], "-O 'rank': expected NAME=VALUE"),
+    (["--method", "florain", "--layer", "1", "-O", "lam_scale=3"], "belongs to the released form"),
 ])
 def test_flags_the_method_would_ignore_are_refused(args, message, tiny_dir, tqa_dir, tmp_path):
     out = tmp_path / "run"
@@ -290,14 +300,16 @@ def test_a_run_finished_before_a_part_existed_gains_only_that_part(tiny_dir, tqa
     old["timings"].pop("earlier_total_s")
     # recorded before the toxicity fields existed (their defaults then are the run's settings)
     later = ("fluency_model", "samples", "top_p", "scorer", "scorer_options", "steer_data", "tox_prompts")
-    old["config"] = {k: v for k, v in old["config"].items() if k not in later}
+    # ... and by a version whose runs recorded the method's seed and torch.compile among its options
+    old["config"] = {k: v for k, v in old["config"].items() if k not in later} | {
+        "options": {"seed": 42, "compile": True}}
     (out / "results.json").write_text(json.dumps(old))
     marker = json.loads((out / "run_config.json").read_text())
-    marker["config"] = {k: v for k, v in marker["config"].items() if k not in later}
+    marker["config"] = {k: v for k, v in marker["config"].items() if k not in later} | {
+        "options": {"seed": 42, "compile": True}}
     (out / "run_config.json").write_text(json.dumps(marker))
     said: list[str] = []
-    # options the run left at their defaults and the caller spells out (as make reproduce-table1 does) are the same run
-    again = run_point(RunConfig(**cfg, options={"seed": 42, "compile": True}), out, str(tqa_dir), echo=said.append)
+    again = run_point(RunConfig(**cfg), out, str(tqa_dir), echo=said.append)  # the same run, by the one rule
     assert any("finished without fold_0.fluency, fold_1.fluency" in s for s in said)
     # each computed part logs one line with its scores (progress bars do not draw in a log file); reused parts do not
     done = [s for s in said if " done in " in s]
@@ -316,3 +328,19 @@ def test_a_run_finished_before_a_part_existed_gains_only_that_part(tiny_dir, tqa
 
     with pytest.raises(ValueError, match="started with a different configuration"):
         run(RunConfig(**{**cfg, "max_new_tokens": 7}), out, str(tqa_dir), resume=True, echo=lambda s: None)
+
+
+def test_every_problem_is_reported_at_once_before_anything_loads(tiny_dir, tqa_dir, tmp_path):
+    out = tmp_path / "run"
+    r = _run("--method", "florain", "--layer", "1", "-O", "rank=0", "--folds", "1", "--val-ratio", "1.5",
+             "--prompt-mode", "chat", "--top-p", "nan", "--model", str(tmp_path / "no-model"), "--data-dir",
+             str(tmp_path / "no-data"), "--output", str(out))
+    assert r.exit_code == 2, r.output
+    for part in ("6 problems with this run", "option rank must be ≥ 1, got 0", "--folds must be ≥ 2",
+                 "--val-ratio must lie in [0, 1), got 1.5", "unknown --prompt-mode 'chat'; valid: iti, lm-eval",
+                 "--top-p must lie in (0, 1], got nan", "no-model: no such local folder"):
+        assert part in r.text, part
+    assert not out.exists()  # nothing written: the corrected command starts clean
+    if not __import__("torch").cuda.is_available():
+        r = _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--device", "cuda")
+        assert r.exit_code == 2 and "no CUDA device is available here; use --device cpu" in r.text

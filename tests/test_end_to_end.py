@@ -12,7 +12,7 @@ def test_florain_on_smollm2_differs_from_none(shared_data, tmp_path):
     common = ["--model", "smollm2-135m", "--data-dir", str(shared_data), "--limit", "8"]
     r0 = runner.invoke(app, ["run", "--method", "none", *common, "--output", str(tmp_path / "none")])
     assert r0.exit_code == 0, r0.output
-    r1 = runner.invoke(app, ["run", "--method", "florain", *common, "--epochs", "5", "--no-compile",
+    r1 = runner.invoke(app, ["run", "--method", "florain", *common, "-O", "epochs=5", "--no-compile",
                              "--output", str(tmp_path / "florain")])
     assert r1.exit_code == 0, r1.output
     none = json.loads((tmp_path / "none" / "results.json").read_text())

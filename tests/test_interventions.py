@@ -71,3 +71,22 @@ def test_intervention_shape_is_checked(tiny_llama, tiny_gemma):
     iv.config["head_dim"] = 99
     with pytest.raises(ValueError, match="expects"):
         iv.check_model(tiny_llama)
+
+
+def test_a_newer_format_is_refused_with_what_to_do(tiny_llama, tmp_path):
+    """Saved interventions and results files carry a format version that is checked on load."""
+    import json
+
+    from bench.tables import load_results
+
+    path = _iv(tiny_llama).save_pretrained(tmp_path / "iv")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["format_version"] == 1
+    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99, but this bench reads versions up to 1: upgrade"):
+        Intervention.from_pretrained(path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"schema_version": 7, "config": {}, "metrics": {}}))
+    with pytest.raises(ValueError, match="results format version 7"):
+        load_results([str(run)])

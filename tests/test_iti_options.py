@@ -7,20 +7,21 @@ import json
 import pytest
 import torch
 
-import bench.methods as methods
+import bench.methods.iti as methods
 from baselines.iti import iti_shift
 from baselines.shift import AdditiveShift
 from bench.capture import capture
 from bench.data.truthfulqa import load_truthfulqa, make_folds
 from bench.interventions import Intervention, get_method
-from bench.methods import FitContext, gen_end_q_texts
+from bench.methods import FitContext
+from bench.methods.iti import gen_end_q_texts
 from bench.scoring import Encoded, answer_logprobs, encode
 
 
 def _ctx(lm, tqa_dir, options=None, fold=0):
     qs, _ = load_truthfulqa(tqa_dir, use_hub=False)
     f = make_folds(len(qs), 2, 0.2, 42)[fold]
-    return FitContext(lm, qs, f, 1, "heads", {"iti_k": 3, **(options or {})}), qs, f
+    return FitContext(lm, qs, f, 1, "heads", {"k": 3, **(options or {})}), qs, f
 
 
 # --------------------------------------------------------------------------- σ bank
@@ -55,7 +56,7 @@ def test_gen_end_q_texts_follow_iti_and_stay_within_the_given_questions(tqa_dir)
 
 
 def test_iti_sigma_bank_default_is_gen_end_q_from_the_training_fold_only(tiny_llama, tqa_dir, monkeypatch):
-    assert get_method("iti").effective_options({})["iti_sigma_bank"] == "gen_end_q"
+    assert get_method("iti").effective_options({})["sigma_bank"] is None  # the texts decide: TruthfulQA answers → gen_end_q
     ctx, qs, fold = _ctx(tiny_llama, tqa_dir)
     seen: list[list[str]] = []
 
@@ -85,15 +86,15 @@ def test_iti_sigma_bank_default_is_gen_end_q_from_the_training_fold_only(tiny_ll
 
 def test_iti_sigma_bank_qa_keeps_the_direction_and_changes_only_the_scale(tiny_llama, tqa_dir):
     default = get_method("iti").fit(_ctx(tiny_llama, tqa_dir)[0])
-    qa = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_sigma_bank": "qa"})[0])
+    qa = get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"sigma_bank": "qa"})[0])
     assert qa.config["sigma_bank"] == "qa" and qa.config["heads_chosen"] == default.config["heads_chosen"]
     for lay, h in qa.config["heads_chosen"]:
         a, b = qa.modules[lay].shift[h], default.modules[lay].shift[h]
         torch.testing.assert_close(a / a.norm(), b / b.norm())
         assert not torch.isclose(a.norm(), b.norm(), rtol=1e-3)
-    with pytest.raises(ValueError, match="σ bank"):
-        get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"iti_sigma_bank": "all"})[0])
-    ctx = _ctx(tiny_llama, tqa_dir, {"iti_sigma_bank": "gen_end_q"})[0]
+    with pytest.raises(ValueError, match="option sigma_bank: cannot read 'all'; valid: qa | gen_end_q"):
+        get_method("iti").fit(_ctx(tiny_llama, tqa_dir, {"sigma_bank": "all"})[0])
+    ctx = _ctx(tiny_llama, tqa_dir, {"sigma_bank": "gen_end_q"})[0]
     ctx.text_format = "continuation"  # toxicity's fitting texts have no such bank
     with pytest.raises(ValueError, match="σ bank"):
         get_method("iti").fit(ctx)
@@ -147,7 +148,7 @@ def test_mc_edit_offset_is_a_run_option_recorded_in_results(tiny_dir, tqa_dir, t
 
     quiet = {"echo": lambda m: None}
     common = dict(method="iti", model=str(tiny_dir), task="truthfulqa-mc", folds=2, limit=12, eval_folds=[0],
-                  options={"iti_k": 3, "iti_alpha": 30.0})
+                  options={"k": 3, "alpha": 30.0})
     zero = run(RunConfig(**common), tmp_path / "zero", str(tqa_dir), **quiet)
     one = run(RunConfig(**common, mc_edit_offset=1), tmp_path / "one", str(tqa_dir), **quiet)
     assert zero["config"]["mc_edit_offset"] == 0 and one["config"]["mc_edit_offset"] == 1

@@ -10,11 +10,12 @@ import torch
 from baselines.lofit import DPO_INIT_STD, HeadScaleBias, dpo_loss, init_normal_, sequence_logprobs
 from bench.data.truthfulqa import load_truthfulqa, make_folds
 from bench.interventions import Intervention, get_method
-from bench.methods import FitContext, _answer_logps, _dpo_pairs
+from bench.methods import FitContext
+from bench.methods.lofit import _answer_logps, _dpo_pairs
 from bench.scoring import answer_logprobs
 
 #: Few pairs, few epochs, a large step: seconds on the tiny model.
-FAST = {"lofit_epochs": 8, "lofit_lr": 0.05, "lofit_k": 3}
+FAST = {"epochs": 8, "lr": 0.05, "k": 3}
 
 
 def _ctx(lm, tqa_dir, options=None, questions=None) -> FitContext:
@@ -109,7 +110,7 @@ def test_dpo_fit_differs_from_the_sft_variant(tiny_llama, tqa_dir, tmp_path):
 
 
 def test_lofit_sft_keeps_its_own_defaults(tiny_llama, tqa_dir):
-    iv = get_method("lofit-sft").fit(_ctx(tiny_llama, tqa_dir, {"lofit_epochs": None, "lofit_lr": None}))
+    iv = get_method("lofit-sft").fit(_ctx(tiny_llama, tqa_dir, {"epochs": None, "lr": None}))
     assert iv.config["epochs"] == [1, 2] and iv.config["lr"] == 5e-3 and iv.config["l1"] == 1e-3
 
 
@@ -133,8 +134,10 @@ def test_options_are_wired_for_both_names():
     from bench.sweep import method_params
 
     dpo, sft = get_method("lofit"), get_method("lofit-sft")
-    assert {"lofit_k", "lofit_l1", "lofit_lr", "lofit_epochs", "lofit_beta"} <= set(dpo.options)
-    assert "lofit_beta" not in sft.options and "lofit_epochs" in sft.options
-    assert dpo.effective_options({})["lofit_beta"] == 0.5 and "lofit_lr" not in dpo.effective_options({})
+    assert set(dpo.effective_options({})) == {"k", "l1", "lr", "epochs", "beta"}
+    assert set(sft.effective_options({})) == {"k", "l1", "lr", "epochs"}
+    # lofit's learning rate and epochs default per stage (none); lofit-sft's learning rate is one number
+    assert dpo.effective_options({})["beta"] == 0.5 and dpo.effective_options({})["lr"] is None
+    assert sft.effective_options({"lofit_lr": 0.1}, recorded=True)["lr"] == 0.1  # a name recorded before plugins
     assert set(method_params("lofit")) >= {"k", "l1", "lr", "epochs", "beta"}
     assert "beta" not in method_params("lofit-sft")

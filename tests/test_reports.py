@@ -245,19 +245,27 @@ def test_sweep_parameters_map_to_options_and_errors_list_the_valid_ones():
     from bench.runner import RunConfig
     from bench.sweep import parse_assignments, resolve_param, run_sweep, with_param
 
-    assert resolve_param("iti", "alpha").target == "iti_alpha" and resolve_param("iti", "iti_k").name == "k"
-    assert resolve_param("iti", "layer").target == "iti_layer"  # ITI's layer sweep restricts head selection
+    assert resolve_param("iti", "alpha").target == "alpha" and resolve_param("iti", "k").name == "k"
+    with pytest.raises(ValueError, match="no parameter 'iti_k'; valid: alpha, k"):  # old names: recorded runs only
+        resolve_param("iti", "iti_k")
+    iti_layer = resolve_param("iti", "layer")  # ITI's own option (heads chosen within it), not the run's layer
+    assert iti_layer.option and not resolve_param("florain", "layer").option
+    swept = with_param(RunConfig(method="iti"), iti_layer, 5)
+    assert swept.layer is None and swept.options == {"layer": 5}
+    assert parse_assignments("caa", ["layer=18"]) == (None, {"layer": 18})
     assert resolve_param("florain", "lam-scale").target == "lam_scale"
-    assert resolve_param("caa", "multiplier").target == "caa_multiplier"
-    assert resolve_param("mean-shift", "scale").target == "shift_scale"
-    with pytest.raises(ValueError, match="valid: alpha, k, layer, rank"):
+    assert resolve_param("caa", "multiplier").target == "multiplier"
+    assert resolve_param("mean-shift", "scale").target == "scale"
+    with pytest.raises(ValueError, match="valid: alpha, k, layer, rank, sigma_bank"):
         resolve_param("iti", "lam")
     with pytest.raises(ValueError, match="valid: layer, rank, alpha, extrapolation, lam, lam_scale"):
         resolve_param("florain", "gamma")
+    with pytest.raises(ValueError, match="valid: layer, rank, alpha, lam, lam_scale, beta"):
+        resolve_param("florain", "drop_identity", sweep=True)
     with pytest.raises(ValueError, match="known methods"):
         resolve_param("magic", "layer")
-    assert parse_assignments("iti", ["rank=auroc", "alpha=5"]) == (None, {"iti_rank": "auroc", "iti_alpha": 5.0})
-    with pytest.raises(ValueError, match="valid values of rank: accuracy, auroc"):
+    assert parse_assignments("iti", ["rank=auroc", "alpha=5"]) == (None, {"rank": "auroc", "alpha": 5.0})
+    with pytest.raises(ValueError, match="option rank: cannot read 'f1'; valid: accuracy | auroc"):
         parse_assignments("iti", ["rank=f1"])
     with pytest.raises(ValueError, match="not a number to sweep"):
         run_sweep(RunConfig(method="iti"), "rank", "1,2", Path("unused"))
@@ -266,8 +274,10 @@ def test_sweep_parameters_map_to_options_and_errors_list_the_valid_ones():
     assert cfg.layer == 7 and cfg.eval_split == "val" and base.layer is None and base.eval_split == "test"
     cfg = with_param(base, resolve_param("florain", "rank"), 4)
     assert cfg.options == {"epochs": 3, "rank": 4} and base.options == {"epochs": 3}
-    assert parse_assignments("florain", ["epochs=300", "layer=5", "lam_scale=2"]) == (5, {"epochs": 300,
-                                                                                         "lam_scale": 2.0})
+    assert parse_assignments("florain", ["epochs=300", "layer=5", "extrapolation=unit", "lam_scale=2"]) == (
+        5, {"epochs": 300, "extrapolation": "unit", "lam_scale": 2.0})
+    with pytest.raises(ValueError, match="belongs to the released form"):  # checked when set, not after a fit
+        parse_assignments("florain", ["lam_scale=2"])
 
 
 def test_choice_is_per_fold_and_direction_aware():
@@ -359,7 +369,7 @@ def test_reproduce_table1_on_a_tiny_model(tiny_dir, tqa_dir, tmp_path, judge_cac
     from bench.reproduce import reproduce_table1
 
     opts = {"max_new_tokens": 4, "kl_windows": 2, "kl_length": 16, "kl_source": str(tqa_dir / "texts.jsonl"),
-            "options": {"epochs": 2, "rank": 2, "compile": False}}
+            "compile": False, "options": {"florain": {"epochs": 2, "rank": 2}}}
     (tqa_dir / "texts.jsonl").write_text("".join(json.dumps({"text": f"Sentence {i} is here."}) + "\n"
                                                  for i in range(40)))
     done = reproduce_table1([str(tiny_dir)], tmp_path / "t1", ("none", "florain"), limit=12, data_dir=str(tqa_dir),
@@ -534,11 +544,11 @@ def test_a_finished_run_is_reused_when_its_effective_options_match():
     from bench.runner import RunConfig
     from bench.sweep import _same_run
 
+    # recorded by an earlier version: the method's seed and torch.compile were options then
     recorded = RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
                          options={"seed": 42, "compile": True, "drop_identity": False})
     res = {"config": asdict(recorded), "method_version": 2}
-    assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
-                                    options={"seed": 42, "compile": False}))
+    assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3, compile=False))
     assert _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3, options={"rank": 32}))
     assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3, options={"rank": 8}))
     assert not _same_run(res, RunConfig(method="florain", model="m", task="truthfulqa", layer=3,
@@ -547,9 +557,13 @@ def test_a_finished_run_is_reused_when_its_effective_options_match():
     iti = {"config": asdict(RunConfig(method="iti", model="m", task="truthfulqa", options={"seed": 42})),
            "method_version": 2}
     assert _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa",
-                                    options={"iti_rank": "accuracy", "iti_alpha": 15.0, "iti_k": None}))
-    assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_rank": "auroc"}))
-    assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_k": 13}))
+                                    options={"rank": "accuracy", "alpha": 15.0, "k": None}))
+    assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"rank": "auroc"}))
+    assert not _same_run(iti, RunConfig(method="iti", model="m", task="truthfulqa", options={"k": 13}))
+    old = {"config": asdict(RunConfig(method="iti", model="m", task="truthfulqa", options={"iti_alpha": 5.0})),
+           "method_version": 2}  # option names recorded before options were typed
+    assert _same_run(old, RunConfig(method="iti", model="m", task="truthfulqa", options={"alpha": 5}))
+    assert not _same_run(old, RunConfig(method="iti", model="m", task="truthfulqa"))
 
 
 def test_reproduce_runs_florain_before_the_mean_shift_matched_to_it():
