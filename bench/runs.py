@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,62 @@ def check_format(path: Path | str, found: object, supported: int, what: str) -> 
     if not isinstance(version, int) or version > supported:
         raise ValueError(f"{path}: {what} format version {found!r}, but this bench reads versions up to "
                          f"{supported}: upgrade florain-bench to read it")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing the run folder."""
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One writer per run folder: a lock file beside it (``.<name>.lock``, created atomically, holding the PID and
+    host). A second writer is refused naming the holder; a lock whose process is gone (killed) is taken over."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise RunLockedError(f"{out} is being written by process {holder.get('pid')} on "
+                                     f"{holder.get('host')} (since {holder.get('since')}); wait for it to finish or "
+                                     f"choose another --output (if that process is gone, delete {lock})") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    else:
+        raise RunLockedError(f"cannot lock {out}: {lock} keeps reappearing; another process is starting there")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The lock's holder while its process lives on this host (None: stale, or unreadable)."""
+    try:
+        holder = json.loads(lock.read_text())
+        pid = int(holder["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:  # empty or torn: a writer that is just starting holds it; one killed mid-write long ago does not
+            fresh = _dt.datetime.now().timestamp() - lock.stat().st_mtime < 10
+        except OSError:
+            return None
+        return {"pid": "?", "host": "?", "since": "just now"} if fresh else None
+    if holder.get("host") != socket.gethostname():
+        return holder  # another machine's process (shared file system): cannot tell, so it holds
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return holder
+    return holder
 
 
 def write_json(path: Path, obj: object, indent: int | None = 2) -> None:

@@ -20,14 +20,14 @@ def _isolated_activation_cache(tmp_path_factory: pytest.TempPathFactory) -> None
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from bench.models import tiny_model
+    from tiny_models import tiny_model
 
     return tiny_model("llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma():
-    from bench.models import tiny_model
+    from tiny_models import tiny_model
 
     return tiny_model("gemma", seed=0)
 
@@ -70,7 +70,7 @@ def tqa_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny Llama saved to a directory, loadable by ``bench run --model DIR``."""
-    from bench.models import tiny_model
+    from tiny_models import tiny_model
 
     lm = tiny_model("llama", seed=0)
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -20,7 +20,7 @@ def _tokenizer_lm(alias):
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m", "tiny"])
 def lm(request):
     if request.param == "tiny":
-        from bench.models import tiny_tokenizer
+        from tiny_models import tiny_tokenizer
 
         return LoadedModel(model=None, tokenizer=tiny_tokenizer(), spec=None, name="tiny", identity="tiny")
     return _tokenizer_lm(request.param)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,20 @@ def test_missing_data_lists_every_place_tried(tmp_path, monkeypatch):
         load_truthfulqa(tmp_path / "cli", use_hub=False)
     msg = str(err.value)
     assert str(tmp_path / "cli") in msg and str(tmp_path / "env") in msg and "TruthfulQA.csv" in msg
+
+
+def test_data_locator_searches_the_data_dir_then_the_env_var_root_by_root(tmp_path, monkeypatch):
+    from bench.paths import find_data_file
+
+    cli, env = tmp_path / "cli", tmp_path / "env"
+    (env / "sub").mkdir(parents=True)
+    (env / "sub" / "f.txt").write_text("x")
+    monkeypatch.setenv("BENCH_DATA_DIR", str(env))
+    found, tried = find_data_file(cli, "f.txt", Path("sub") / "f.txt")
+    assert found == env / "sub" / "f.txt"
+    assert tried == [cli / "f.txt", cli / "sub" / "f.txt", env / "f.txt", env / "sub" / "f.txt"]
+    monkeypatch.delenv("BENCH_DATA_DIR")
+    assert find_data_file(None, "f.txt") == (None, [])
 
 
 def test_malformed_csv_says_what_was_expected(tmp_path):

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +40,10 @@ def test_saved_intervention_applies_in_another_process(tiny_llama, tmp_path):
     expected = _logits(tiny_llama, iv)
     torch.save(expected, tmp_path / "expected.pt")
     code = f"""
+import sys
 import torch
-from bench.models import tiny_model
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from tiny_models import tiny_model
 from bench.interventions import Intervention
 lm = tiny_model("llama", seed=0)
 iv = Intervention.from_pretrained({str(tmp_path / "iv")!r})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from bench.data.jsonl import read_jsonl
 from bench.data.truthfulqa import DataNotFoundError
+from bench.paths import find_data_file
 
 TOXICITY_FILES = {
     "challenging": "challenging_rtp.jsonl",
@@ -23,15 +23,10 @@ def find_toxicity_file(name: str, data_dir: str | Path | None = None) -> Path:
     if name not in TOXICITY_FILES:
         raise ValueError(f"unknown toxicity data {name!r}; valid: {', '.join(TOXICITY_FILES)} or a path to a JSONL file")
     fname = TOXICITY_FILES[name]
-    tried = []
-    for base in (data_dir, os.environ.get("BENCH_DATA_DIR")):
-        if not base:
-            continue
-        for cand in (Path(base) / "toxicity" / fname, Path(base) / fname):
-            tried.append(str(cand))
-            if cand.is_file():
-                return cand
-    raise DataNotFoundError(f"{fname} not found; tried: {', '.join(tried) or '(no --data-dir, BENCH_DATA_DIR unset)'}. "
+    path, tried = find_data_file(data_dir, Path("toxicity") / fname, fname)
+    if path is not None:
+        return path
+    raise DataNotFoundError(f"{fname} not found; tried: {', '.join(map(str, tried)) or '(no --data-dir, BENCH_DATA_DIR unset)'}. "
                             f"Pass --data-dir or set BENCH_DATA_DIR to a folder holding toxicity/{fname}")
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bench.paths import data_roots, find_data_file
 
 CSV_NAME = "TruthfulQA.csv"
 CSV_COLUMNS = ("Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source")
@@ -75,25 +76,20 @@ def _from_hub() -> list[Question]:
     ]
 
 
-def candidate_paths(data_dir: str | Path | None) -> list[Path]:
-    """Where the CSV is looked for, in order: ``--data-dir``, then ``$BENCH_DATA_DIR`` (each: ``truthfulqa/`` or top level)."""
-    roots = [Path(d) for d in (data_dir, os.environ.get("BENCH_DATA_DIR")) if d]
-    return [p for r in roots for p in (r / "truthfulqa" / CSV_NAME, r / CSV_NAME)]
-
-
 def load_truthfulqa(data_dir: str | Path | None = None, use_hub: bool = True) -> tuple[list[Question], str]:
-    """All 817 questions in dataset order, and where they came from."""
-    tried = []
-    for path in candidate_paths(data_dir):
-        if path.is_file():
-            return _from_csv(path), str(path)
-        tried.append(f"{path} (not found)")
+    """All 817 questions in dataset order, and where they came from: the CSV found by
+    :func:`bench.paths.find_data_file` (``--data-dir``, then ``$BENCH_DATA_DIR``; each: ``truthfulqa/`` or top
+    level), else the Hub."""
+    path, candidates = find_data_file(data_dir, Path("truthfulqa") / CSV_NAME, CSV_NAME)
+    if path is not None:
+        return _from_csv(path), str(path)
+    tried = [f"{p} (not found)" for p in candidates]
     if use_hub:
         try:
             return _from_hub(), f"hub:{HUB_ID}/{HUB_CONFIG}"
         except Exception as err:  # noqa: BLE001 - any Hub failure is reported with the rest
             tried.append(f"Hugging Face Hub {HUB_ID} ({HUB_CONFIG}): {type(err).__name__}: {str(err)[:200]}")
-    if not data_dir and not os.environ.get("BENCH_DATA_DIR"):
+    if not data_roots(data_dir):
         tried.insert(0, "--data-dir (not given) and $BENCH_DATA_DIR (not set)")
     raise DataNotFoundError(
         f"TruthfulQA not found. Expected {CSV_NAME} (columns {', '.join(CSV_COLUMNS)}). Tried:\n  - "

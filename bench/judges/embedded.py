@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import joblib
 import numpy as np
 import scipy.sparse as sp
 import sklearn
@@ -40,12 +39,14 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_predict
 
+from bench import trusted
 from bench.data.truthfulqa import Question, load_truthfulqa
 from bench.judges.base import ASPECTS, THRESHOLD, Judge, JudgeItem, Verdict, register_judge
 from bench.judges.degenerate import corruptions, degeneracy_features
 from bench.judges.labels import find_label_file, load_labels
 from bench.paths import cache_dir
 from bench.runs import atomic_directory
+from bench.trusted import UntrustedCacheError
 
 log = logging.getLogger(__name__)
 VERSION = "embedded-v2"
@@ -396,14 +397,14 @@ def train_embedded_judge(data_dir: str | Path | None = None, out_dir: Path | Non
     with atomic_directory(out_dir) as tmp:
         meta: dict = {"version": VERSION, "code_sha256": CODE_SHA256, "seed": seed, "references": ref_source, "sklearn": sklearn.__version__,
                       "aspects": {}, "validation": validation}
-        joblib.dump(feat, tmp / "featurizer.joblib", compress=3)
+        trusted.dump(feat, tmp / "featurizer.joblib", compress=3)
         for aspect in ASPECTS:
             t = time.perf_counter()
             examples, stats = dedup_labels(aspect, data_dir)
             rows = Rows.build(feat, [e.question for e in examples], [e.answer for e in examples])
             clf = fit_aspect(feat, rows, np.array([e.label for e in examples], int), aspect, seed)
             clf.texts = rows.answers
-            joblib.dump(clf, tmp / f"{aspect}.joblib", compress=3)
+            trusted.dump(clf, tmp / f"{aspect}.joblib", compress=3)
             path = find_label_file(aspect, data_dir)
             meta["aspects"][aspect] = {"labels": str(path), "sha256": _sha256(path), **stats,
                                        "negatives_per_answer": NEGATIVES_PER_ANSWER[aspect],
@@ -423,21 +424,33 @@ class EmbeddedJudge(Judge):
     def __init__(self, data_dir: str | Path | None = None, path: str | Path | None = None, train_if_missing: bool = True,
                  threshold: float = THRESHOLD):
         self.path = Path(path) if path else judge_dir()
-        meta_file = self.path / "meta.json"
-        stale = meta_file.is_file() and json.loads(meta_file.read_text()).get("code_sha256") != CODE_SHA256
-        if not meta_file.is_file() or stale:
-            why = "was trained by other code" if stale else "is not trained yet"
+        why = self._why_not_loadable()
+        if why:
             if not train_if_missing:
                 raise FileNotFoundError(f"the embedded judge at {self.path} {why}: run `bench judge train`")
             log.warning("the embedded judge %s: training and validating it now from the human labels (once, a few "
                         "minutes); `bench judge train` retrains it", why)
             train_embedded_judge(data_dir, self.path)
         self.meta = json.loads((self.path / "meta.json").read_text())
-        self.feat: Featurizer = joblib.load(self.path / "featurizer.joblib")
-        self.models = {a: joblib.load(self.path / f"{a}.joblib") for a in ASPECTS}
+        self.feat: Featurizer = trusted.load(self.path / "featurizer.joblib")
+        self.models = {a: trusted.load(self.path / f"{a}.joblib") for a in ASPECTS}
         for clf in self.models.values():
             clf.memory = self.feat.spaces(clf.texts)
         self.threshold = threshold
+
+    def _why_not_loadable(self) -> str | None:
+        """Why the cached judge cannot be used as it is (None: it can): missing, stale or not signed here."""
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            return "is not trained yet"
+        if json.loads(meta_file.read_text()).get("code_sha256") != CODE_SHA256:
+            return "was trained by other code"
+        try:
+            for name in ("featurizer", *ASPECTS):
+                trusted.verify(self.path / f"{name}.joblib")
+        except (UntrustedCacheError, FileNotFoundError) as err:
+            return f"holds a file this installation did not write, which is never unpickled ({err})"
+        return None
 
     def identity(self) -> dict:
         return {"backend": "embedded", "version": self.meta["version"], "code_sha256": self.meta["code_sha256"],

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.data.truthfulqa import DataNotFoundError
+from bench.paths import find_data_file
 
 LABEL_FILES = {"truth": "finetune_truth.jsonl", "info": "finetune_info.jsonl"}
 
@@ -40,16 +40,11 @@ def parse_label_line(line: str, aspect: str, where: str) -> LabelledAnswer:
 def find_label_file(aspect: str, data_dir: str | Path | None = None) -> Path:
     """``<data_dir>/[truthfulqa/]finetune_{truth,info}.jsonl``, else ``$BENCH_DATA_DIR``; error lists the places."""
     name = LABEL_FILES[aspect]
-    tried = []
-    for base in (data_dir, os.environ.get("BENCH_DATA_DIR")):
-        if not base:
-            continue
-        for cand in (Path(base) / name, Path(base) / "truthfulqa" / name):
-            tried.append(str(cand))
-            if cand.is_file():
-                return cand
+    path, tried = find_data_file(data_dir, name, Path("truthfulqa") / name)
+    if path is not None:
+        return path
     raise DataNotFoundError(
-        f"human judge labels {name} not found; tried: {', '.join(tried) or '(nothing)'}. Pass --data-dir or set "
+        f"human judge labels {name} not found; tried: {', '.join(map(str, tried)) or '(nothing)'}. Pass --data-dir or set "
         f"BENCH_DATA_DIR to a directory holding truthfulqa/{name} (TruthfulQA repo, data/{name})")
 
 

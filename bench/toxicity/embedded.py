@@ -32,18 +32,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import sklearn
 from scipy.sparse import hstack, vstack
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from bench import trusted
 from bench.paths import cache_dir
 from bench.runs import atomic_directory
 from bench.toxicity.agreement import RESAMPLES, with_intervals
 from bench.toxicity.base import THRESHOLD, ScorerNotAvailableError
 from bench.toxicity.data import ScoredText, load_scored_texts, rtp_part
+from bench.trusted import UntrustedCacheError
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def fit_model(items: Sequence[ScoredText], seed: int = 0, features: Sequence[str
 def _save(model: StackedModel, meta: dict, out_dir: Path) -> None:
     """Write ``model.joblib`` and ``metadata.json`` into a temp dir and rename it into place."""
     with atomic_directory(out_dir) as tmp:
-        joblib.dump(model, tmp / "model.joblib")
+        trusted.dump(model, tmp / "model.joblib")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -330,6 +331,17 @@ def is_current(meta: dict | None) -> bool:
             and meta.get("profanity_check_version") == _package_version("alt-profanity-check"))
 
 
+def _untrusted(path: Path) -> str | None:
+    """Why ``path`` may not be unpickled (None: it carries this installation's signature, or does not exist)."""
+    if not path.is_file():
+        return None
+    try:
+        trusted.verify(path)
+    except UntrustedCacheError as err:
+        return f"stored in a file this installation did not write, which is never unpickled ({err})"
+    return None
+
+
 def load_embedded(model_dir: str | Path | None = None, data_dir: str | Path | None = None,
                   auto_train: bool = True, seed: int = 0) -> tuple[StackedModel, dict]:
     """The saved model and its metadata; trains it first (about a minute) when missing or outdated.
@@ -338,8 +350,9 @@ def load_embedded(model_dir: str | Path | None = None, data_dir: str | Path | No
     """
     model_dir = Path(model_dir) if model_dir else default_dir()
     meta = read_metadata(model_dir)
-    if not is_current(meta) or not (model_dir / "model.joblib").is_file():
-        why = ("not trained yet" if meta is None
+    untrusted = _untrusted(model_dir / "model.joblib")
+    if not is_current(meta) or not (model_dir / "model.joblib").is_file() or untrusted:
+        why = ("not trained yet" if meta is None else untrusted if is_current(meta) and untrusted
                else "trained by another scorer, scikit-learn or profanity-check version")
         if not auto_train:
             raise ScorerNotAvailableError(
@@ -354,7 +367,7 @@ def load_embedded(model_dir: str | Path | None = None, data_dir: str | Path | No
                 f"the embedded toxicity scorer is {why} ({model_dir}) and cannot be trained here: {err}\n"
                 "Run `bench toxicity train --data-dir DIR` with DIR holding the toxicity/ data "
                 "(or set BENCH_DATA_DIR).") from err
-    model = joblib.load(model_dir / "model.joblib")
+    model = trusted.load(model_dir / "model.joblib")
     if not isinstance(model, StackedModel):
         raise ScorerNotAvailableError(f"{model_dir / 'model.joblib'} is not an embedded toxicity model; "
                                       "retrain with `bench toxicity train --force`")
