@@ -147,47 +147,35 @@ def _check_range(spec: Spec, value: float, where: str) -> None:
         raise ValueError(f"{where} must be {rule}, got {value:g}")
 
 
-def build(cls: type, values: Mapping[str, Any], owner: str, recorded: bool = False) -> Any:
-    """An instance of ``cls`` from ``values`` (typed values or text; ``None`` = not given, the default).
-
-    Unknown names raise, listing the valid ones. ``recorded``: the values come from a run folder, possibly written
-    by an earlier version (their legacy names are read and the :data:`RETIRED` ones dropped)."""
+def given(cls: type, values: Mapping[str, Any], owner: str, recorded: bool = False) -> dict:
+    """The options ``values`` sets explicitly (typed values or text; ``None`` = not given), converted and checked,
+    under their names. Unknown names raise, listing the valid ones; every problem is reported at once.
+    ``recorded``: the values come from a run folder, possibly written by an earlier version (their legacy names
+    are read and the :data:`RETIRED` ones dropped)."""
     by_name = {s.name: s for s in specs(cls)}
     by_legacy = {s.legacy: s for s in by_name.values() if s.legacy} if recorded else {}
-    given, problems = {}, []
+    out, problems = {}, []
     for name, value in values.items():
         key = name.replace("-", "_")
         spec = by_name.get(key) or by_legacy.get(key)
         if spec is None:
-            if recorded and key in RETIRED:
-                continue
-            valid = ", ".join(by_name) or "none"
-            problems.append(f"{owner} has no option {name!r}; valid: {valid} (see `bench methods show`)")
-            continue
-        if value is None:
-            continue
-        try:
-            given[spec.name] = convert(spec, value, owner)
-        except ValueError as err:
-            problems.append(str(err))
+            if not (recorded and key in RETIRED):
+                valid = ", ".join(by_name) or "none"
+                problems.append(f"{owner} has no option {name!r}; valid: {valid} (see `bench methods show`)")
+        elif value is not None:
+            try:
+                out[spec.name] = convert(spec, value, owner)
+            except ValueError as err:
+                problems.append(str(err))
     if problems:
         raise ValueError("; ".join(problems))
-    return cls(**given)
-
-
-def given(cls: type, values: Mapping[str, Any], owner: str, recorded: bool = False) -> dict:
-    """The options ``values`` sets explicitly, checked and under their names (``None`` values dropped;
-    ``recorded``: as :func:`build`)."""
-    build(cls, values, owner, recorded)
-    by_name = {s.name: s for s in specs(cls)}
-    by_legacy = {s.legacy: s.name for s in by_name.values() if s.legacy} if recorded else {}
-    out = {}
-    for name, value in values.items():
-        key = name.replace("-", "_")
-        key = by_legacy.get(key, key)
-        if value is not None and key in by_name:  # (a retired name of a recorded run is dropped)
-            out[key] = convert(by_name[key], value, owner)
+    cls(**out)  # the dataclass's own checks of combinations (e.g. FLORAIN's lam_scale with the raw form)
     return out
+
+
+def build(cls: type, values: Mapping[str, Any], owner: str, recorded: bool = False) -> Any:
+    """An instance of ``cls`` from ``values`` (as :func:`given`)."""
+    return cls(**given(cls, values, owner, recorded))
 
 
 def effective(cls: type, values: Mapping[str, Any], owner: str, recorded: bool = False) -> dict:

@@ -75,6 +75,15 @@ def verify(path: Path) -> None:
             f"{Path(path).parent} and retrain (`bench judge train`, `bench toxicity train`); the key is {key_file()}")
 
 
+def refusal(path: Path) -> str | None:
+    """Why ``path`` may not be unpickled (None: it carries this installation's signature)."""
+    try:
+        verify(path)
+    except (UntrustedCacheError, FileNotFoundError) as err:
+        return f"holds a file this installation did not write, which is never unpickled ({err})"
+    return None
+
+
 def load(path: Path) -> Any:
     """``joblib.load`` of a file this installation signed; anything else is refused before it is read."""
     verify(path)

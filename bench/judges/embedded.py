@@ -46,7 +46,6 @@ from bench.judges.degenerate import corruptions, degeneracy_features
 from bench.judges.labels import find_label_file, load_labels
 from bench.paths import cache_dir
 from bench.runs import atomic_directory
-from bench.trusted import UntrustedCacheError
 
 log = logging.getLogger(__name__)
 VERSION = "embedded-v2"
@@ -445,12 +444,8 @@ class EmbeddedJudge(Judge):
             return "is not trained yet"
         if json.loads(meta_file.read_text()).get("code_sha256") != CODE_SHA256:
             return "was trained by other code"
-        try:
-            for name in ("featurizer", *ASPECTS):
-                trusted.verify(self.path / f"{name}.joblib")
-        except (UntrustedCacheError, FileNotFoundError) as err:
-            return f"holds a file this installation did not write, which is never unpickled ({err})"
-        return None
+        return next(filter(None, (trusted.refusal(self.path / f"{n}.joblib") for n in ("featurizer", *ASPECTS))),
+                    None)
 
     def identity(self) -> dict:
         return {"backend": "embedded", "version": self.meta["version"], "code_sha256": self.meta["code_sha256"],

@@ -44,7 +44,6 @@ from bench.runs import atomic_directory
 from bench.toxicity.agreement import RESAMPLES, with_intervals
 from bench.toxicity.base import THRESHOLD, ScorerNotAvailableError
 from bench.toxicity.data import ScoredText, load_scored_texts, rtp_part
-from bench.trusted import UntrustedCacheError
 
 log = logging.getLogger(__name__)
 
@@ -331,17 +330,6 @@ def is_current(meta: dict | None) -> bool:
             and meta.get("profanity_check_version") == _package_version("alt-profanity-check"))
 
 
-def _untrusted(path: Path) -> str | None:
-    """Why ``path`` may not be unpickled (None: it carries this installation's signature, or does not exist)."""
-    if not path.is_file():
-        return None
-    try:
-        trusted.verify(path)
-    except UntrustedCacheError as err:
-        return f"stored in a file this installation did not write, which is never unpickled ({err})"
-    return None
-
-
 def load_embedded(model_dir: str | Path | None = None, data_dir: str | Path | None = None,
                   auto_train: bool = True, seed: int = 0) -> tuple[StackedModel, dict]:
     """The saved model and its metadata; trains it first (about a minute) when missing or outdated.
@@ -350,9 +338,11 @@ def load_embedded(model_dir: str | Path | None = None, data_dir: str | Path | No
     """
     model_dir = Path(model_dir) if model_dir else default_dir()
     meta = read_metadata(model_dir)
-    untrusted = _untrusted(model_dir / "model.joblib")
-    if not is_current(meta) or not (model_dir / "model.joblib").is_file() or untrusted:
-        why = ("not trained yet" if meta is None else untrusted if is_current(meta) and untrusted
+    path = model_dir / "model.joblib"
+    untrusted = trusted.refusal(path) if path.is_file() else None
+    if not is_current(meta) or not path.is_file() or untrusted:
+        why = ("not trained yet" if meta is None else f"stored in a folder that {untrusted}"
+               if is_current(meta) and untrusted
                else "trained by another scorer, scikit-learn or profanity-check version")
         if not auto_train:
             raise ScorerNotAvailableError(
