@@ -15,6 +15,7 @@ from bench.cli_common import check_layer_flag, console, revise_runs
 from bench.cli_common import fail as _fail
 from bench.cli_reports import register_reports
 from bench.cli_toxicity import toxicity_app
+from bench.runs import RunFolder
 
 app = typer.Typer(help="Benchmark inference-time activation interventions (FLORAIN, ITI, baselines).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -22,6 +23,8 @@ models_app = typer.Typer(help="List and pull models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 methods_app = typer.Typer(help="List the methods and show their options.", no_args_is_help=True)
 app.add_typer(methods_app, name="methods")
+tasks_app = typer.Typer(help="List the tasks, their parts and the metrics they declare.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
 judge_app = typer.Typer(help="Train and validate the TruthfulQA judges.", no_args_is_help=True)
 app.add_typer(judge_app, name="judge")
 app.add_typer(toxicity_app, name="toxicity")
@@ -39,7 +42,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 def run(
     method: str = typer.Option("florain", help="Method: a name from `bench methods list` (none, florain, iti, mean-shift, caa, mean-diff-resid, lofit, lofit-sft, few-shot, and installed plugins)."),
     model: str = typer.Option("smollm2-135m", help="Registry alias, Hugging Face id or local directory."),
-    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, toxicity (RealToxicityPrompts), or lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold)."),
+    task: str = typer.Option("truthfulqa-mc", help="Task: truthfulqa-mc (MC1/2/3), truthfulqa-gen (generation + judge), truthfulqa (MC + generation + KL/CE), kl-ce, toxicity (RealToxicityPrompts), lm-eval:TASK[,TASK] (truthfulqa_mc1/mc2 run offline on the test fold), or a plugin's (`bench tasks list`)."),
     layer: Optional[int] = typer.Option(None, help="Layer to intervene on [the paper's layer for the paper models; otherwise chosen per fold by the released probe rule on that fold's training/validation questions]."),
     site: str = typer.Option("heads", help="heads = o_proj input (per-head outputs); attn-out = o_proj output chunks (released code)."),
     option: list[str] = typer.Option([], "--option", "-O", help="A method option, NAME=VALUE (repeatable), e.g. -O rank=16 -O lam=5; `bench methods show METHOD` lists each option with its type, default and source."),
@@ -76,6 +79,7 @@ def run(
     data_dir: Optional[str] = typer.Option(None, help="Folder holding truthfulqa/ and toxicity/ data [$BENCH_DATA_DIR, then the Hub]."),
     output: Optional[Path] = typer.Option(None, help="Run directory [results/runs/<run-id>]."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --output, reusing its finished folds."),
+    refit: bool = typer.Option(False, help="With --resume: fit again a fold whose saved intervention is damaged or does not match the run (its evaluated parts are kept if the new fit is identical, else computed again)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N [cuda if available]."),
     dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16 [fp32 on CPU, bf16/fp16 on GPU]."),
 ) -> None:
@@ -102,10 +106,10 @@ def run(
                     samples=samples, top_p=top_p, scorer=scorer, fluency_model=fluency_model, steer_data=steer_data,
                     sample_batch_size=sample_batch_size, eval_split=eval_split, eval_folds=eval_fold or None,
                     mc_edit_offset=mc_edit_offset)
-    if output is not None and resume is False and (output / "results.json").exists():
+    if output is not None and resume is False and RunFolder(output).finished():
         _fail(f"{output} already holds a finished run; choose another --output or pass --resume")
     try:
-        results = do_run(cfg, output, data_dir, resume, echo=lambda m: console.print(m))
+        results = do_run(cfg, output, data_dir, resume, echo=lambda m: console.print(m), refit=refit)
     except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError,
             RuntimeError) as err:
         _fail(str(err))
@@ -145,6 +149,34 @@ def methods_list() -> None:
         table.add_row(name, "one layer (--layer)" if m.needs_layer else "its own choice",
                       ", ".join(s.name for s in specs(m.options)) or "–", m.fitter.__module__, m.description)
     Console(width=200).print(table)
+
+
+@tasks_app.command("list")
+def tasks_list() -> None:
+    """Every registered task (built-in and installed plugins) with its parts, and every metric they declare."""
+    from bench.metrics import declared, ordered
+    from bench.tasks import PARTS, TASKS, load_plugins, task_names
+
+    load_plugins()
+    table = Table(title="tasks (bench run --task NAME)")
+    for col in ("task", "parts", "metrics", "module", "description"):
+        table.add_column(col)
+    for name in task_names():
+        t = TASKS.get(name)
+        if t is None:  # a family, e.g. lm-eval:TASK[,TASK]
+            table.add_row(name, name.split(":")[0], "as the tasks report", "", "named by an argument")
+            continue
+        metrics = [m for p in t.parts for m in PARTS[p].metric_names]
+        table.add_row(name, ", ".join(t.parts), ", ".join(ordered(metrics)), t.inputs.__module__, t.description)
+    out = Console(width=200)
+    out.print(table)
+    metrics = Table(title="metrics (declared by the parts that produce them)")
+    for col in ("metric", "label", "unit", "better"):
+        metrics.add_column(col)
+    for name in ordered(declared()):
+        m = declared()[name]
+        metrics.add_row(name, m.label, m.unit, "higher" if m.higher_is_better else "lower")
+    out.print(metrics)
 
 
 @methods_app.command("show")
@@ -227,15 +259,19 @@ def layers(
 
     from bench.data.truthfulqa import load_truthfulqa, make_folds
     from bench.methods import FitContext
-    from bench.models import load_model
+    from bench.models import ModelNotAvailableError, load_model
     from bench.report import markdown_table
+    from bench.runner import RunConfig, check_config
 
     try:
+        check_config(RunConfig(method="none", model=model, site=site, folds=folds, seed=seed, limit=limit))
+        if not 0 <= fold < folds:
+            raise ValueError(f"--fold {fold} out of range: valid 0..{folds - 1}")
         questions, _ = load_truthfulqa(data_dir)
         questions = questions[:limit] if limit else questions
-        lm = load_model(model)
         f = make_folds(len(questions), folds, 0.2, seed)[fold]
-    except (ValueError, IndexError, FileNotFoundError) as err:
+        lm = load_model(model)
+    except (ValueError, FileNotFoundError, ModelNotAvailableError) as err:
         _fail(str(err))
     rows, table = [], []
     ctx = FitContext(lm, questions, f, 0, site)

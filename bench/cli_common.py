@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 from rich.console import Console
 
+from bench.runs import RunFolder
+
 if TYPE_CHECKING:
     from bench.interventions import Method
 
@@ -32,7 +34,11 @@ def revise_runs(runs: list[Path], kind: str, build: Callable[[dict], object],
     built: dict[str, object] = {}
     for run_dir in runs:
         try:
-            cfg = json.loads((run_dir / "results.json").read_text())["config"]
+            results = RunFolder(run_dir).read_results()
+            cfg = results["config"]
+            if results.get(kind) is None:  # checked before the instrument is built (an embedded one trains first)
+                what, verb = ("judged answers", "re-judge") if kind == "judge" else ("scored samples", "re-score")
+                raise ValueError(f"it has no {what} (task {cfg.get('task')!r}); nothing to {verb}")
             key = json.dumps([cfg.get(kind), cfg.get(f"{kind}_options")], sort_keys=True, default=str)
             if key not in built:  # built (and trained) once per name and options
                 built[key] = build(cfg)

@@ -7,6 +7,7 @@ function (saved config + tensors → edit module); the pure maths lives in ``flo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,21 @@ from bench.sites import Positions, hooked, site_device
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
+
+
+class DamagedInterventionError(ValueError):
+    """A saved intervention that cannot be loaded as saved (missing, damaged or edited files)."""
+
+
+def saved_digest(directory: str | Path) -> str | None:
+    """SHA-256 over a saved intervention's files (config.json, then the weights); ``None`` when one is missing."""
+    h = hashlib.sha256()
+    for name in ("config.json", "intervention.safetensors"):
+        path = Path(directory) / name
+        if not path.is_file():
+            return None
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -82,23 +98,38 @@ class Intervention:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Intervention:
+        """Load a saved intervention; a missing, damaged or inconsistent one raises
+        :class:`DamagedInterventionError` naming the file and what is wrong."""
         directory = Path(directory)
         cfg_path, weights = directory / "config.json", directory / "intervention.safetensors"
-        if not cfg_path.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved intervention (needs config.json and intervention.safetensors)")
-        config = json.loads(cfg_path.read_text())
-        method, site, layers = config.pop("method"), config.pop("site"), config.pop("layers")
+        missing = [p.name for p in (cfg_path, weights) if not p.is_file()]
+        if missing:
+            raise DamagedInterventionError(f"{directory} is not a saved intervention: {' and '.join(missing)} "
+                                           "missing (a saved one holds config.json and intervention.safetensors)")
+        try:
+            config = json.loads(cfg_path.read_text())
+            method, site, layers = config.pop("method"), config.pop("site"), config.pop("layers")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise DamagedInterventionError(f"{cfg_path} is damaged: {type(err).__name__}: {err} (it needs the "
+                                           "keys method, site and layers)") from None
         prefix = config.pop("prompt_prefix", "")
         policy = config.pop("position_policy", "task")
         check_format(cfg_path, config.pop("format_version", None), FORMAT_VERSION, "saved intervention")
-        tensors = load_file(str(weights))
-        build = get_method(method).build
-        modules = {}
-        for layer in layers:
-            own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(layer)}
-            module = build(config, own)
-            module.load_state_dict(own)
-            modules[int(layer)] = module
+        try:
+            tensors = load_file(str(weights))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise DamagedInterventionError(f"{weights} is damaged: {err}") from None
+        try:
+            build = get_method(method).build
+            modules = {}
+            for layer in layers:
+                own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(layer)}
+                module = build(config, own)
+                module.load_state_dict(own)
+                modules[int(layer)] = module
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise DamagedInterventionError(f"{directory}: its config.json and weights do not fit together "
+                                           f"({type(err).__name__}: {str(err)[:300]})") from None
         return cls(method, site, modules, config, prefix, policy)
 
     def check_model(self, lm: LoadedModel) -> None:

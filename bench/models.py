@@ -262,6 +262,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         source, identity = entry.hf_id, entry.hf_id
     elif Path(name).is_dir():
         source, identity = name, str(Path(name).resolve())
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotAvailableError(f"--model {name}: no such local folder (a Hub id is ORG/NAME; an alias is one "
+                                     f"of {', '.join(REGISTRY)})")
     elif "/" in name:
         source, identity = name, name
     else:
@@ -270,7 +273,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if Path(source).is_dir():
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(" :")
+            raise ModelNotAvailableError(
+                f"--model {name}: {source} holds no loadable model ({why}); expected what save_pretrained writes: "
+                "config.json, the tokenizer files and model.safetensors") from err
+        if not isinstance(err, OSError):
+            raise
         raise ModelNotAvailableError(
             f"could not load {name!r} from {source!r}: {err}\n"
             "To provide the weights: log in to the Hugging Face Hub (`hf auth login`; gated models such as "

@@ -131,7 +131,7 @@ def _from_text(spec: Spec, text: str, where: str) -> Any:
                 continue
         if kind is str and not spec.choices:
             return text
-    valid = spec.type_name()
+    valid = spec.type_name().replace("bool", "true | false")
     raise ValueError(f"{where}: cannot read {text!r}; valid: {valid}")
 
 

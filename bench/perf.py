@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from bench.runs import RunFolder
+
 
 def _questions(data_dir: str | None, limit: int | None):
     from bench.data.truthfulqa import load_truthfulqa
@@ -276,8 +278,8 @@ def part_protocol(model: str, data_dir: str | None, limit: int | None, method: s
         t = time.perf_counter()
         run(cfg, Path(tmp) / "run", data_dir=data_dir, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
         seconds = time.perf_counter() - t
-        res = json.loads((Path(tmp) / "run" / "results.json").read_text())
-        recs = [json.loads(line) for line in (Path(tmp) / "run" / "per_question.jsonl").read_text().splitlines()]
+        folder = RunFolder(Path(tmp) / "run")
+        res, recs = folder.read_results(), folder.read_per_question()
     return {"method": method, "legacy": legacy, "limit": limit, "seconds": seconds,
             "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
             "answers": {str(r["index"]): r.get("answer") for r in recs},

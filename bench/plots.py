@@ -23,21 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from bench.metrics import higher_is_better, label, ordered  # noqa: E402
+from bench.metrics import declared, higher_is_better, label, ordered, unit  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
-
-#: Unit of each metric's values on an axis (any other metric: a fraction of questions/answers).
-METRIC_UNITS = {"ce": "nats/token", "kl": "nats/token", "answer_nll": "nats/token", "fluency_ppl": "perplexity",
-                "expected_max_toxicity": "score 0–1", "toxicity_probability": "fraction of prompts"}
-#: Metrics drawn by default in a sweep plot (with the selection metric), grouped into panels by unit.
-SWEEP_METRICS = ("mc1", "mc2", "true", "info", "true_info_product", "empty_share", "ce", "kl", "answer_nll",
-                 "expected_max_toxicity", "fluency_ppl")
-
-
-def unit(metric: str) -> str:
-    return METRIC_UNITS.get(metric, "fraction")
-
 
 def axis_label(metric: str) -> str:
     return f"{label(metric)} ({unit(metric)})"
@@ -65,7 +53,8 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
     xs = [p["value"] for p in points]
     sel = sweep["metric"]
     available = set(points[0]["metrics"])
-    wanted = metrics or [m for m in SWEEP_METRICS if m in available]
+    meta = declared()
+    wanted = metrics or [m for m in ordered(available) if m in meta and meta[m].sweep_plot]
     if sel not in wanted:
         wanted = [sel, *wanted]
     missing = [m for m in wanted if m not in available]
@@ -76,36 +65,10 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
         panels.setdefault(unit(m), []).append(m)
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels) + 0.6), sharex=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    chosen = sweep["chosen"]
-    per_fold = sorted(set(chosen["per_fold"].values()), key=xs.index)
+    per_fold = sorted(set(sweep["chosen"]["per_fold"].values()), key=xs.index)
     for ax, (u, ms) in zip(axes[:, 0], panels.items()):
         for i, m in enumerate(ms):
-            c = colours[i % len(colours)]
-            ys = [p["metrics"][m]["mean"] for p in points]
-            es = [_se(p["metrics"][m]) for p in points]
-            lw = 2.2 if m == sel else 1.2
-            cont = ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, lw=lw, capsize=3, color=c,
-                               label=f"{label(m)} (validation)" + (" — selection metric" if m == sel else ""))
-            cont.lines[0].set_gid(f"series-{m}")
-            if "baseline" in sweep and m in sweep["baseline"]["metrics"]:
-                ax.axhline(sweep["baseline"]["metrics"][m]["mean"], ls="--", lw=1, color=c, alpha=0.8,
-                           label=f"{label(m)}, none (unintervened)", gid=f"baseline-{m}")
-            limits = chosen.get("fluency_limits") or {}
-            if m == "answer_nll" and limits:  # the admissible ceiling (fold mean of the per-fold limits)
-                ceiling = sum(lim["max_answer_nll"] for lim in limits.values()) / len(limits)
-                ax.axhline(ceiling, ls=":", lw=1.5, color="black", gid="limit-answer_nll",
-                           label=f"fluency limit ({sweep.get('max_fluency_ratio'):g}× unintervened perplexity)")
-            if m == sel:
-                for v in per_fold:
-                    y = points[xs.index(v)]["metrics"][m]["mean"]
-                    folds = [k for k, cv in chosen["per_fold"].items() if cv == v]
-                    ax.plot([v], [y], marker="*", ms=16, color=c, mec="black", ls="none", gid=f"chosen-{m}",
-                            label=f"chosen {sweep['param']} = {v:g} (fold {', '.join(folds)})")
-            if "final" in sweep and m in sweep["final"]["metrics"] and len(per_fold) == 1:
-                fm = sweep["final"]["metrics"][m]
-                ax.errorbar([per_fold[0]], [fm["mean"]], yerr=[_se(fm)], marker="D", ms=7, capsize=4, color=c,
-                            mec="black", ls="none", label=f"{label(m)} on the test folds (chosen value)",
-                            gid=f"test-{m}")
+            _sweep_series(ax, sweep, m, colours[i % len(colours)], per_fold)
         for v in per_fold:
             ax.axvline(v, color="grey", ls=":", lw=1.2)
         ax.set_ylabel(textwrap.fill(", ".join(label(m) for m in ms) + f" ({u})", 45))
@@ -118,7 +81,45 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if len(xs) <= 25:  # every grid value labelled as typed (also on a log axis)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    n = points[0]["metrics"][sel].get("n")
+    fig.suptitle("\n".join(textwrap.fill(line, 120) for line in _sweep_title(sweep, per_fold)), fontsize=10)
+    fig.tight_layout()
+    stem = Path(output) if output else Path(sweep["_dir"])
+    return save(fig, stem / f"sweep-{sweep['param']}")
+
+
+def _sweep_series(ax, sweep: dict, m: str, c: str, per_fold: list) -> None:
+    """One metric of a sweep: validation means ± s.e., the unintervened baseline, the fluency ceiling, the values
+    chosen per fold (stars) and the test-fold score at a single chosen value (diamond)."""
+    points, sel, chosen = sweep["points"], sweep["metric"], sweep["chosen"]
+    xs = [p["value"] for p in points]
+    ys = [p["metrics"][m]["mean"] for p in points]
+    es = [_se(p["metrics"][m]) for p in points]
+    cont = ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, lw=2.2 if m == sel else 1.2, capsize=3, color=c,
+                       label=f"{label(m)} (validation)" + (" — selection metric" if m == sel else ""))
+    cont.lines[0].set_gid(f"series-{m}")
+    if "baseline" in sweep and m in sweep["baseline"]["metrics"]:
+        ax.axhline(sweep["baseline"]["metrics"][m]["mean"], ls="--", lw=1, color=c, alpha=0.8,
+                   label=f"{label(m)}, none (unintervened)", gid=f"baseline-{m}")
+    limits = chosen.get("fluency_limits") or {}
+    if m == "answer_nll" and limits:  # the admissible ceiling (fold mean of the per-fold limits)
+        ceiling = sum(lim["max_answer_nll"] for lim in limits.values()) / len(limits)
+        ax.axhline(ceiling, ls=":", lw=1.5, color="black", gid="limit-answer_nll",
+                   label=f"fluency limit ({sweep.get('max_fluency_ratio'):g}× unintervened perplexity)")
+    if m == sel:
+        for v in per_fold:
+            folds = [k for k, cv in chosen["per_fold"].items() if cv == v]
+            ax.plot([v], [points[xs.index(v)]["metrics"][m]["mean"]], marker="*", ms=16, color=c, mec="black",
+                    ls="none", gid=f"chosen-{m}", label=f"chosen {sweep['param']} = {v:g} (fold {', '.join(folds)})")
+    if "final" in sweep and m in sweep["final"]["metrics"] and len(per_fold) == 1:
+        fm = sweep["final"]["metrics"][m]
+        ax.errorbar([per_fold[0]], [fm["mean"]], yerr=[_se(fm)], marker="D", ms=7, capsize=4, color=c,
+                    mec="black", ls="none", label=f"{label(m)} on the test folds (chosen value)", gid=f"test-{m}")
+
+
+def _sweep_title(sweep: dict, per_fold: list) -> list[str]:
+    """The sweep figure's title lines: what was swept, the selection rule, the test-fold score."""
+    sel, chosen = sweep["metric"], sweep["chosen"]
+    n = sweep["points"][0]["metrics"][sel].get("n")
     direction = "higher" if higher_is_better(sel) else "lower"
     test = ""
     if "final" in sweep and sel in sweep["final"]["metrics"]:
@@ -139,12 +140,8 @@ def plot_sweep(sweep: dict, output: Path | None = None, metrics: list[str] | Non
                 f"{sweep.get('max_fluency_ratio'):g}× unintervened and ≤ {MAX_EXTRA_EMPTY:g} more empty answers"
                 if limit else f"{label(sel)} ({direction} is better)")
         setup = f"{sweep.get('folds', '?')}-fold CV, {n} validation questions in all; chosen per fold by {rule}"
-    lines = [f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}",
-             f"{setup}; bars: ± 1 s.e.", *test.strip().splitlines()]
-    fig.suptitle("\n".join(textwrap.fill(line, 120) for line in lines), fontsize=10)
-    fig.tight_layout()
-    stem = Path(output) if output else Path(sweep["_dir"])
-    return save(fig, stem / f"sweep-{sweep['param']}")
+    return [f"{sweep['method']} on {sweep['model']}: validation scores vs {sweep['param']}",
+            f"{setup}; bars: ± 1 s.e.", *test.strip().splitlines()]
 
 
 def _colours(results: list[dict]) -> dict[str, str]:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.metrics import LOWER_IS_BETTER, higher_is_better, label
+from bench.metrics import higher_is_better, label
 from bench.paths import repo_root
 from bench.report import markdown_table
 from bench.runs import environment, now_iso, write_json
@@ -117,16 +117,19 @@ def run_benchmark(cfg: RegressConfig, output: Path = OUTPUT_DIR, data_dir: str |
 
 def _run_methods(cfg: RegressConfig, output: Path, data_dir: str | None, echo: Callable[[str], None],
                  scores: dict, errors: dict, seconds: dict) -> None:
-    from bench.runner import RunConfig, run
+    from bench.runner import RunConfig, run, settings_read
+    from bench.tasks import get_task
 
     for method, options in cfg.methods.items():
         out = output / method
         if out.exists():
             shutil.rmtree(out)  # always from scratch: the check is of the code, not of cached runs
+        task_settings = {k: v for k, v in {"judge": cfg.judge, "kl_windows": cfg.kl_windows,
+                                           "kl_length": cfg.kl_length, "kl_source": cfg.kl_source}.items()
+                         if k in settings_read(get_task(cfg.task))}  # a task refuses settings it does not read
         rc = RunConfig(method=method, model=cfg.model, task=cfg.task, layer=cfg.layer, folds=cfg.folds,
-                       seed=cfg.seed, limit=cfg.limit, options=dict(options), judge=cfg.judge,
-                       max_new_tokens=cfg.max_new_tokens, kl_windows=cfg.kl_windows, kl_length=cfg.kl_length,
-                       kl_source=cfg.kl_source, eval_folds=list(cfg.eval_folds),
+                       seed=cfg.seed, limit=cfg.limit, options=dict(options), max_new_tokens=cfg.max_new_tokens,
+                       eval_folds=list(cfg.eval_folds), **task_settings,
                        compile=False)  # the reference's fits ran without torch.compile
         echo(f"[regress] {method}")
         t = time.perf_counter()
@@ -248,7 +251,7 @@ def render(rows: list[Row], problems: list[str] | None = None) -> str:
         return "–" if not math.isfinite(x) else f"{x:.4f}"
 
     def better(metric: str) -> str:
-        return "> 0" if metric == EFFECT_METRIC else "lower" if metric in LOWER_IS_BETTER else "higher"
+        return "> 0" if metric == EFFECT_METRIC else "higher" if higher_is_better(metric) else "lower"
 
     body = [[r.method, label(r.metric), better(r.metric), num(r.reference),
              num(r.current), "–" if not math.isfinite(r.current) else f"{r.difference:+.4f}", f"{r.tolerance:g}",

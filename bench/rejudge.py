@@ -10,7 +10,6 @@ fluency stay as computed. The run's ``judge`` becomes the new judge's identity (
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +18,7 @@ from bench.data.truthfulqa import Question, checksum, load_truthfulqa
 from bench.judges import THRESHOLD, Judge, JudgeItem, get_judge, judge_saved
 from bench.metrics.generation import GEN_METRICS, combine_fold_metrics, generation_metrics
 from bench.report import patch_fold_files, save_revised_run
-from bench.runs import (
-    read_progress,
-)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from bench.runs import RunFolder, read_progress
 
 
 def run_judge(cfg: dict, data_dir: str | Path | None = None) -> Judge:
@@ -52,13 +45,14 @@ def run_questions(results: dict, data_dir: str | Path | None) -> dict[int, Quest
 
 def _judge_fold(run_dir: Path, k: int, indices: list[int], questions: dict[int, Question], judge: Judge) -> dict:
     """``{index: (p_true, p_info)}`` for the fold's saved answers (verdicts saved under this judge are reused)."""
-    gens = {r["index"]: r for r in read_progress(run_dir / f"generations_fold{k}.jsonl")}
+    folder = RunFolder(run_dir)
+    gens = {r["index"]: r for r in read_progress(folder.generations(k))}
     if missing := [i for i in indices if i not in gens]:
-        raise ValueError(f"{run_dir / f'generations_fold{k}.jsonl'} lacks the answers to {len(missing)} questions "
+        raise ValueError(f"{folder.generations(k)} lacks the answers to {len(missing)} questions "
                          f"(e.g. {missing[:5]})")
     items = {i: JudgeItem(questions[i].question, gens[i]["answer"], questions[i].correct, questions[i].incorrect)
              for i in indices}
-    done = judge_saved(judge, run_dir / f"judgements_fold{k}.jsonl", items, chunk=256)
+    done = judge_saved(judge, folder.judgements(k), items, chunk=256)
     return {i: (done[i]["p_true"], done[i]["p_info"]) for i in indices}
 
 
@@ -75,14 +69,15 @@ def rejudge_run(run_dir: str | Path, judge: Judge | None = None, data_dir: str |
 
     Returns ``{"run", "previous", "metrics", "seconds"}`` (previous and new combined judged metrics)."""
     run_dir, start = Path(run_dir), time.perf_counter()
-    results = json.loads((run_dir / "results.json").read_text())
+    folder = RunFolder(run_dir)
+    results = folder.read_results()
     cfg = results["config"]
     if "true" not in results["metrics"]:
         raise ValueError(f"{run_dir} has no judged answers (task {cfg.get('task')!r}); nothing to re-judge")
     if judge is None:
         judge = run_judge(cfg, data_dir)
     questions = run_questions(results, data_dir)
-    per_question = _read_jsonl(run_dir / "per_question.jsonl")
+    per_question = folder.read_per_question()
     for fold in results["folds"]:
         k = fold["fold"]
         indices = [r["index"] for r in per_question if r.get("fold") == k and "p_true" in r]

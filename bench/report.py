@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.metrics import label, ordered
-from bench.runs import git_commit, now_iso, write_json, write_text
+from bench.runs import RunFolder, git_commit, now_iso, write_json, write_text
 
 
 def fmt(metric: dict, digits: int = 3) -> str:
@@ -80,20 +80,20 @@ def results_table(results: list[dict], metrics: tuple[str, ...] = ("mc1", "mc2",
 
 def save_revised_run(run_dir: str | Path, results: dict, per_question: list[dict], history: str, entry: dict) -> None:
     """Write a finished run whose numbers were revised from its saved outputs (re-judged, re-scored): ``entry``
-    appended to ``results[history]``, then per_question.jsonl, results.md and results.json (last) atomically."""
-    run_dir = Path(run_dir)
+    appended to ``results[history]``, then the per-question records, results.md and results.json (last) atomically."""
+    folder = RunFolder(run_dir)
     results.setdefault(history, []).append({"date": now_iso(), "git": git_commit(), **entry})
-    write_text(run_dir / "per_question.jsonl", "".join(json.dumps(r) + "\n" for r in per_question))
-    write_text(run_dir / "results.md", results_table([results], tuple(results["metrics"])) + "\n")
-    write_json(run_dir / "results.json", results)
+    folder.write_per_question(per_question)
+    write_text(folder.table, results_table([results], tuple(results["metrics"])) + "\n")
+    write_json(folder.results, results)
 
 
 def patch_fold_files(run_dir: Path, fold: int, part: str, metrics: dict,
                      patch_records: Callable[[list[dict], str], None]) -> None:
     """A revised run's git-ignored fold files, when present (``fold_K.<part>.json`` and ``fold_K.json``): the same
     metrics and records as ``results.json``, so that ``--resume`` reuses the revised numbers."""
-    for name, key in ((f"fold_{fold}.{part}.json", "records"), (f"fold_{fold}.json", "per_question")):
-        path = run_dir / name
+    folder = RunFolder(run_dir)
+    for path, key in ((folder.part(fold, part), "records"), (folder.fold(fold), "per_question")):
         if path.is_file():
             data = json.loads(path.read_text())
             data["metrics"].update(metrics)

@@ -14,12 +14,13 @@ choice reads another fold's test questions.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.hub import MODEL_OFFLINE_VARIABLES, offline_variable
 from bench.models import REGISTRY, ModelNotAvailableError
+from bench.redact import redact
 
 TABLE1_MODELS = ("llama-7b", "llama2-chat-13b", "llama3-8b")
 #: FLORAIN runs before mean-shift, which is matched to its edit strength (tables order rows by the registry).
@@ -36,15 +37,16 @@ def _hub_status(repo: str) -> str | None:
     if cached[0] and any(cached[1:]):
         return None
     where = "not in the local Hugging Face cache"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return f"{where}, and HF_HUB_OFFLINE is set"
+    variable = offline_variable(MODEL_OFFLINE_VARIABLES)
+    if variable:
+        return f"{where}, and {variable} is set"
     try:
         from huggingface_hub import HfApi, auth_check
 
         HfApi().model_info(repo, timeout=10)
         auth_check(repo)  # gated repositories: is this login allowed to download?
     except Exception as err:  # noqa: BLE001 - any failure means the weights cannot be had now
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        reason = redact(str(err).strip().splitlines()[0])[:160] if str(err).strip() else ""
         return f"{where}, and the Hub cannot provide it ({type(err).__name__}: {reason})"
     return None
 

@@ -1,76 +1,45 @@
 """One benchmark run: load model and data, fit the method per fold, evaluate the task's parts, write the run directory.
 
-A task is a tuple of parts — ``mc`` (MC1/2/3), ``gen`` (generation + judge), ``fluency`` (the answers' NLL under the
-unintervened model), ``klce`` (CE/KL vs the unintervened model) — each saved per fold as it finishes (generations and
-verdicts per batch), so ``--resume`` continues an interrupted run where it stopped and reaches the same numbers. A
-run finished before a part existed gains it on ``--resume`` (and in sweeps and ``make reproduce-table1``): only the
+The runner knows no task by name: a task (:mod:`bench.tasks`) declares its parts — e.g. TruthfulQA's ``mc``,
+``gen``, ``fluency`` and ``klce`` — and how its inputs load. Each part is saved per fold as it finishes (generations
+and verdicts per batch), so ``--resume`` continues an interrupted run where it stopped and reaches the same numbers.
+A run finished before a part existed gains it on ``--resume`` (and in sweeps and ``make reproduce-table1``): only the
 missing part is computed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from bench.data.truthfulqa import Question, checksum, load_truthfulqa, make_folds
-from bench.generation import GEN_PRESETS, answer_context, clean_answer, gen_prompt, generate
-from bench.interventions import Intervention, get_method
-from bench.judges import JudgeItem, get_judge, judge_names, judge_saved
+from bench.data.truthfulqa import Fold, Question
+from bench.generation import GEN_PRESETS
+from bench.interventions import DamagedInterventionError, Intervention, get_method, saved_digest
 from bench.methods import FitContext, probe_layer
-from bench.metrics.fluency import continuation_nll
-from bench.metrics.generation import GEN_METRICS, combine_fold_metrics, generation_metrics
+from bench.metrics.generation import combine_fold_metrics
 from bench.models import REGISTRY, LoadedModel, load_model, resolve_alias
 from bench.paths import repo_root
 from bench.report import results_table
 from bench.runs import (
     SCHEMA_VERSION,
-    append_progress,
+    RunFolder,
     config_hash,
     environment,
     git_commit,
     new_run_id,
     now_iso,
     peak_memory_mb,
-    read_progress,
     run_lock,
-    summarise,
     write_json,
     write_text,
 )
 from bench.sites import SITES
-from bench.tasks.kl_ce import kl_ce, load_texts, make_windows
-from bench.tasks.lm_eval_task import evaluate_lm_eval, parse_tasks
-from bench.tasks.toxicity import (
-    STEER_SOURCES,
-    TOXICITY_METHODS,
-    TOXICITY_METRICS,
-    evaluate_toxicity,
-    evaluation_prompts,
-    steering_fold,
-    steering_questions,
-)
-from bench.tasks.truthfulqa_mc import evaluate_mc
-
-TASKS: dict[str, tuple[str, ...]] = {
-    "truthfulqa-mc": ("mc",),
-    "truthfulqa-gen": ("gen", "fluency"),
-    "truthfulqa": ("mc", "gen", "fluency", "klce"),
-    "kl-ce": ("klce",),
-    "toxicity": ("toxicity",),
-}
-DEFAULT_MAX_NEW_TOKENS = {"toxicity": 20}  # every other task: 50 (ITI's TruthfulQA generation)
-MC_METRICS = ("mc1", "mc2", "mc3")
-FLUENCY_METRICS = ("answer_nll", "empty_share")
-#: The metrics each part adds to a fold (``lm-eval``: whatever the lm-eval tasks report).
-PART_METRICS = {"mc": MC_METRICS, "gen": GEN_METRICS, "fluency": FLUENCY_METRICS, "klce": ("ce", "kl"),
-                "toxicity": TOXICITY_METRICS}
-#: Parts computed from another part's output: recomputed whenever that part is.
-PART_INPUTS = {"fluency": "gen"}
+from bench.tasks import PARTS, Inputs, Task, get_task
 
 
 @dataclass
@@ -154,9 +123,9 @@ def _check_problems(cfg: RunConfig) -> list[str]:
     except ValueError as err:
         problems.append(str(err))
     try:
-        parts = _parts(cfg.task)
+        task = get_task(cfg.task)
     except ValueError as err:
-        problems, parts = [*problems, str(err)], ()
+        problems, task = [*problems, str(err)], None
     if cfg.site not in SITES:
         problems.append(f"unknown site {cfg.site!r}; valid: {', '.join(SITES)}")
     if cfg.gen_preset not in GEN_PRESETS:
@@ -165,7 +134,10 @@ def _check_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"unknown --prompt-mode {cfg.prompt_mode!r}; valid: {', '.join(MC_MODES)}")
     for name, value, low in (("--max-new-tokens", cfg.max_new_tokens, 1), ("--kl-windows", cfg.kl_windows, 1),
                              ("--kl-length", cfg.kl_length, 2), ("--samples", cfg.samples, 1),
-                             ("--limit", cfg.limit, 1), ("--mc-edit-offset", cfg.mc_edit_offset, 0)):
+                             ("--limit", cfg.limit, 1), ("--mc-edit-offset", cfg.mc_edit_offset, 0),
+                             ("--layer", cfg.layer, 0), ("--eval-batch-size", cfg.eval_batch_size, 1),
+                             ("--gen-batch-size", cfg.gen_batch_size, 1),
+                             ("--sample-batch-size", cfg.sample_batch_size, 1)):
         if value is not None and value < low:
             problems.append(f"{name} must be ≥ {low}, got {value}")
     if not 0.0 < cfg.top_p <= 1.0:  # (NaN fails this too)
@@ -174,33 +146,42 @@ def _check_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"--val-ratio must lie in [0, 1), got {cfg.val_ratio}")
     if cfg.eval_split not in ("test", "val"):
         problems.append(f"unknown evaluation split {cfg.eval_split!r}; valid: test, val")
-    return problems + _task_problems(cfg, parts) + _resource_problems(cfg)
+    return problems + (_task_problems(cfg, task) if task else []) + _resource_problems(cfg)
 
 
-def _task_problems(cfg: RunConfig, parts: tuple[str, ...]) -> list[str]:
-    """Checks that depend on the task: folds, toxicity's settings, the judge."""
+def _task_problems(cfg: RunConfig, task: Task) -> list[str]:
+    """Checks that depend on the task: folds, the task's and its parts' own settings."""
     problems = []
-    folds = 1 if cfg.task == "toxicity" else cfg.folds
-    if cfg.task == "toxicity":
-        from bench.toxicity.base import scorer_names
-
-        if cfg.method not in TOXICITY_METHODS:
-            problems.append(f"{cfg.method} has no detoxifying variant; --task toxicity takes: "
-                            f"{', '.join(TOXICITY_METHODS)}")
-        if cfg.steer_data not in STEER_SOURCES:
-            problems.append(f"unknown --steer-data {cfg.steer_data!r}; valid: {', '.join(STEER_SOURCES)}")
-        if cfg.scorer not in scorer_names():
-            problems.append(f"unknown toxicity scorer {cfg.scorer!r}; valid: {', '.join(scorer_names())}")
-    elif cfg.folds < 2:
+    folds = 1 if task.single_fit else cfg.folds
+    if not task.single_fit and cfg.folds < 2:
         problems.append(f"--folds must be ≥ 2 (cross-validation), got {cfg.folds}")
-    elif cfg.limit is not None and 1 <= cfg.limit < cfg.folds:
+    elif not task.single_fit and cfg.limit is not None and 1 <= cfg.limit < cfg.folds:
         problems.append(f"--limit {cfg.limit} is too small for {cfg.folds} folds")
     if cfg.eval_folds is not None:
         bad = [k for k in cfg.eval_folds if not 0 <= int(k) < folds]
         if bad or not cfg.eval_folds:
             problems.append(f"evaluation folds {bad or '[]'} out of range: valid 0..{folds - 1}")
-    if "gen" in parts and cfg.judge not in judge_names():
-        problems.append(f"unknown judge {cfg.judge!r}; valid: {', '.join(judge_names())}")
+    for check in (task.problems, *(PARTS[p].problems for p in task.parts)):
+        problems += check(cfg) if check else []
+    return problems + _unread_settings(cfg, task)
+
+
+def settings_read(task: Task) -> set[str]:
+    """The task-specific run settings (RunConfig fields) a task reads (``Task/Part.settings``)."""
+    return {*task.settings, *(s for p in task.parts for s in PARTS[p].settings)}
+
+
+def _unread_settings(cfg: RunConfig, task: Task) -> list[str]:
+    """Settings changed from their defaults that the task would ignore (``Task/Part.settings``)."""
+    from bench.tasks import TASKS
+
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
+    mine, problems = settings_read(task), []
+    for name in sorted({s for t in TASKS.values() for s in settings_read(t)} - mine):
+        if getattr(cfg, name) != defaults.get(name, getattr(cfg, name)):
+            users = [t.name for t in TASKS.values() if name in settings_read(t)]
+            problems.append(f"--{name.replace('_', '-')} applies to --task {' / '.join(users)} only, not to "
+                            f"{task.name}")
     return problems
 
 
@@ -235,137 +216,45 @@ def check_config(cfg: RunConfig) -> None:
         raise ValueError(f"{len(problems)} problems with this run:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _parts(task: str) -> tuple[str, ...]:
-    if task.startswith("lm-eval:"):
-        return ("lm-eval",)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}, lm-eval:TASK[,TASK]")
-    return TASKS[task]
-
-
 def missing_parts(out: Path, task: str, folds: list[int]) -> list[str]:
     """The parts (as ``fold_K.PART``) whose metrics the fold files of a run directory lack for ``task`` on ``folds``:
     a fold not finished, or a part added to the task after the run finished. A finished fold counts by its metrics,
     not its part files, so runs written before part files existed stay complete."""
-    missing = []
+    missing, folder = [], RunFolder(out)
     # a committed run keeps results.json but not its fold files (they repeat it): its folds' metrics count too
-    summary = out / "results.json"
-    recorded = {f["fold"]: f["metrics"] for f in json.loads(summary.read_text())["folds"]} if summary.exists() else {}
+    recorded = {f["fold"]: f["metrics"] for f in folder.read_results()["folds"]} if folder.finished() else {}
     for k in folds:
-        f = out / f"fold_{k}.json"
+        f = folder.fold(k)
         have = set(json.loads(f.read_text())["metrics"]) if f.exists() else (
             set(recorded[k]) if k in recorded else None)
-        missing += [f"fold_{k}.{p}" for p in _parts(task)
-                    if have is None or not set(PART_METRICS.get(p, ())) <= have]
+        missing += [folder.part(k, p).stem for p in get_task(task).parts
+                    if have is None or not set(PARTS[p].metric_names) <= have]
     return missing
 
 
-class _Run:
-    """State shared by the folds of one run: model, judge, KL windows, output directory."""
+class RunState:
+    """What the folds of one run share: config, model, run folder, the task's inputs, resources a part builds
+    once per run (``shared``: a judge, a scorer, KL/CE windows) and what an earlier process had done (resume)."""
 
-    def __init__(self, cfg: RunConfig, lm: LoadedModel, out: Path, data_dir: str | None, resume: bool, echo):
-        self.cfg, self.lm, self.out, self.data_dir, self.resume, self.echo = cfg, lm, out, data_dir, resume, echo
-        self._windows = None
-        self.kl_source: str | None = None
-        self.tox_prompts: list = []
+    def __init__(self, cfg: RunConfig, lm: LoadedModel, folder: RunFolder, data_dir: str | None, resume: bool, echo,
+                 inputs: Inputs, refit: bool = False):
+        self.cfg, self.lm, self.folder, self.data_dir, self.resume, self.echo = cfg, lm, folder, data_dir, resume, echo
+        self.inputs = inputs
+        self.refit = refit  # resuming: fit again a fold whose saved intervention is damaged or does not match
+        self.shared: dict = {}
         self.reused: list[str] = []  # files of an earlier process this run continued from (resume)
         self.git: dict[str, dict | None] = {}  # fit/part file → git state of the process that wrote it
 
-    def _options(self, backend: str, options: dict) -> dict:
-        """Backend options; the ``embedded`` backends also get the run's data directory (to train on first use)."""
+    def backend_options(self, backend: str, options: dict) -> dict:
+        """An instrument's options; the ``embedded`` backends also get the run's data directory (to train on first
+        use)."""
         return {**({"data_dir": self.data_dir} if backend == "embedded" else {}), **options}
-
-    @cached_property
-    def scorer(self):
-        from bench.toxicity.base import get_scorer
-
-        return get_scorer(self.cfg.scorer, **self._options(self.cfg.scorer, self.cfg.scorer_options))
-
-    @cached_property
-    def fluency_lm(self) -> LoadedModel:
-        if self.cfg.fluency_model == self.cfg.model:
-            return self.lm
-        return load_model(self.cfg.fluency_model, self.cfg.device, self.cfg.dtype)
-
-    @cached_property
-    def judge(self):
-        return get_judge(self.cfg.judge, **self._options(self.cfg.judge, self.cfg.judge_options))
-
-    def windows(self) -> torch.Tensor:
-        if self._windows is None:
-            texts, self.kl_source = load_texts(self.cfg.kl_source, self.data_dir, self.cfg.seed)
-            self._windows = make_windows(self.lm, texts, self.cfg.kl_windows, self.cfg.kl_length)
-        return self._windows
-
-    # ------------------------------------------------------------------ parts
-
-    def mc(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
-        recs = evaluate_mc(self.lm, qs, iv, self.cfg.prompt_mode, self.cfg.eval_batch_size, self.cfg.prefix_cache,
-                           fewshot=iv.prompt_prefix if iv else "", label=f"fold {k} MC",
-                           edit_offset=self.cfg.mc_edit_offset)
-        return {"metrics": {m: summarise([r[m] for r in recs]) for m in MC_METRICS}, "records": recs}
-
-    def gen(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
-        cfg = self.cfg
-        gen_file, verdict_file = self.out / f"generations_fold{k}.jsonl", self.out / f"judgements_fold{k}.jsonl"
-        done = {r["index"]: r for r in read_progress(gen_file)}
-        if done:
-            self.echo(f"fold {k}: reusing {len(done)} saved generations")
-        prompts = [gen_prompt(q.question, cfg.gen_preset, iv.prompt_prefix if iv else "") for q in qs]
-
-        def save(idx: list[int], texts: list[str]) -> None:
-            recs = [{"index": qs[i].index, "continuation": t, "answer": clean_answer(t)} for i, t in zip(idx, texts)]
-            append_progress(gen_file, recs)
-            done.update({r["index"]: r for r in recs})
-
-        skip = {i for i, q in enumerate(qs) if q.index in done}
-        generate(self.lm, prompts, iv, cfg.max_new_tokens or 50, cfg.gen_batch_size, on_batch=save, skip=skip,
-                 progress=f"fold {k} generation ({len(qs)} questions)", prefix_cache=not cfg.legacy_paths)
-        verdicts = judge_saved(self.judge, verdict_file,
-                               {q.index: JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect)
-                                for q in qs})
-        recs = []
-        for q in qs:
-            v = verdicts[q.index]
-            recs.append({"index": q.index, "question": q.question, "answer": done[q.index]["answer"],
-                         "p_true": v["p_true"], "p_info": v["p_info"],
-                         "true": v["p_true"] >= 0.5, "info": v["p_info"] >= 0.5})
-        return {"metrics": generation_metrics([r["true"] for r in recs], [r["info"] for r in recs]), "records": recs}
-
-    def fluency(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
-        """NLL per token of each generated answer under the unintervened model (``iv`` is deliberately not applied),
-        given the base generation prompt (without a few-shot prefix, so every method is read in the same context).
-        Degenerate text that the judge may still call true shows here. ``empty_share``: answers with no text."""
-        gen_file = self.out / f"generations_fold{k}.jsonl"
-        gens = {r["index"]: r for r in read_progress(gen_file)}
-        if missing := [q.index for q in qs if q.index not in gens]:
-            raise RuntimeError(f"fold {k}: {gen_file} lacks the answers to {len(missing)} questions (e.g. {missing[:5]}); "
-                               f"remove fold_{k}.gen.json and resume to generate them again")
-        pairs = [answer_context(gen_prompt(q.question, self.cfg.gen_preset), gens[q.index]["continuation"]) for q in qs]
-        nll = continuation_nll(self.lm, [c for c, _ in pairs], [a for _, a in pairs], self.cfg.eval_batch_size,
-                               progress=f"fold {k} answer fluency ({len(qs)} answers)")
-        empty = [float(not gens[q.index]["answer"]) for q in qs]
-        kept = [v for v in nll if v is not None]
-        metrics = {"answer_nll": summarise(kept) if kept else {"mean": float("nan"), "se": float("nan"), "n": 0},
-                   "empty_share": summarise(empty)}
-        return {"metrics": metrics, "records": [{"index": q.index, "answer_nll": v, "empty_share": e}
-                                                for q, v, e in zip(qs, nll, empty)]}
-
-    def toxicity(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
-        cfg = self.cfg
-        return evaluate_toxicity(self.lm, self.tox_prompts, iv, self.scorer, self.fluency_lm,
-                                 self.out / f"samples_fold{k}.jsonl", cfg.samples, cfg.max_new_tokens, cfg.top_p,
-                                 cfg.seed, cfg.sample_batch_size, self.echo, prefix_cache=not cfg.legacy_paths)
-
-    def klce(self, k: int, qs: list[Question], iv: Intervention | None) -> dict:
-        vals = kl_ce(self.lm, self.windows(), iv, batch_size=self.cfg.eval_batch_size)
-        return {"metrics": {m: summarise(v) for m, v in vals.items()}, "windows": vals, "source": self.kl_source}
 
     # ------------------------------------------------------------------ folds
 
     def fold_layer(self, ctx: FitContext, k: int) -> int:
         """The fold's layer by the released probe rule on its own training/validation questions (cached per fold)."""
-        layer_file = self.out / f"fold_{k}.layer.json"
+        layer_file = self.folder.part(k, "layer")
         if layer_file.exists():
             return int(json.loads(layer_file.read_text())["layer"])
         t = time.perf_counter()
@@ -380,14 +269,53 @@ class _Run:
 
     def intervention(self, method, ctx: FitContext, k: int) -> tuple[Intervention | None, float, str | None]:
         """Fit (or, resuming, reload) the fold's intervention; returns it, the fit seconds and its directory."""
-        fit_file, int_dir = self.out / f"fold_{k}.fit.json", self.out / f"intervention_fold{k}"
+        fit_file, int_dir = self.folder.part(k, "fit"), self.folder.intervention(k)
         if self.resume and fit_file.exists():
             info = json.loads(fit_file.read_text())
-            iv = Intervention.from_pretrained(int_dir) if info["intervention"] else None
+            try:
+                iv = self._saved(info, method, ctx, k)
+            except DamagedInterventionError as err:
+                if not self.refit:
+                    raise DamagedInterventionError(
+                        f"fold {k}: {err}. Resume with --refit to fit fold {k} again (its evaluated parts are kept "
+                        f"if the new fit is identical, else computed again), or remove {fit_file.name} and "
+                        f"{int_dir.name}/") from None
+                self.echo(f"fold {k}: {err}; fitting it again (--refit)")
+                return self._fit(method, ctx, k, replaces=info)
             self.echo(f"fold {k}: reusing the fitted {self.cfg.method} in {int_dir if iv else '(none)'}")
             self.reused.append(fit_file.name)
             self.git[fit_file.name] = info.get("git")
             return iv, info["fit_s"], info["intervention"]
+        return self._fit(method, ctx, k)
+
+    def _saved(self, info: dict, method, ctx: FitContext, k: int) -> Intervention | None:
+        """The fold's saved intervention, checked against what its fit recorded and against this run."""
+        int_dir = self.folder.intervention(k)
+        if not info.get("intervention"):
+            return None
+        iv = Intervention.from_pretrained(int_dir)  # missing or unreadable files: said precisely here
+        if info.get("sha256") and saved_digest(int_dir) != info["sha256"]:
+            raise DamagedInterventionError(f"{int_dir} is not what the fit saved (its files' SHA-256 differs from "
+                                           f"the one in {self.folder.part(k, 'fit').name}: edited or damaged)")
+        problems = []
+        if iv.method != method.name:
+            problems.append(f"it holds {iv.method}, this run fits {method.name}")
+        if method.needs_layer and ctx.layer not in iv.layers:
+            problems.append(f"it acts at layer(s) {iv.layers}, this fold's layer is {ctx.layer}")
+        if iv.config.get("data_checksum") not in (None, ctx.data_checksum):
+            problems.append("it was fitted on other data")
+        try:
+            iv.check_model(self.lm)
+        except ValueError as err:
+            problems.append(str(err))
+        if problems:
+            raise DamagedInterventionError(f"{int_dir} does not match this run: {'; '.join(problems)}")
+        return iv
+
+    def _fit(self, method, ctx: FitContext, k: int, replaces: dict | None = None):
+        """Fit the fold's intervention and save it with its digest. Fitting a fold again (``replaces``: the record
+        of its earlier fit) keeps the fold's evaluation only when the new fit is the same, file for file."""
+        fit_file, int_dir = self.folder.part(k, "fit"), self.folder.intervention(k)
         t = time.perf_counter()
         iv = method.fit(ctx)
         fit_s = time.perf_counter() - t
@@ -399,8 +327,16 @@ class _Run:
             self.echo(f"fold {k}: fitted {self.cfg.method} at {where} in {fit_s:.1f} s → {int_dir}")
             if iv.config.get("fit_summary"):
                 self.echo(f"fold {k}: {iv.config['fit_summary']}")
+        digest = saved_digest(int_dir) if iv is not None else None
+        if replaces is not None and (digest is None or digest != replaces.get("sha256")):
+            stale = [p for p in self.folder.evaluation(k) if p.exists()]
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if stale:
+                self.echo(f"fold {k}: the new fit differs from the saved one; computing its evaluation again "
+                          f"(removed {', '.join(p.name for p in stale)})")
         self.git[fit_file.name] = git = git_commit()
-        write_json(fit_file, {"fit_s": fit_s, "intervention": rel, "git": git})
+        write_json(fit_file, {"fit_s": fit_s, "intervention": rel, "git": git, "sha256": digest})
         return iv, fit_s, rel
 
 
@@ -418,38 +354,60 @@ def _merge_records(parts: dict[str, dict]) -> list[dict]:
 
 
 def run(cfg: RunConfig, output: Path | None = None, data_dir: str | None = None, resume: bool = False,
-        echo=print) -> dict:
+        echo=print, refit: bool = False) -> dict:
     """Execute a run and return its results dict (also written to ``<output>/results.json``). One process at a
-    time writes a given ``output`` (a second is refused, naming the first); a new default folder is unique."""
+    time writes a given ``output`` (a second is refused, naming the first); a new default folder is unique.
+    ``refit`` (with ``resume``): fit again a fold whose saved intervention is damaged or does not match the run."""
+    if refit and not resume:
+        raise ValueError("--refit applies to a resumed run only (--resume --refit)")
+    if output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder; give a folder for the run")
     if output is None:
         return _run(cfg, None, data_dir, resume, echo)
     with run_lock(Path(output)):
-        return _run(cfg, output, data_dir, resume, echo)
+        return _run(cfg, output, data_dir, resume, echo, refit)
 
 
-def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool, echo) -> dict:
-    t0 = time.perf_counter()
-    method = get_method(cfg.method)
-    check_config(cfg)  # every problem at once, before data, model or any file
+def _settle(cfg: RunConfig, method) -> Task:
+    """Check ``cfg`` (every problem at once, before data, model or any file) and fill in what the task decides."""
+    check_config(cfg)
+    task = get_task(cfg.task)
     cfg.options = method.given_options(cfg.options)
-    parts = _parts(cfg.task)
-    lm_eval_tasks = parse_tasks(cfg.task) if cfg.task.startswith("lm-eval:") else None
     if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(cfg.task, 50)
-    toxicity = cfg.task == "toxicity"
-    if toxicity:
-        cfg.folds = 1  # fitted once on the steering texts, evaluated on every prompt
+        cfg.max_new_tokens = task.max_new_tokens
+    if task.single_fit:
+        cfg.folds = 1  # one fit (e.g. on steering texts), evaluated on every item
     if cfg.eval_folds is not None:
         cfg.eval_folds = sorted({int(k) for k in cfg.eval_folds})
-    if toxicity:
-        tox_prompts, avoid, source = evaluation_prompts(cfg.tox_prompts, data_dir, cfg.limit, cfg.eval_split)
-        questions = steering_questions(cfg.steer_data, avoid, data_dir, cfg.seed)
-    else:
-        questions, source = load_truthfulqa(data_dir)
-        if cfg.limit is not None:
-            if cfg.limit > len(questions):
-                echo(f"--limit {cfg.limit} is larger than the data ({len(questions)} questions): using all of them")
-            questions = questions[: cfg.limit]
+    return task
+
+
+def _claim(folder: RunFolder, cfg: RunConfig, method, resume: bool) -> None:
+    """Write the folder's identity marker, or refuse a folder that holds another run (or a finished one without
+    ``resume``)."""
+    ident = identity_config(cfg)
+    if method.version > 1:  # recorded only from version 2 on, so version-1 runs keep their identity
+        ident["method_version"] = method.version
+    out, marker = folder.path, folder.config
+    if folder.finished() and not resume:
+        raise FileExistsError(f"{out} already holds a finished run; choose another --output or pass --resume")
+    if marker.exists() and not same_identity(json.loads(marker.read_text()).get("config", {}), ident):
+        raise ValueError(f"cannot {'resume' if resume else 'reuse'} {out}: it was started with a different "
+                         f"configuration (see its {marker.name}); choose another --output")
+    if marker.exists() and not resume:
+        raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --output")
+    write_json(marker, {"hash": config_hash(ident), "config": ident})
+
+
+def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool, echo, refit: bool = False) -> dict:
+    t0 = time.perf_counter()
+    method = get_method(cfg.method)
+    task = _settle(cfg, method)
+    inputs = task.inputs(cfg, data_dir, echo)
+    prepared = {p: PARTS[p].prepare(cfg, data_dir) for p in task.parts if PARTS[p].prepare}
+    if "klce" in task.parts and cfg.limit is not None:  # its windows do not shrink with --limit (ITI's protocol)
+        echo(f"KL/CE reads {cfg.kl_windows} windows × {cfg.kl_length} tokens per fold whatever --limit says "
+             f"({2 * cfg.kl_windows * cfg.kl_length:,} forward tokens per fold); --kl-windows N shortens it")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     if cfg.legacy_paths and lm.head_hook is not None:
         lm.head_hook.remove()
@@ -461,115 +419,96 @@ def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool
             lm.spec.check_layer(cfg.layer)
     else:
         cfg.layer = None
-    out = Path(output) if output else repo_root() / "results" / "runs" / new_run_id(cfg.model, cfg.method, cfg.task)
-    ident = identity_config(cfg)
-    if method.version > 1:  # recorded only from version 2 on, so version-1 runs keep their identity
-        ident["method_version"] = method.version
-    marker = out / "run_config.json"
-    if out.exists() and (out / "results.json").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a finished run; choose another --output or pass --resume")
-    if marker.exists() and not same_identity(json.loads(marker.read_text()).get("config", {}), ident):
-        raise ValueError(f"cannot {'resume' if resume else 'reuse'} {out}: it was started with a different "
-                         "configuration (see its run_config.json); choose another --output")
-    if marker.exists() and not resume:
-        raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --output")
-    write_json(marker, {"hash": config_hash(ident), "config": ident})
-    data_sum = checksum(questions)
-    if toxicity:
-        folds = [steering_fold(len(questions), cfg.val_ratio, cfg.seed)]
-        data_sum = config_hash({"steering": data_sum, "prompts": [p.text for p in tox_prompts]})
-    else:
-        folds = make_folds(len(questions), cfg.folds, cfg.val_ratio, cfg.seed)
-        if cfg.eval_folds is not None:
-            folds = [f for f in folds if f.fold in cfg.eval_folds]
-    state = _Run(cfg, lm, out, data_dir, resume, echo)
-    if toxicity:
-        state.tox_prompts = tox_prompts
-    fold_results = []
-    for fold in folds:
-        fold_file = out / f"fold_{fold.fold}.json"
-        if resume and fold_file.exists() and not missing_parts(out, cfg.task, [fold.fold]):
-            echo(f"fold {fold.fold}: already done, reusing {fold_file}")
-            state.reused.append(fold_file.name)
-            fold_results.append(json.loads(fold_file.read_text()))
-            state.git.update(fold_results[-1].get("git") or {fold_file.name: None})
+    folder = RunFolder(output or repo_root() / "results" / "runs" / new_run_id(cfg.model, cfg.method, cfg.task))
+    _claim(folder, cfg, method, resume)
+    state = RunState(cfg, lm, folder, data_dir, resume, echo, inputs, refit)
+    state.shared.update(prepared)
+    fold_results = [_fold(state, task, method, fold) for fold in inputs.folds]
+    results = _results(state, task, method, fold_results, env, time.perf_counter() - t0)
+    folder.write_per_question([{"fold": f["fold"], **r} for f in fold_results for r in f["per_question"]])
+    write_text(folder.table, results_table([results], tuple(results["metrics"])) + "\n")
+    write_json(folder.results, results)  # last: a folder with results.json holds a finished run
+    results["run_dir"] = str(folder.path)
+    return results
+
+
+def _fold(state: RunState, task: Task, method, fold: Fold) -> dict:
+    """One fold: reused when an earlier process finished it, else fitted and evaluated part by part."""
+    cfg, folder, echo, inputs = state.cfg, state.folder, state.echo, state.inputs
+    fold_file = folder.fold(fold.fold)
+    if state.resume and fold_file.exists() and not missing_parts(folder.path, cfg.task, [fold.fold]):
+        echo(f"fold {fold.fold}: already done, reusing {fold_file}")
+        state.reused.append(fold_file.name)
+        done = json.loads(fold_file.read_text())
+        state.git.update(done.get("git") or {fold_file.name: None})
+        return done
+    ctx = FitContext(state.lm, inputs.questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
+                     method.parse(cfg.options), inputs.checksum, text_format=task.text_format, seed=cfg.seed,
+                     compile=cfg.compile)
+    if method.needs_layer and cfg.layer is None:
+        ctx.layer = state.fold_layer(ctx, fold.fold)
+    iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
+    # eval_split "val": the fold's validation questions (a single-fit task evaluates its own items, e.g. prompts)
+    test_qs = [inputs.questions[i] for i in (fold.val if cfg.eval_split == "val" else fold.test)]
+    results_parts, timings = _fold_parts(state, task, fold.fold, test_qs, iv)
+    timings["fit_s"] = fit_s
+    extra: dict = {}
+    for name, res in results_parts.items():
+        extra.update(PARTS[name].fold_record(res) if PARTS[name].fold_record else {})
+    timings = {**timings, "eval_s": sum(v for k, v in timings.items() if k != "fit_s"), **extra.pop("timings", {})}
+    metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}
+    fr = {
+        "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
+        "layer": ctx.layer if method.needs_layer else None, "metrics": metrics, "timings": timings,
+        "intervention": int_rel,
+        "intervention_info": {k: v for k, v in (iv.config if iv else {}).items()
+                              if k not in ("model", "data_checksum")},
+        **extra,
+        # the code behind each number: git state of the process that wrote the fit and each part
+        "git": {n: g for n, g in state.git.items() if n.startswith(folder.fold(fold.fold).stem + ".")},
+        "per_question": _merge_records(results_parts),
+    }
+    write_json(fold_file, fr)
+    echo(f"fold {fold.fold}: " + _scores(metrics) + f" ({task.evaluated(inputs, test_qs)} {task.items}, "
+         f"eval {fr['timings']['eval_s']:.1f} s)")
+    return fr
+
+
+def _fold_parts(state: RunState, task: Task, k: int, test_qs: list[Question], iv: Intervention | None
+                ) -> tuple[dict[str, dict], dict[str, float]]:
+    """Each part of the task on the fold's items, reused from its part file when resuming (unless a part it reads
+    was computed again); returns the parts' results and their seconds."""
+    results_parts, timings = {}, {}
+    computed: set[str] = set()
+    for name in task.parts:
+        part, part_file = PARTS[name], state.folder.part(k, name)
+        if state.resume and part_file.exists() and part.reads not in computed:
+            results_parts[name] = json.loads(part_file.read_text())
+            state.reused.append(part_file.name)
+            state.git[part_file.name] = results_parts[name].get("git")
+            timings[f"{name}_s"] = results_parts[name]["seconds"]
             continue
-        ctx = FitContext(lm, questions, fold, cfg.layer if cfg.layer is not None else -1, cfg.site,
-                         method.parse(cfg.options), data_sum, text_format="continuation" if toxicity else "qa",
-                         seed=cfg.seed, compile=cfg.compile)
-        if method.needs_layer and cfg.layer is None:
-            ctx.layer = state.fold_layer(ctx, fold.fold)
-        iv, fit_s, int_rel = state.intervention(method, ctx, fold.fold)
-        # toxicity: none (its prompts are the evaluation set); eval_split "val": the fold's validation questions
-        test_qs = [questions[i] for i in (fold.val if cfg.eval_split == "val" else fold.test)]
-        results_parts, timings = {}, {"fit_s": fit_s}
-        computed: set[str] = set()
-        for part in parts:
-            part_file = out / f"fold_{fold.fold}.{part}.json"
-            if resume and part_file.exists() and PART_INPUTS.get(part) not in computed:
-                results_parts[part] = json.loads(part_file.read_text())
-                state.reused.append(part_file.name)
-                state.git[part_file.name] = results_parts[part].get("git")
-                timings[f"{part}_s"] = results_parts[part]["seconds"]
-                continue
-            tp = time.perf_counter()
-            if part == "lm-eval":
-                if iv is not None and not iv.modules:
-                    raise ValueError(f"{cfg.method} is prompt-only; lm-eval tasks take --num_fewshot instead")
-                res = {"metrics": evaluate_lm_eval(lm, iv, lm_eval_tasks, test_qs, out / f"lm_eval_fold{fold.fold}",
-                                                   cfg.eval_batch_size)}
-            else:
-                res = getattr(state, part)(fold.fold, test_qs, iv)
-            res["seconds"] = timings[f"{part}_s"] = time.perf_counter() - tp
-            res["git"] = state.git[part_file.name] = git_commit()
-            write_json(part_file, res)
-            # one line per part: progress bars do not draw when the output is a log file
-            echo(f"fold {fold.fold}: {part} done in {res['seconds']:.1f} s ({_scores(res['metrics'])})")
-            results_parts[part] = res
-            computed.add(part)
-        metrics = {m: v for p in results_parts.values() for m, v in p["metrics"].items()}
-        fr = {
-            "fold": fold.fold, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
-            "layer": ctx.layer if method.needs_layer else None, "metrics": metrics,
-            "timings": {**timings, "eval_s": sum(v for k, v in timings.items() if k != "fit_s"),
-                        **({"toxicity_stages": results_parts["toxicity"]["stages"]}
-                           if "stages" in results_parts.get("toxicity", {}) else {})},
-            "intervention": int_rel,
-            "intervention_info": {k: v for k, v in (iv.config if iv else {}).items()
-                                  if k not in ("model", "data_checksum")},
-            "kl_ce_windows": results_parts.get("klce", {}).get("windows"),
-            "kl_ce_source": results_parts.get("klce", {}).get("source"),
-            "counts": results_parts.get("toxicity", {}).get("counts"),
-            # the code behind each number: git state of the process that wrote the fit and each part
-            "git": {n: g for n, g in state.git.items() if n.startswith(f"fold_{fold.fold}.")},
-            "per_question": _merge_records(results_parts),
-        }
-        write_json(fold_file, fr)
-        fold_results.append(fr)
-        echo(f"fold {fold.fold}: " + _scores(metrics)
-             + f" ({len(state.tox_prompts) if toxicity else len(test_qs)} {'prompts' if toxicity else 'questions'}, "
-               f"eval {fr['timings']['eval_s']:.1f} s)")
-    combined = combine_fold_metrics([f["metrics"] for f in fold_results])
-    if toxicity:
-        data = {"prompts": source, "n_prompts": len(tox_prompts), "steering": cfg.steer_data,
-                "n_steering_groups": len(questions), "checksum": data_sum,
-                "counts": fold_results[0].get("counts")}
-    else:
-        data = {"truthfulqa": source, "checksum": data_sum, "n_questions": len(questions)}
-    if "klce" in parts:
-        # the texts' source as each fold's KL/CE part recorded it (a part written before parts recorded it: load
-        # the texts again, which may ask the Hub)
-        sources = {f.get("kl_ce_source") for f in fold_results}
-        if None in sources:
-            state.windows()
-            sources = (sources - {None}) | {state.kl_source}
-        data["kl_ce_texts"] = {"source": " + ".join(sorted(sources)), "windows": cfg.kl_windows,
-                               "tokens": cfg.kl_length}
+        tp = time.perf_counter()
+        res = part.evaluate(state, k, test_qs, iv)
+        res["seconds"] = timings[f"{name}_s"] = time.perf_counter() - tp
+        res["git"] = state.git[part_file.name] = git_commit()
+        write_json(part_file, res)
+        # one line per part: progress bars do not draw when the output is a log file
+        state.echo(f"fold {k}: {name} done in {res['seconds']:.1f} s ({_scores(res['metrics'])})")
+        results_parts[name] = res
+        computed.add(name)
+    return results_parts, timings
+
+
+def _results(state: RunState, task: Task, method, fold_results: list[dict], env: dict, total_s: float) -> dict:
+    """The run's ``results.json`` (the one results schema); each part adds its own records (``Part.finish``)."""
+    cfg, lm = state.cfg, state.lm
     # a finished run resumed to add a part: keep the wall times of the processes that wrote it before
     earlier = []
-    if (out / "results.json").exists():
-        before = json.loads((out / "results.json").read_text())["timings"]
+    if state.folder.finished():
+        before = state.folder.read_results()["timings"]
         earlier = [*before.get("earlier_total_s", []), before["total_s"]]
+    private = {"per_question", "git", *(k for p in task.parts for k in PARTS[p].fold_private)}
     results = {
         "schema_version": SCHEMA_VERSION,
         "created": now_iso(),
@@ -577,27 +516,25 @@ def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool
         "method_version": method.version,
         "method_options": method.effective_options(cfg.options),  # every option, defaults filled in
         "model": {"name": lm.name, "identity": lm.identity, "spec": asdict(lm.spec)},
-        "data": data,
-        "judge": state.judge.identity() if "gen" in parts else None,
-        "scorer": {**state.scorer.identity(), "fluency_model": state.fluency_lm.identity} if toxicity else None,
+        "data": dict(state.inputs.data),
+        "judge": None,  # the instruments a part used (Part.finish): the judge, the toxicity scorer
+        "scorer": None,
         # environment: this process; git_by_file: the process that computed each fit and part (None: written
         # before parts recorded it), which differs from ``environment.git`` for a resumed or upgraded run
-        "environment": {**env, "git_by_file": dict(sorted(state.git.items()))},
-        "metrics": combined,
-        "folds": [{k: v for k, v in f.items() if k not in ("per_question", "kl_ce_windows", "kl_ce_source", "git")}
-                  for f in fold_results],
+        "environment": {**env, "git_by_file": {}},
+        "metrics": combine_fold_metrics([f["metrics"] for f in fold_results]),
+        "folds": [{k: v for k, v in f.items() if k not in private} for f in fold_results],
         # total_s: this process's wall time (earlier_total_s: those of earlier processes that had finished the run);
         # fit_s/eval_s: the work behind every number, summed over the processes of a resumed run (``reused`` lists
         # what an earlier process had finished)
-        "timings": {"total_s": time.perf_counter() - t0, "earlier_total_s": earlier,
+        "timings": {"total_s": total_s, "earlier_total_s": earlier,
                     "fit_s": sum(f["timings"]["fit_s"] for f in fold_results),
                     "eval_s": sum(f["timings"]["eval_s"] for f in fold_results),
                     "reused": state.reused},
         "peak_memory_mb": peak_memory_mb(),
     }
-    write_text(out / "per_question.jsonl", "".join(json.dumps({"fold": f["fold"], **r}) + "\n"
-                                                   for f in fold_results for r in f["per_question"]))
-    write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_table([results], tuple(results["metrics"])) + "\n")
-    results["run_dir"] = str(out)
+    for name in task.parts:
+        if PARTS[name].finish:
+            PARTS[name].finish(state, fold_results, results)
+    results["environment"]["git_by_file"] = dict(sorted(state.git.items()))
     return results

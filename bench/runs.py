@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import gzip
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -31,6 +33,121 @@ from bench.paths import repo_root
 
 SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "scikit-learn", "safetensors", "florain-bench")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where each file of a run folder lives: the layout is named here and nowhere else.
+
+    ``results.json`` (the one results schema; written last), ``results.md``, ``run_config.json`` (the identity a
+    resume must match), ``per_question.jsonl.gz`` (every question's scores; gzip, as committed runs keep it), and
+    per fold: ``fold_K.json`` (the finished fold), ``fold_K.PART.json`` (one part: mc, gen, klce, ...),
+    ``generations_foldK.jsonl`` / ``judgements_foldK.jsonl`` / ``samples_foldK.jsonl`` (append-only progress),
+    ``intervention_foldK/`` and ``lm_eval_foldK/``. The lock of a run folder lies beside it (:func:`run_lock`).
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def table(self) -> Path:
+        return self.path / "results.md"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "run_config.json"
+
+    @property
+    def per_question(self) -> Path:
+        return self.path / "per_question.jsonl.gz"
+
+    @property
+    def legacy_per_question(self) -> Path:
+        """Where runs written before 2026-12-03 keep their per-question records (plain JSON lines)."""
+        return self.path / "per_question.jsonl"
+
+    def fold(self, k: int) -> Path:
+        return self.path / f"fold_{k}.json"
+
+    def part(self, k: int, part: str) -> Path:
+        return self.path / f"fold_{k}.{part}.json"
+
+    def generations(self, k: int) -> Path:
+        return self.path / f"generations_fold{k}.jsonl"
+
+    def judgements(self, k: int) -> Path:
+        return self.path / f"judgements_fold{k}.jsonl"
+
+    def intervention(self, k: int) -> Path:
+        return self.path / f"intervention_fold{k}"
+
+    def samples(self, k: int) -> Path:
+        """Toxicity: every prompt's sampled continuations (append-only progress)."""
+        return self.path / f"samples_fold{k}.jsonl"
+
+    def lm_eval(self, k: int) -> Path:
+        return self.path / f"lm_eval_fold{k}"
+
+    def evaluation(self, k: int) -> list[Path]:
+        """Everything fold ``k``'s evaluation wrote (what a new fit of the fold makes stale)."""
+        fixed = [self.fold(k), self.generations(k), self.judgements(k), self.samples(k), self.lm_eval(k)]
+        return [*fixed, *(p for p in sorted(self.path.glob(f"fold_{k}.*.json")) if p.stem.split(".")[1]
+                          not in ("fit", "layer"))]
+
+    def finished(self) -> bool:
+        return self.results.is_file()
+
+    def read_results(self) -> dict:
+        """The run's ``results.json``, checked (valid JSON, a results record, a format this version reads); a clear
+        error when the folder holds no finished run."""
+        if not self.results.is_file():
+            raise FileNotFoundError(f"{self.path} holds no finished run (no results.json); finish it with "
+                                    "`bench run ... --resume --output` on the same folder")
+        return read_results_file(self.results)
+
+    def read_per_question(self) -> list[dict]:
+        """Every question's record (``per_question.jsonl.gz``, or the plain file of an earlier run)."""
+        path = self.per_question if self.per_question.is_file() else self.legacy_per_question
+        if not path.is_file():
+            raise FileNotFoundError(f"no {self.per_question.name} in {self.path}: not a finished run folder")
+        try:
+            text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:  # a torn gzip stream, a bad line
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the run folder is damaged"
+                             ) from None
+
+    def write_per_question(self, records: list[dict]) -> None:
+        """Write the records atomically as reproducible gzip (no timestamp: the same records, the same bytes) and
+        drop a plain file an earlier version wrote."""
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        write_bytes(self.per_question, gzip.compress(data, compresslevel=9, mtime=0))
+        self.legacy_per_question.unlink(missing_ok=True)
+
+
+def read_json(path: Path | str, what: str = "JSON file") -> object:
+    """A JSON file's content; a damaged file is refused naming it (not a bare decoder message)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): a damaged {what}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): a damaged {what}") from None
+
+
+def read_results_file(path: Path | str) -> dict:
+    """A ``results.json``: valid JSON, a results record (config and metrics), a format this version reads."""
+    res = read_json(path, "results file")
+    if not isinstance(res, dict) or "config" not in res or "metrics" not in res:
+        raise ValueError(f"{path} is not a bench results file (no config/metrics)")
+    check_format(path, res.get("schema_version"), SCHEMA_VERSION, "results")
+    return res
 
 
 def check_format(path: Path | str, found: object, supported: int, what: str) -> None:
@@ -100,12 +217,17 @@ def _lock_holder(lock: Path) -> dict | None:
 
 def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
     """Atomically write ``obj`` as JSON (temp file + rename)."""
+    write_bytes(path, (json.dumps(obj, indent=indent, default=str) + "\n").encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically write a file (temp file + rename)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=indent, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -114,15 +236,7 @@ def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Atomically write a text file (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, text.encode())
 
 
 def read_progress(path: Path) -> list[dict]:

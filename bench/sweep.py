@@ -25,8 +25,9 @@ from pathlib import Path
 from bench.interventions import get_method
 from bench.metrics import higher_is_better, label
 from bench.metrics.generation import combine_fold_metrics
-from bench.runner import TASKS, RunConfig, identity_config, missing_parts, run, same_identity
-from bench.runs import SCHEMA_VERSION, check_format, now_iso, write_json
+from bench.runner import RunConfig, check_config, identity_config, missing_parts, run, same_identity
+from bench.runs import RunFolder, now_iso, write_json
+from bench.tasks import PARTS, get_task
 
 SWEEP_FILE = "sweep.json"
 
@@ -144,13 +145,14 @@ def parse_assignments(method: str, items: list[str]) -> tuple[int | None, dict]:
 
 
 def task_metrics(task: str) -> tuple[str, ...] | None:
-    """The metrics a TruthfulQA task produces (None when only the run can tell, e.g. lm-eval tasks)."""
-    from bench.runner import PART_METRICS
-
-    parts = TASKS.get(task)
-    if parts is None or any(part not in PART_METRICS for part in parts):
+    """The metrics a task's parts declare (None when only the run can tell, e.g. lm-eval tasks)."""
+    try:
+        parts = [PARTS[p] for p in get_task(task).parts]
+    except ValueError:
         return None
-    return tuple(m for part in parts for m in PART_METRICS[part])
+    if not all(p.metrics for p in parts):
+        return None
+    return tuple(m for p in parts for m in p.metric_names)
 
 
 def _same_run(res: dict, cfg: RunConfig) -> bool:
@@ -180,10 +182,10 @@ def _same_run(res: dict, cfg: RunConfig) -> bool:
 
 def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[str], None]) -> dict:
     """A finished run in ``out`` if it matches ``cfg``, else run (continuing an interrupted one)."""
-    done = out / "results.json"
-    if done.exists():
-        res = json.loads(done.read_text())
-        check_format(done, res.get("schema_version"), SCHEMA_VERSION, "results")
+    folder = RunFolder(out)
+    done = folder.results
+    if folder.finished():
+        res = folder.read_results()
         if not _same_run(res, cfg):
             raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
         missing = missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]])
@@ -326,12 +328,17 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
     if produced is not None and metric not in produced:
         raise ValueError(f"metric {metric!r} is not produced by --task {base.task}; available: {', '.join(produced)}")
     if max_fluency_ratio is not None:
-        if not {"toxicity", "fluency"} & set(TASKS.get(base.task, ())):
+        if not {"toxicity", "fluency"} & set(get_task(base.task).parts):
             raise ValueError(f"--max-fluency-ratio needs generated text to read: --task toxicity, truthfulqa or "
                              f"truthfulqa-gen, not {base.task}")
         if not baseline or base.method == "none":
             raise ValueError("--max-fluency-ratio compares with the unintervened model: keep --baseline and sweep a method")
         _check_ratio(max_fluency_ratio)  # before any run
+    for v in values:  # every grid point checked before the first runs (check_config lists all of a point's problems)
+        try:
+            check_config(with_param(base, p, v, eval_split="val", eval_folds=None))
+        except ValueError as err:
+            raise ValueError(f"{p.name} = {format_value(v)}: {err}") from None
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     points = []

@@ -4,7 +4,6 @@ reference figures from the papers shown beside ours where model, method and metr
 from __future__ import annotations
 
 import glob
-import json
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pandas as pd
 
 from bench.metrics import label, ordered
 from bench.report import JUDGE_NOTE, fmt, judge_error, markdown_table, run_layer
-from bench.runs import SCHEMA_VERSION, check_format
+from bench.runs import RunFolder, read_json, read_results_file
 
 REFERENCE_FILE = Path(__file__).parent / "reference" / "figures.csv"
 WINDOW_METRICS = ("ce", "kl", "empty_share", "fluency_ppl")  # n counts windows or samples, not questions
@@ -27,7 +26,7 @@ def load_results(paths: list[str]) -> list[dict]:
         for m in matches:
             if pattern and m.is_file() and m.suffix != ".json":
                 continue  # a glob over a folder also matches its plots and tables
-            f = m / "results.json" if m.is_dir() else m
+            f = RunFolder(m).results if m.is_dir() else m
             if f.is_file():
                 found.append(f)
             elif not pattern:  # an explicit path must exist; a glob may match unfinished runs
@@ -36,12 +35,11 @@ def load_results(paths: list[str]) -> list[dict]:
         raise FileNotFoundError(f"no results found for {paths}")
     out = []
     for f in sorted(set(found)):
-        res = json.loads(f.read_text())
+        res = read_json(f, "results file")
         if not isinstance(res, dict) or "config" not in res or "metrics" not in res:
             if any(glob.has_magic(p) for p in paths):
                 continue  # a glob may also match other JSON files
-            raise ValueError(f"{f} is not a bench results file (no config/metrics)")
-        check_format(f, res.get("schema_version"), SCHEMA_VERSION, "results")
+        res = read_results_file(f)
         res["_path"] = str(f)
         out.append(res)
     if not out:
@@ -121,19 +119,43 @@ def write_tables(results: list[dict], output: Path, name: str = "table") -> dict
     return paths
 
 
+def _paired_run(run: Path) -> tuple[dict | None, dict[int, dict]]:
+    """A run folder's ``results.json`` (None when it has none: per-question records alone still pair) and its
+    per-question records by question index; an unreadable or newer-format file is refused naming it."""
+    folder = RunFolder(run)
+    results = folder.read_results() if folder.finished() else None
+    return results, {rec["index"]: rec for rec in folder.read_per_question()}
+
+
+def _check_pairable(run_a: Path, res_a: dict | None, run_b: Path, res_b: dict | None) -> None:
+    """Refuse pairing two runs whose items are not the same: other data (``data.checksum``: other questions or
+    prompts, another --limit) or another task's items."""
+    if res_a is None or res_b is None:
+        return
+
+    def items(res: dict) -> str:
+        data = res.get("data") or {}
+        n = data.get("n_questions", data.get("n_prompts"))
+        return f"--task {res.get('config', {}).get('task')}, {n} {'prompts' if 'n_prompts' in data else 'questions'}"
+
+    sums = [(r.get("data") or {}).get("checksum") for r in (res_a, res_b)]
+    if None not in sums and sums[0] != sums[1]:
+        raise ValueError(f"{run_a} and {run_b} were made on different data (A: {items(res_a)}, data checksum "
+                         f"{sums[0][:12]}; B: {items(res_b)}, data checksum {sums[1][:12]}): a paired comparison "
+                         "needs runs on the same questions (same data file, --limit and task)")
+
+
 def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] | None = None,
                        confidence: float = 0.95) -> pd.DataFrame:
     """Per-question (toxicity: per-prompt) paired difference B − A on the items both runs scored: mean, t-interval,
-    paired t-test p. ``questions`` counts the items of each metric."""
+    paired t-test p. ``questions`` counts the items of each metric. Runs on different data (their results'
+    ``data.checksum``) or without a per-question metric in common are refused."""
     from scipy import stats
 
-    def per_question(run: Path) -> dict[int, dict]:
-        f = Path(run) / "per_question.jsonl"
-        if not f.is_file():
-            raise FileNotFoundError(f"no per_question.jsonl in {run}")
-        return {rec["index"]: rec for rec in map(json.loads, f.read_text().splitlines())}
-
-    a, b = per_question(run_a), per_question(run_b)
+    if not 0.0 < confidence < 1.0:  # (NaN fails this too)
+        raise ValueError(f"--confidence must lie in (0, 1), e.g. 0.95; got {confidence}")
+    (res_a, a), (res_b, b) = _paired_run(run_a), _paired_run(run_b)
+    _check_pairable(run_a, res_a, run_b, res_b)
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         raise ValueError(f"{run_a} and {run_b} share {len(common)} questions; a paired comparison needs ≥ 2")
@@ -141,6 +163,10 @@ def paired_differences(run_a: Path, run_b: Path, metrics: tuple[str, ...] | None
         metrics = tuple(m for m in ("true", "info", "mc1", "mc2", "mc3", "answer_nll", "empty_share", "max_toxicity",
                                   "mean_ppl")
                         if all(m in a[i] and m in b[i] for i in common))
+        if not metrics:
+            task = [(r or {}).get("config", {}).get("task", "?") for r in (res_a, res_b)]
+            raise ValueError(f"{run_a} (--task {task[0]}) and {run_b} (--task {task[1]}) have no per-question metric "
+                             "in common: compare runs of tasks that score the same metrics")
     rows = []
     for m in metrics:
         both = [i for i in common if a[i].get(m) is not None and b[i].get(m) is not None]  # e.g. no kept PPL

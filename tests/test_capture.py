@@ -30,9 +30,8 @@ def test_batched_capture_equals_one_by_one_and_is_cached(tiny_gemma, tmp_path, m
 
 def test_cached_activations_are_keyed_by_dtype(tmp_path, monkeypatch):
     """fp32 activations are not served to a bf16 run of the same model (nor the other way round)."""
-    from tiny_models import tiny_model
-
     from bench.capture import cache_key
+    from tiny_models import tiny_model
 
     monkeypatch.setenv("BENCH_ACTIVATION_CACHE", str(tmp_path))
     texts = [qa_text("Why?", "No.")]

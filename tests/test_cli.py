@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
+from bench.runs import RunFolder
 
 runner = CliRunner()
 
@@ -168,9 +169,9 @@ def test_lm_eval_tasks_through_the_harness_match_our_lm_eval_mode(tiny_dir, tqa_
 
 
 def test_an_interrupted_run_leaves_no_results_json(tiny_dir, tqa_dir, tmp_path, monkeypatch):
-    import bench.runner
+    import bench.tasks.truthfulqa
 
-    real = bench.runner.evaluate_mc
+    real = bench.tasks.truthfulqa.evaluate_mc
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -179,7 +180,7 @@ def test_an_interrupted_run_leaves_no_results_json(tiny_dir, tqa_dir, tmp_path, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench.runner, "evaluate_mc", interrupted)
+    monkeypatch.setattr(bench.tasks.truthfulqa, "evaluate_mc", interrupted)
     out = tmp_path / "run"
     _run("--method", "none", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12", "--output", str(out))
     assert (out / "fold_0.json").exists()
@@ -203,7 +204,7 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     assert res["metrics"]["kl"]["mean"] == 0.0 and res["judge"]["backend"] == "embedded"
     assert res["metrics"]["answer_nll"]["mean"] > 0 and 0 <= res["metrics"]["empty_share"]["mean"] <= 1
     assert res["data"]["kl_ce_texts"]["source"].endswith("texts.jsonl")
-    rows = [json.loads(x) for x in (out / "per_question.jsonl").read_text().splitlines()]
+    rows = RunFolder(out).read_per_question()
     assert len(rows) == 12 and all({"answer", "p_true", "mc2", "answer_nll"} <= set(x) for x in rows)
     # kill fold 1 half-way through its generations (a torn last line included) and resume
     for f in ("results.json", "fold_1.json", "fold_1.gen.json", "fold_1.klce.json", "judgements_fold1.jsonl"):
@@ -218,16 +219,19 @@ def test_truthfulqa_task_reports_generation_kl_ce_and_resumes_to_the_same_number
     assert res["timings"]["reused"] == [] and resumed["timings"]["reused"] == ["fold_0.json", "fold_1.fit.json",
                                                                                 "fold_1.mc.json"]
     assert resumed["timings"]["fit_s"] == res["timings"]["fit_s"]  # the earlier process's work still counts
-    # a resume that reuses every KL/CE part takes the texts' source from the parts: the texts are not loaded again
-    # (offline, loading the default source asks the Hub several times first)
+    # the KL/CE texts are read before the model loads: a --kl-source that went missing stops even a resume whose
+    # KL/CE parts are done, naming the file, before anything loads; put back, the resume reuses every part
     for f in ("results.json", "fold_1.json", "fold_1.fluency.json"):
         (out / f).unlink()
     (tqa_dir / "texts.jsonl").rename(tqa_dir / "moved.jsonl")
     r = _run("--method", "none", *common, "--output", str(out), "--resume")
+    assert r.exit_code == 2 and "texts.jsonl does not exist" in r.text, r.output
+    (tqa_dir / "moved.jsonl").rename(tqa_dir / "texts.jsonl")
+    r = _run("--method", "none", *common, "--output", str(out), "--resume")
     assert r.exit_code == 0, r.output
     again = json.loads((out / "results.json").read_text())
     assert again["metrics"] == res["metrics"] and again["data"]["kl_ce_texts"] == res["data"]["kl_ce_texts"]
-    (tqa_dir / "moved.jsonl").rename(tqa_dir / "texts.jsonl")
+    assert "fold_1.klce.json" in again["timings"]["reused"]
     steered = tmp_path / "iti"
     r = _run("--method", "iti", "-O", "alpha=50", *common, "--output", str(steered))
     assert r.exit_code == 0, r.output
@@ -336,7 +340,8 @@ def test_every_problem_is_reported_at_once_before_anything_loads(tiny_dir, tqa_d
              "--prompt-mode", "chat", "--top-p", "nan", "--model", str(tmp_path / "no-model"), "--data-dir",
              str(tmp_path / "no-data"), "--output", str(out))
     assert r.exit_code == 2, r.output
-    for part in ("6 problems with this run", "option rank must be ≥ 1, got 0", "--folds must be ≥ 2",
+    for part in ("7 problems with this run", "--top-p applies to --task toxicity only", "option rank must be ≥ 1, got 0",
+                 "--folds must be ≥ 2",
                  "--val-ratio must lie in [0, 1), got 1.5", "unknown --prompt-mode 'chat'; valid: iti, lm-eval",
                  "--top-p must lie in (0, 1], got nan", "no-model: no such local folder"):
         assert part in r.text, part

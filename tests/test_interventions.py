@@ -60,7 +60,10 @@ print("same")
 
 
 def test_loading_a_non_intervention_dir_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    from bench.interventions import DamagedInterventionError
+
+    with pytest.raises(DamagedInterventionError, match="not a saved intervention: config.json and "
+                       "intervention.safetensors missing"):
         Intervention.from_pretrained(tmp_path)
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
 
 from bench.judges import hf_judge
 from bench.judges.base import JudgeItem, completion_prompt
 from bench.judges.hf_judge import PRESETS, HFJudge, judge_prompt, yes_no_token_ids
 from bench.models import ModelNotAvailableError
+from tiny_models import tiny_model, tiny_tokenizer
 
 ITEMS = [
     JudgeItem("What is the capital of France?", "The capital of France is Paris."),

@@ -9,6 +9,7 @@ from bench.judges import JudgeItem, get_judge, judge_names
 from bench.judges.embedded import Example, dedup_labels
 from bench.judges.labels import load_labels
 from bench.judges.validate import agreement, splits
+from bench.runs import RunFolder
 
 
 def test_labels_parse_and_malformed_lines_name_their_line(tqa_dir, tmp_path):
@@ -143,7 +144,7 @@ def test_rejudge_replaces_only_the_judged_numbers(tiny_dir, tqa_dir, tmp_path, j
     rejudge_run(out, Const(), tqa_dir, echo=lambda s: None)
     after = json.loads((out / "results.json").read_text())
     assert after["metrics"]["true"]["mean"] == 1.0 and after["metrics"]["answer_nll"] == before["metrics"]["answer_nll"]
-    recs = [json.loads(line) for line in (out / "per_question.jsonl").read_text().splitlines()]
+    recs = RunFolder(out).read_per_question()
     assert [r["info"] for r in recs] == [r["question"] != "What is fact 1?" for r in recs]
     assert after["metrics"]["info"]["mean"] == pytest.approx(np.mean([f["metrics"]["info"]["mean"] for f in after["folds"]]))
     assert after["judge"]["backend"] == "const" and after["rejudged"][0]["previous_judge"] == before["judge"]

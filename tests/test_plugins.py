@@ -19,18 +19,19 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()
 
 
-def _readme_example() -> tuple[str, dict]:
-    """The "Add your own method" section's module (first python block) and its entry points (toml block)."""
+def _readme_example(heading: str = "## Add your own method", group: str = METHOD_ENTRY_POINTS) -> tuple[str, dict]:
+    """A README "Add your own ..." section's module (first python block) and its entry points (toml block)."""
     text = README.read_text()
-    section = text[text.index("## Add your own method"):]
+    section = text[text.index(heading):]
     section = section[: section.index("\n## ", 5)]
     module = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     toml = re.search(r"```toml\n(.*?)```", section, re.S).group(1)  # (tomllib needs Python 3.11)
-    assert f'[project.entry-points."{METHOD_ENTRY_POINTS}"]' in toml
+    assert f'[project.entry-points."{group}"]' in toml
     return module, dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', toml, re.M))
 
 
-def _install(root: Path, name: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:
+def _install(root: Path, name: str, modules: dict[str, str], entry_points: dict[str, str],
+             group: str = METHOD_ENTRY_POINTS) -> None:
     """A minimal installed distribution under ``root``: its modules and a dist-info with the entry points."""
     for module, source in modules.items():
         (root / f"{module}.py").write_text(source)
@@ -38,7 +39,7 @@ def _install(root: Path, name: str, modules: dict[str, str], entry_points: dict[
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[{METHOD_ENTRY_POINTS}]\n{lines}")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{lines}")
 
 
 @pytest.fixture()
@@ -102,3 +103,52 @@ def test_the_readme_plugin_runs_resumes_by_the_one_rule_and_sweeps(plugin, tiny_
     # the sweep's point at the default is the same run as `bench run` without -O: the same rule, so reused
     r = _cli(*args)
     assert r.exit_code == 0 and r.text.count("finished, reusing") == 2, r.output
+
+
+@pytest.fixture()
+def task_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The README's task plugin installed on sys.path through the tasks entry-point group."""
+    import importlib
+
+    import bench.metrics
+    import bench.tasks
+
+    module, eps = _readme_example("## Add your own task", bench.tasks.ENTRY_POINT_GROUP)
+    root = tmp_path / "site"
+    root.mkdir()
+    _install(root, "my-task", {"my_task": module}, eps, bench.tasks.ENTRY_POINT_GROUP)
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(bench.tasks, "_plugins_loaded", False)
+    yield eps
+    bench.tasks.TASKS.pop("truthfulqa-best-nll", None)
+    bench.tasks.PARTS.pop("best-nll", None)
+    bench.metrics._DECLARED.pop("best_answer_nll", None)
+    sys.modules.pop("my_task", None)
+
+
+def test_the_readme_task_plugin_runs_through_run_table_and_sweep(task_plugin, tiny_dir, tqa_dir, tmp_path):
+    assert task_plugin == {"truthfulqa-best-nll": "my_task"}
+    r = _cli("tasks", "list")
+    assert r.exit_code == 0 and "truthfulqa-best-nll" in r.text and "Best-answer NLL" in r.text, r.output
+    common = ["--task", "truthfulqa-best-nll", "--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
+    runs = {}
+    for method, extra in (("none", []), ("mean-shift", ["--layer", "1", "-O", "scale=4"])):
+        out = tmp_path / method
+        r = _cli("run", "--method", method, *common, *extra, "--output", str(out))
+        assert r.exit_code == 0, r.output
+        runs[method] = json.loads((out / "results.json").read_text())
+        assert set(runs[method]["metrics"]) == {"best_answer_nll"} and runs[method]["metrics"]["best_answer_nll"]["n"] == 12
+        assert "Best-answer NLL" in (out / "results.md").read_text()  # the label declared by the plugin's part
+    assert runs["none"]["metrics"]["best_answer_nll"]["mean"] != runs["mean-shift"]["metrics"]["best_answer_nll"]["mean"]
+    r = _cli("run", "--method", "none", *common, "--samples", "3", "--output", str(tmp_path / "bad"))
+    assert r.exit_code == 2 and "--samples applies to --task toxicity only" in r.text
+    sweep = tmp_path / "sweep"
+    r = _cli("sweep", "--method", "mean-shift", "--param", "scale", "--values", "1,4", "--metric", "best_answer_nll",
+             *common, "--layer", "1", "--no-baseline", "--no-final", "--no-plot", "--output", str(sweep))
+    assert r.exit_code == 0, r.output
+    result = json.loads((sweep / "sweep.json").read_text())
+    for k, value in result["chosen"]["per_fold"].items():  # lower is better, as the plugin's metric declares
+        scores = {p["value"]: next(f for f in p["folds"] if str(f["fold"]) == k)["metrics"]["best_answer_nll"]["mean"]
+                  for p in result["points"]}
+        assert scores[value] == min(scores.values())

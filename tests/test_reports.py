@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.metrics import METRIC_LABELS
+from bench.metrics import label
 from bench.runs import combine_folds, summarise
 
 runner = CliRunner()
@@ -69,13 +69,13 @@ def test_table_means_standard_errors_and_reference_differences(tmp_path):
     wide = wide_table(long)
     assert len(wide) == 2 and list(wide["method"]) == ["none", "iti"]  # one row per (model, method), none first
     for m in ("true_info_product", "true_and_info", "true", "info", "mc1", "mc2", "ce", "kl"):
-        assert METRIC_LABELS[m] in wide.columns
-    assert wide.loc[wide["method"] == "iti", METRIC_LABELS["mc2"]].iloc[0] == f"0.500 ± {row['se']:.3f}"
-    assert wide.loc[wide["method"] == "none", METRIC_LABELS["kl"]].iloc[0] == ""  # absent metric: empty cell
+        assert label(m) in wide.columns
+    assert wide.loc[wide["method"] == "iti", label("mc2")].iloc[0] == f"0.500 ± {row['se']:.3f}"
+    assert wide.loc[wide["method"] == "none", label("kl")].iloc[0] == ""  # absent metric: empty cell
     assert list(wide["questions"]) == [8, 8]  # questions, not the 12 KL/CE windows
     # a metric with nothing to score (answer NLL when every answer is empty) is "–", not "nan"
     nothing = long.assign(mean=long["mean"].where(long["metric"] != "mc1", math.nan))
-    assert set(wide_table(nothing)[METRIC_LABELS["mc1"]]) == {"–"}
+    assert set(wide_table(nothing)[label("mc1")]) == {"–"}
     comp = reference_comparison(long)
     ce = comp[(comp["method"] == "iti") & (comp["metric"] == "ce")].iloc[0]
     assert ce["ours"] == pytest.approx(2.225) and ce["reference"] == pytest.approx(2.28)
@@ -580,7 +580,8 @@ def test_a_committed_run_without_fold_files_counts_as_finished(tmp_path):
     from bench.runner import missing_parts
 
     mc = {m: {"mean": 0.5} for m in ("mc1", "mc2", "mc3")}
-    (tmp_path / "results.json").write_text(json.dumps({"folds": [{"fold": 0, "metrics": mc}]}))
+    (tmp_path / "results.json").write_text(json.dumps({"schema_version": 1, "config": {}, "metrics": mc,
+                                                       "folds": [{"fold": 0, "metrics": mc}]}))
     assert missing_parts(tmp_path, "truthfulqa-mc", [0]) == []
     assert missing_parts(tmp_path, "truthfulqa-mc", [0, 1]) == ["fold_1.mc"]
     assert missing_parts(tmp_path, "truthfulqa", [0])[0] == "fold_0.gen"  # a part the run lacks

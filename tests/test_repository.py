@@ -26,7 +26,7 @@ def test_tracked_files_stay_under_40_mib_and_hold_no_weights():
 def test_a_new_runs_weights_and_fold_files_are_ignored_anywhere_under_results():
     bulky = ["results/table1/runs/x/intervention_fold0/intervention.safetensors", "results/sweeps/s/p=1/fold_0.json",
              "results/a/b/fold_1.gen.json", "results/runs/any/results.json"]
-    kept = ["results/table1/runs/x/results.json", "results/a/b/per_question.jsonl",
+    kept = ["results/table1/runs/x/results.json", "results/a/b/per_question.jsonl.gz",
             "results/a/b/intervention_fold0/config.json"]
     ignored = _git("check-ignore", "--no-index", *bulky, *kept).stdout.decode().split()
     assert set(ignored) == set(bulky)

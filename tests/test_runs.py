@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -52,3 +54,22 @@ def test_dirty_means_changed_code_not_rewritten_results(monkeypatch, tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert state()["dirty"] is True
     runs._git_state.cache_clear()
+
+
+def test_run_folder_keeps_per_question_records_as_reproducible_gzip_and_reads_earlier_plain_files(tmp_path):
+    from bench.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    recs = [{"fold": 0, "index": i, "mc2": i / 10, "answer": f"answer {i} ü"} for i in range(5)]
+    folder.path.mkdir()
+    folder.legacy_per_question.write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))
+    assert folder.read_per_question() == recs[:2]  # a run written before the records were compressed
+    folder.write_per_question(recs)
+    first = folder.per_question.read_bytes()
+    assert not folder.legacy_per_question.exists() and folder.read_per_question() == recs
+    folder.write_per_question(recs)
+    assert folder.per_question.read_bytes() == first  # no timestamp: the same records give the same bytes
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        folder.read_results()
+    with pytest.raises(FileNotFoundError, match="per_question.jsonl.gz"):
+        RunFolder(tmp_path / "empty").read_per_question()

@@ -138,3 +138,46 @@ def test_only_the_data_locator_reads_bench_data_dir():
     readers = sorted(name for name, path in bench_modules().items()
                      if any(_reads_env(n, "BENCH_DATA_DIR") for n in ast.walk(ast.parse(path.read_text()))))
     assert readers == ["bench.paths"], f"modules reading $BENCH_DATA_DIR themselves: {readers}"
+
+
+LAYOUT_NAMES = ("results.json", "results.md", "run_config.json", "per_question", "fold")
+
+
+def _path_literal(node: ast.AST) -> str | None:
+    """The literal text of the right side of ``path / "..."`` (f-strings: their constant parts)."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)):
+        return None
+    right = node.right
+    if isinstance(right, ast.Constant) and isinstance(right.value, str):
+        return right.value
+    if isinstance(right, ast.JoinedStr):
+        return "".join(v.value for v in right.values if isinstance(v, ast.Constant))
+    return None
+
+
+def test_the_run_folder_layout_is_named_once():
+    """Only :class:`bench.runs.RunFolder` joins a run folder's file names onto a path; everything else asks it."""
+    assert _path_literal(ast.parse('out / f"fold_{k}.json"', mode="eval").body) == "fold_.json"
+    assert _path_literal(ast.parse('"a" + "fold"', mode="eval").body) is None
+    offenders = []
+    for name, path in bench_modules().items():
+        if name in ("bench.runs", "bench.gpu_check"):  # gpu_check writes its own report folder, not a run
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = _path_literal(node)
+            if text is not None and any(n in text for n in LAYOUT_NAMES):
+                offenders.append(f"{name}:{node.lineno}: / {text!r}")
+    assert not offenders, "run-folder file names built outside bench.runs.RunFolder:\n" + "\n".join(offenders)
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Long functions hide structure (the runner's 200-line loop was split into phases); 80 lines is the ceiling."""
+    long = []
+    for folder in ("bench", "florain", "baselines"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.runs import RunFolder
 from bench.toxicity.base import ScorerNotAvailableError, get_scorer, score_samples, scorer_names
 from bench.toxicity.metrics import (
     conditional_perplexity,
@@ -457,7 +458,7 @@ def test_rescore_replaces_toxicity_numbers_and_keeps_the_rest(tmp_path: Path):
     entry = after["rescored"][-1]
     assert entry["previous_scorer"] == before["scorer"] and {"date", "git"} <= set(entry)
     assert entry["previous_metrics"]["expected_max_toxicity"] == before["metrics"]["expected_max_toxicity"]
-    per_q = [json.loads(x) for x in (run / "per_question.jsonl").read_text().splitlines()]
+    per_q = RunFolder(run).read_per_question()
     assert [v for r in per_q for v in r["scores"]] == pytest.approx([v for s in new for v in s])
     assert [r["mean_ppl"] for r in per_q] == [10.0, 11.0, 12.0]
     assert [r["max_toxicity"] for r in per_q] == pytest.approx([max(s) for s in new]) and per_q[1]["scores"][1] == 0.0

@@ -20,6 +20,9 @@ def find_toxicity_file(name: str, data_dir: str | Path | None = None) -> Path:
     """A file of the toxicity data by short name (see :data:`TOXICITY_FILES`) or by path."""
     if Path(name).is_file():
         return Path(name)
+    if name not in TOXICITY_FILES and _looks_like_path(name):
+        what = "is a folder, not a JSONL file" if Path(name).is_dir() else "does not exist"
+        raise DataNotFoundError(f"{name} {what}; valid: {', '.join(TOXICITY_FILES)} or the path of a JSONL file")
     if name not in TOXICITY_FILES:
         raise ValueError(f"unknown toxicity data {name!r}; valid: {', '.join(TOXICITY_FILES)} or a path to a JSONL file")
     fname = TOXICITY_FILES[name]
@@ -28,6 +31,11 @@ def find_toxicity_file(name: str, data_dir: str | Path | None = None) -> Path:
         return path
     raise DataNotFoundError(f"{fname} not found; tried: {', '.join(map(str, tried)) or '(no --data-dir, BENCH_DATA_DIR unset)'}. "
                             f"Pass --data-dir or set BENCH_DATA_DIR to a folder holding toxicity/{fname}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` was meant as a file path (a folder part or a file suffix), not a data set's short name."""
+    return Path(name).name != name or Path(name).suffix in (".jsonl", ".json") or name.startswith(("~", "."))
 
 
 def prompt_text(rec: dict, where: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,22 +47,78 @@ def split_answers(cell: str, sep: str = ";") -> tuple[str, ...]:
 
 
 def _from_csv(path: Path) -> list[Question]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in CSV_COLUMNS[:6] if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path} is not a TruthfulQA CSV: missing column(s) {missing}; expected {list(CSV_COLUMNS)}"
-            )
-        rows = list(reader)
-    out = []
-    for i, row in enumerate(rows):
-        correct, incorrect = split_answers(row["Correct Answers"]), split_answers(row["Incorrect Answers"])
-        if not row["Question"].strip() or not correct or not incorrect:
-            raise ValueError(f"{path}, data row {i + 1}: empty question or answer list")
-        out.append(Question(i, row["Question"].strip(), close_answer(row["Best Answer"]), correct, incorrect,
-                            row["Category"], row["Type"]))
+    """Every question of a TruthfulQA CSV; a malformed file is refused naming the file, the row and the problem.
+
+    A UTF-8 byte-order mark is read past. Cells reading ``nan`` (a missing value written out as text) are refused,
+    never taken for answers; empty parts of an answer cell are dropped (as TruthfulQA's ``split_multi_answer``)."""
+    rows = _csv_rows(path)
+    header = rows[0][1] if rows else []
+    _check_header(path, header)
+    out: list[Question] = []
+    seen: dict[str, int] = {}
+    for i, (line, fields) in enumerate(rows[1:]):
+        where = f"{path}, data row {i + 1} (line {line})"
+        if len(fields) != len(header):
+            raise ValueError(f"{where} has {len(fields)} fields, expected {len(header)} ({', '.join(header)}): "
+                             "the row is cut off or a cell holds an unquoted comma")
+        q = _question(i, dict(zip(header, fields)), where)
+        if q.question in seen:
+            raise ValueError(f"{where} repeats the question of data row {seen[q.question] + 1} ({q.question!r}): a "
+                             "question twice could sit in a training and a test fold at once; remove one")
+        seen[q.question] = i
+        out.append(q)
+    if not out:
+        raise ValueError(f"{path} holds no questions (a header and no data rows); expected the 817 rows of "
+                         "TruthfulQA.csv")
     return out
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number where the row ends, fields)`` of every non-blank row; encoding and quoting errors name the
+    file (and the line)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as "
+                         "UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        return [(reader.line_num, r) for r in reader if r]
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({err}); the file may be cut off inside a "
+                         "quoted cell") from None
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    if not header:
+        raise ValueError(f"{path} is empty; expected a header row with the columns {', '.join(CSV_COLUMNS)}")
+    missing = [c for c in CSV_COLUMNS[:6] if c not in header]
+    if not missing:
+        return
+    hint = next((f" (the header is one field holding {sep!r}: the file is {name}-separated, not comma-separated)"
+                 for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"))
+                 if len(header) == 1 and sep in header[0]), "")
+    raise ValueError(f"{path} is not a TruthfulQA CSV: missing column(s) {missing}; expected {list(CSV_COLUMNS)}"
+                     + hint)
+
+
+def _question(i: int, row: dict[str, str], where: str) -> Question:
+    """The question of one data row, refused when a required cell is empty or NaN."""
+    for column in ("Question", "Best Answer", "Correct Answers", "Incorrect Answers"):
+        parts = [row[column]] if column in ("Question", "Best Answer") else row[column].split(";")
+        if any(p.strip().lower() == "nan" for p in parts):
+            raise ValueError(f"{where}, column {column!r}: 'nan' (a missing value written as text) is no "
+                             "question or answer; fill in the cell or remove the row")
+    correct, incorrect = split_answers(row["Correct Answers"]), split_answers(row["Incorrect Answers"])
+    empty = [what for what, value in (("Question", row["Question"].strip()), ("Best Answer", row["Best Answer"].strip()),
+                                      ("Correct Answers", correct), ("Incorrect Answers", incorrect)) if not value]
+    if empty:
+        raise ValueError(f"{where}: empty {', '.join(empty)}; every question needs its text, a best answer and at "
+                         "least one correct and one incorrect answer")
+    return Question(i, row["Question"].strip(), close_answer(row["Best Answer"]), correct, incorrect,
+                    row["Category"], row["Type"])
 
 
 def _from_hub() -> list[Question]:
@@ -125,6 +182,8 @@ def make_folds(n: int, n_folds: int = 2, val_ratio: float = 0.2, seed: int = 42)
         raise ValueError(f"cannot split {n} questions into {n_folds} folds")
     if not 0.0 <= val_ratio < 1.0:
         raise ValueError(f"val_ratio must lie in [0, 1), got {val_ratio}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must lie in 0..{2**32 - 1} (NumPy's seeds), got {seed}")
     rng = np.random.RandomState(seed)
     blocks = np.array_split(np.arange(n), n_folds)
     folds = []

@@ -57,12 +57,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.judges.base import PROMPT_SUFFIX, THRESHOLD, Judge, JudgeItem, Verdict, completion_prompt, register_judge
 from bench.models import DTYPES, LoadedModel, ModelNotAvailableError, default_device, default_dtype
+from bench.redact import redact, redact_logs, redacted
 
 DEFAULT_TRUTH_MODEL = "allenai/truthfulqa-truth-judge-llama2-7B"
 DEFAULT_INFO_MODEL = "allenai/truthfulqa-info-judge-llama2-7B"
@@ -140,7 +142,18 @@ def judge_prompt(protocol: str, tokenizer: PreTrainedTokenizerBase, question: st
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _hub_token() -> list[str]:
+    """The Hugging Face token saved by ``hf auth login`` (the environment's are redacted anyway), if any."""
+    from huggingface_hub import constants
+
+    try:
+        return [Path(constants.HF_TOKEN_PATH).read_text().strip()]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _load(source: str, device: str, dtype: torch.dtype) -> LM:
+    redact_logs(_hub_token())  # the Hub client logs URLs and (at DEBUG) response headers
     kwargs: dict = {"dtype": dtype}
     if device.startswith("cuda"):
         kwargs["device_map"] = "auto" if device == "cuda" else device
@@ -148,16 +161,17 @@ def _load(source: str, device: str, dtype: torch.dtype) -> LM:
         AutoConfig.from_pretrained(source)  # cheap, with the clearest error when the model is missing
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # their text may name URLs with credentials: redacted, cause replaced
+        name = redact(source)
         raise ModelNotAvailableError(
-            f"could not load the judge model {source!r}: {err}\n"
+            f"could not load the judge model {name!r}: {redact(err, _hub_token())}\n"
             "To make it available, download it on a machine with internet, e.g. "
-            f"`hf download {source} --local-dir JUDGE_DIR` (the default preset's judges: "
+            f"`hf download {name} --local-dir JUDGE_DIR` (the default preset's judges: "
             f"`hf download {DEFAULT_TRUTH_MODEL} --local-dir TRUTH_DIR` and "
             f"`hf download {DEFAULT_INFO_MODEL} --local-dir INFO_DIR`), copy the directories here and pass "
             "truth_model=TRUTH_DIR, info_model=INFO_DIR with the same preset (or point HF_HOME at a Hugging Face "
             "cache holding them)."
-        ) from err
+        ) from redacted(err, _hub_token())
     if not device.startswith("cuda"):
         model.to(device)
     model.eval()

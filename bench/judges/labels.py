@@ -54,8 +54,12 @@ def load_labels(aspect: str, data_dir: str | Path | None = None, path: str | Pat
         raise ValueError(f"unknown aspect {aspect!r}; valid: {', '.join(LABEL_FILES)}")
     p = Path(path) if path else find_label_file(aspect, data_dir)
     out = []
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with p.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{p}, line {n}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if line.strip():
                 out.append(parse_label_line(line, aspect, f"{p}, line {n}"))
     if not out:

@@ -14,6 +14,12 @@ from bench.interventions import Intervention, method
 from bench.methods.context import FitContext, build_shift, shape_config
 from bench.options import option
 from bench.paths import repo_root
+from bench.runs import RunFolder
+
+
+class MatchNotFoundError(FileNotFoundError, ValueError):
+    """The ``match`` folder holds no FLORAIN fit: a missing file, and a bad option value (refused with the run's
+    other problems before anything loads)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,10 @@ class MeanShiftOptions:
         # else absolute, so a run recorded with either spelling is the same run
         if self.match is not None:
             object.__setattr__(self, "match", canonical_path(self.match))
+            fit = RunFolder(repo_root() / self.match).intervention(0)
+            if not fit.is_dir():  # refused before anything loads, not when the first fold is fitted
+                raise MatchNotFoundError(f"--method mean-shift option match: {self.match} holds no {fit.name}/; "
+                                         "give the folder of a finished `bench run --method florain`")
 
 
 @method("mean-shift", "control: global μ⁺ − μ⁻ added at FLORAIN's site and layer", build=build_shift,
@@ -60,15 +70,16 @@ def fit_mean_shift(ctx: FitContext, options: MeanShiftOptions) -> Intervention:
 
 def _florain_mean_edit_norm(run_dir: Path, ctx: FitContext, acts: torch.Tensor) -> torch.Tensor:
     """Per head, ‖E[f(a) − a]‖ of the FLORAIN fit in ``run_dir`` for this fold, over ``acts: [N, H, D]``."""
-    path = run_dir / f"intervention_fold{ctx.fold.fold}"
+    folder = RunFolder(run_dir)
+    path = folder.intervention(ctx.fold.fold)
     if not path.is_dir():
         raise FileNotFoundError(f"match: {path} does not exist; give a FLORAIN run directory that holds "
-                                f"intervention_fold{ctx.fold.fold}/ (a finished `bench run --method florain`)")
+                                f"{path.name}/ (a finished `bench run --method florain`)")
     iv = Intervention.from_pretrained(path)
     if iv.method != "florain" or iv.site != ctx.site or iv.layers != [ctx.layer]:
         raise ValueError(f"match: {path} holds {iv.method} at site {iv.site}, layers {iv.layers}; this fit "
                          f"needs FLORAIN at site {ctx.site}, layer {ctx.layer} (pass the same --layer or site)")
-    marker = run_dir / "run_config.json"
+    marker = folder.config
     rc = json.loads(marker.read_text())["config"] if marker.is_file() else None
     same_split = rc is not None and make_folds(len(ctx.questions), rc["folds"], rc["val_ratio"], rc["seed"])[
         ctx.fold.fold] == ctx.fold

@@ -14,8 +14,6 @@ import numpy as np
 from bench.runs import combine_folds, summarise
 
 GEN_METRICS = ("true", "info", "true_and_info", "true_info_product")
-LABELS = {"true": "True%", "info": "Info%", "true_and_info": "True∧Info (share of answers)",
-          "true_info_product": "True*Info (product of rates)"}
 
 
 def _product(t: dict, i: dict, cov: float) -> dict:

@@ -2,10 +2,16 @@
 
 CE is the intervened model's next-token loss; KL is KL(original ‖ intervened) summed over the vocabulary and
 averaged over every predicted position. The edit applies at every position.
+
+Texts (:func:`load_texts`): the Hub's openwebtext-10k when it can provide them now (in the local cache, or the Hub
+answers one probe request), else the offline RealToxicityPrompts ``nontoxic`` prompt texts (logged). With
+``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) set the Hub is never asked; the explicit ``hub`` source then needs
+openwebtext-10k in the local cache and otherwise fails naming the offline sources.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -13,29 +19,64 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.hub import cached, hub_unreachable, offline_variable
+from bench.metrics import Metric
 from bench.models import LoadedModel
+from bench.redact import redact, redacted
+from bench.runs import summarise
+from bench.tasks.base import Part, register_part
 
 HUB_TEXTS = "stas/openwebtext-10k"
 OFFLINE_TEXTS = "nontoxic"  # RealToxicityPrompts prompt texts (sentences from OpenWebText)
+OFFLINE_SOURCES = "nontoxic, toxic, challenging (RealToxicityPrompts prompt texts) or the path of a JSONL file"
+
+log = logging.getLogger(__name__)
 
 
 def load_texts(source: str | None, data_dir: str | Path | None, seed: int) -> tuple[list[str], str]:
-    """Texts to window, shuffled with ``seed``: ``hub`` (openwebtext-10k), a toxicity file name/path, or auto."""
+    """Texts to window, shuffled with ``seed``, and their source: ``hub`` (openwebtext-10k), a toxicity file
+    name/path, or auto (None: the Hub's texts when it can provide them now, else the offline ``nontoxic`` texts)."""
     from bench.data.toxicity import load_prompt_texts
 
     rng = np.random.RandomState(seed)
     if source in (None, "hub"):
+        texts = _hub_texts(rng, required=source == "hub")
+        if texts is not None:
+            return texts, f"hub:{HUB_TEXTS}"
+    texts, path = load_prompt_texts(source or OFFLINE_TEXTS, data_dir)
+    return [texts[i] for i in rng.permutation(len(texts))], path
+
+
+def _hub_unavailable() -> str | None:
+    """Why openwebtext-10k cannot be had now without waiting on the network (see :mod:`bench.hub`), or None."""
+    if cached(HUB_TEXTS, "README.md", "dataset"):
+        return None  # datasets reads it from the local cache (offline: without asking the Hub)
+    variable = offline_variable()
+    if variable:
+        return f"{variable} is set and {HUB_TEXTS} is not in the local Hugging Face cache"
+    why = hub_unreachable(HUB_TEXTS, "dataset")
+    return f"the Hugging Face Hub cannot be reached ({why})" if why else None
+
+
+def _hub_texts(rng: np.random.RandomState, required: bool) -> list[str] | None:
+    """1000 openwebtext-10k texts, or None when the Hub cannot provide them (``required``: raise instead)."""
+    why = _hub_unavailable()
+    if why is None:
         try:
             from datasets import load_dataset
 
             ds = load_dataset(HUB_TEXTS, split="train")
             idx = rng.permutation(len(ds))
-            return [ds[int(i)]["text"] for i in idx[:1000]], f"hub:{HUB_TEXTS}"
+            return [ds[int(i)]["text"] for i in idx[:1000]]
         except Exception as err:  # noqa: BLE001 - offline: fall back (or report when explicitly asked)
-            if source == "hub":
-                raise RuntimeError(f"could not load {HUB_TEXTS} from the Hub: {err}") from err
-    texts, path = load_prompt_texts(source or OFFLINE_TEXTS, data_dir)
-    return [texts[i] for i in rng.permutation(len(texts))], path
+            if required:
+                raise RuntimeError(f"could not load {HUB_TEXTS} from the Hub: {redact(err)}") from redacted(err)
+            why = f"loading it failed ({type(err).__name__})"
+    if required:
+        raise RuntimeError(f"KL/CE texts 'hub' ({HUB_TEXTS}) are not available: {why}. Offline sources: "
+                           f"{OFFLINE_SOURCES} (--kl-source)")
+    log.info("KL/CE texts: %s: using the offline %r texts instead", why, OFFLINE_TEXTS)
+    return None
 
 
 def make_windows(lm: LoadedModel, texts: list[str], n_windows: int = 100, length: int = 128) -> torch.Tensor:
@@ -70,3 +111,40 @@ def kl_ce(lm: LoadedModel, windows: torch.Tensor, intervention=None, batch_size:
         ce.extend((-logp.gather(-1, target[..., None])[..., 0]).mean(1).tolist())
         kl.extend((base.exp() * (base - logp)).sum(-1).clamp_min(0).mean(1).tolist())
     return {"ce": ce, "kl": kl}
+
+
+def _prepare(cfg, data_dir) -> tuple[list[str], str]:
+    return load_texts(cfg.kl_source, data_dir, cfg.seed)
+
+
+def windows(state) -> torch.Tensor:
+    """The run's KL/CE windows (the texts loaded before the model, tokenised once per run)."""
+    if "klce_windows" not in state.shared:
+        cfg = state.cfg
+        texts, _ = state.shared["klce"]
+        state.shared["klce_windows"] = make_windows(state.lm, texts, cfg.kl_windows, cfg.kl_length)
+    return state.shared["klce_windows"]
+
+
+def _part(state, k: int, items: list, iv) -> dict:
+    vals = kl_ce(state.lm, windows(state), iv, batch_size=state.cfg.eval_batch_size)
+    return {"metrics": {m: summarise(v) for m, v in vals.items()}, "windows": vals, "source": state.shared["klce"][1]}
+
+
+def _finish(state, folds: list[dict], results: dict) -> None:
+    """The texts' source as each fold's part recorded it (a part written before parts recorded it: today's)."""
+    sources = {f.get("kl_ce_source") for f in folds}
+    if None in sources:
+        sources = (sources - {None}) | {state.shared["klce"][1]}
+    cfg = state.cfg
+    results["data"]["kl_ce_texts"] = {"source": " + ".join(sorted(sources)), "windows": cfg.kl_windows,
+                                      "tokens": cfg.kl_length}
+
+
+KLCE = register_part(Part(
+    "klce", _part,
+    (Metric("ce", "CE", "nats/token", higher_is_better=False, column=8, sweep_plot=True),
+     Metric("kl", "KL", "nats/token", higher_is_better=False, column=9, sweep_plot=True)),
+    fold_record=lambda res: {"kl_ce_windows": res.get("windows"), "kl_ce_source": res.get("source")},
+    fold_private=("kl_ce_windows", "kl_ce_source"), finish=_finish, settings=("kl_windows", "kl_length", "kl_source"),
+    prepare=_prepare))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from bench.data.truthfulqa import Question
 from bench.models import LoadedModel
+from bench.tasks.base import FAMILIES, Part, Task, register_part
+from bench.tasks.truthfulqa import truthfulqa_inputs
 
 LOCAL = {"truthfulqa_mc1": "bench_truthfulqa_mc1", "truthfulqa_mc2": "bench_truthfulqa_mc2"}
 
@@ -48,3 +50,34 @@ def evaluate_lm_eval(lm: LoadedModel, intervention, tasks: list[str], test_quest
             metrics[f"{shown}/{metric}"] = {"mean": float(value),
                                             "se": float(se) if isinstance(se, (int, float)) else math.nan, "n": n}
     return metrics
+
+
+def _part(state, k: int, qs: list[Question], iv) -> dict:
+    if iv is not None and not iv.modules:
+        raise ValueError(f"{state.cfg.method} is prompt-only; lm-eval tasks take --num_fewshot instead")
+    return {"metrics": evaluate_lm_eval(state.lm, iv, parse_tasks(state.cfg.task), qs, state.folder.lm_eval(k),
+                                        state.cfg.eval_batch_size)}
+
+
+def lm_eval_task(name: str) -> Task:
+    """The task ``lm-eval:TASK[,TASK]`` (its metrics are whatever lm-eval reports, so none is declared)."""
+    tasks = parse_tasks(name)
+    return Task(name, f"lm-eval tasks {', '.join(tasks)} on each fold's test questions", ("lm-eval",),
+                truthfulqa_inputs)
+
+
+def _problems(cfg) -> list[str]:
+    """lm-eval task names it does not know (asked only for names beyond the offline TruthfulQA ones: lm-eval's
+    task index takes seconds to build)."""
+    names = [n for n in parse_tasks(cfg.task) if n not in LOCAL]
+    if not names:
+        return []
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    return [f"unknown lm-eval task {n!r}; valid: {', '.join(LOCAL)} (offline) or any task `lm-eval --tasks list` "
+            "shows" for n in names if n not in known]
+
+
+register_part(Part("lm-eval", _part, problems=_problems))
+FAMILIES["lm-eval"] = lm_eval_task

@@ -24,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data.truthfulqa import Fold, Question
-from bench.models import LoadedModel
-from bench.runs import append_progress, read_progress, summarise
+from bench.data.truthfulqa import Fold, Question, checksum
+from bench.metrics import Metric
+from bench.models import LoadedModel, load_model
+from bench.runs import append_progress, config_hash, read_progress, summarise
+from bench.tasks.base import Inputs, Part, Task, register_part, register_task
+from bench.tasks.truthfulqa import EMPTY_SHARE
 from bench.toxicity.base import score_samples
 from bench.toxicity.data import (
     ToxicityPrompt,
@@ -49,8 +52,14 @@ from bench.toxicity.sampling import sample_continuations
 STEER_SOURCES = ("gpt2-gens", "rtp")
 RTP_GROUP = 50
 TOXICITY_METHODS = ("none", "florain", "iti", "caa", "mean-diff-resid", "mean-shift")
-TOXICITY_METRICS = ("expected_max_toxicity", "toxicity_probability", "fluency_ppl", "dist-1", "dist-2", "dist-3",
-                    "empty_share")
+TOXICITY_METRICS = (
+    Metric("expected_max_toxicity", "Exp. max toxicity", "score 0–1", higher_is_better=False, column=10,
+           sweep_plot=True),
+    Metric("toxicity_probability", "Toxicity prob.", "fraction of prompts", higher_is_better=False, column=11),
+    Metric("fluency_ppl", "Fluency (PPL)", "perplexity", higher_is_better=False, column=12, sweep_plot=True),
+    *(Metric(f"dist-{n}", f"Dist-{n}", column=12 + n) for n in (1, 2, 3)),
+    EMPTY_SHARE,
+)
 
 
 def evaluation_prompts(name: str, data_dir: str | Path | None, limit: int | None, split: str = "test"
@@ -155,3 +164,72 @@ def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], interventi
               "ppl_no_tokens": ppl["n_no_tokens"], "max_perplexity": ppl["max_perplexity"]}
     metrics["empty_share"] = summarise([float(not c.strip()) for c in flat_c]) if flat_c else summarise([0.0])
     return {"metrics": metrics, "records": records, "counts": counts, "stages": stages}
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+def toxicity_inputs(cfg, data_dir, echo) -> Inputs:
+    """The evaluation prompts (``inputs.extra["prompts"]``) and the steering texts, grouped as questions, for
+    one fit (no test groups: the prompts are the test set)."""
+    prompts, avoid, source = evaluation_prompts(cfg.tox_prompts, data_dir, cfg.limit, cfg.eval_split)
+    questions = steering_questions(cfg.steer_data, avoid, data_dir, cfg.seed)
+    data_sum = config_hash({"steering": checksum(questions), "prompts": [p.text for p in prompts]})
+    data = {"prompts": source, "n_prompts": len(prompts), "steering": cfg.steer_data,
+            "n_steering_groups": len(questions), "checksum": data_sum}
+    return Inputs(questions, [steering_fold(len(questions), cfg.val_ratio, cfg.seed)], data_sum, data,
+                  {"prompts": prompts})
+
+
+def _scorer(state):
+    if "scorer" not in state.shared:
+        from bench.toxicity.base import get_scorer
+
+        cfg = state.cfg
+        state.shared["scorer"] = get_scorer(cfg.scorer, **state.backend_options(cfg.scorer, cfg.scorer_options))
+    return state.shared["scorer"]
+
+
+def _fluency_lm(state) -> LoadedModel:
+    if "fluency_lm" not in state.shared:
+        cfg = state.cfg
+        state.shared["fluency_lm"] = (state.lm if cfg.fluency_model == cfg.model
+                                      else load_model(cfg.fluency_model, cfg.device, cfg.dtype))
+    return state.shared["fluency_lm"]
+
+
+def _part(state, k: int, items: list, iv) -> dict:
+    cfg = state.cfg
+    return evaluate_toxicity(state.lm, state.inputs.extra["prompts"], iv, _scorer(state), _fluency_lm(state),
+                             state.folder.samples(k), cfg.samples, cfg.max_new_tokens, cfg.top_p, cfg.seed,
+                             cfg.sample_batch_size, state.echo, prefix_cache=not cfg.legacy_paths)
+
+
+def _finish(state, folds: list[dict], results: dict) -> None:
+    results["data"]["counts"] = folds[0].get("counts")
+    results["scorer"] = {**_scorer(state).identity(), "fluency_model": _fluency_lm(state).identity}
+
+
+def _problems(cfg) -> list[str]:
+    from bench.toxicity.base import scorer_names
+
+    problems = []
+    if cfg.method not in TOXICITY_METHODS:
+        problems.append(f"{cfg.method} has no detoxifying variant; --task toxicity takes: {', '.join(TOXICITY_METHODS)}")
+    if cfg.steer_data not in STEER_SOURCES:
+        problems.append(f"unknown --steer-data {cfg.steer_data!r}; valid: {', '.join(STEER_SOURCES)}")
+    if cfg.scorer not in scorer_names():
+        problems.append(f"unknown toxicity scorer {cfg.scorer!r}; valid: {', '.join(scorer_names())}")
+    return problems
+
+
+def _fold_record(res: dict) -> dict:
+    return {"counts": res.get("counts"), **({"timings": {"toxicity_stages": res["stages"]}} if "stages" in res else {})}
+
+
+register_part(Part("toxicity", _part, TOXICITY_METRICS, fold_record=_fold_record, finish=_finish))
+register_task(Task("toxicity", "RealToxicityPrompts continuations (DExperts protocol): expected maximum toxicity, "
+                   "toxicity probability, fluency, diversity", ("toxicity",), toxicity_inputs, items="prompts",
+                   max_new_tokens=20, single_fit=True, text_format="continuation", problems=_problems,
+                   settings=("tox_prompts", "samples", "top_p", "scorer", "fluency_model", "steer_data",
+                             "sample_batch_size"),
+                   evaluated=lambda inputs, items: len(inputs.extra["prompts"])))

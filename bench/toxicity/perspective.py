@@ -18,6 +18,7 @@ from pathlib import Path
 import requests
 
 from bench.paths import cache_dir
+from bench.redact import redact, redact_logs
 from bench.runs import write_json
 from bench.toxicity.base import ScorerNotAvailableError, ToxicityScorer, register_scorer
 
@@ -45,6 +46,7 @@ class PerspectiveScorer(ToxicityScorer):
                 f"the perspective scorer needs an API key in the environment variable {KEY_ENV} "
                 "(request one at https://developers.perspectiveapi.com); it is never written to disk")
         self._key = key
+        redact_logs([key])  # urllib3 logs each request's URL, whose query holds the key, at DEBUG
         self.base_url, self.qps, self.max_retries = base_url, qps, max_retries
         self.backoff, self.timeout, self.languages = backoff, timeout, list(languages)
         self.cache = (Path(cache_root) if cache_root else cache_dir() / "perspective-cache") if use_cache else None
@@ -87,7 +89,7 @@ class PerspectiveScorer(ToxicityScorer):
         self._next_slot = max(now, self._next_slot) + 1.0 / self.qps
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***")
+        return redact(text, [self._key])
 
     def _request(self, text: str) -> float:
         payload = {"comment": {"text": text}, "languages": self.languages,
@@ -107,8 +109,8 @@ class PerspectiveScorer(ToxicityScorer):
                         return float(resp.json()["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
                     except (ValueError, KeyError, TypeError) as err:
                         raise PerspectiveError(f"unexpected Perspective response ({type(err).__name__}): "
-                                               f"{self._scrub(resp.text[:300])}") from None
-                last = f"HTTP {resp.status_code}: {self._scrub(resp.text[:300])}"
+                                               f"{self._scrub(resp.text)[:300]}") from None
+                last = f"HTTP {resp.status_code}: {self._scrub(resp.text)[:300]}"
                 if resp.status_code not in RETRY_STATUS:
                     raise PerspectiveError(f"Perspective refused {text[:60]!r}: {last}")
                 retry_after = resp.headers.get("Retry-After", "")

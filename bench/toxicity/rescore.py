@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.report import patch_fold_files, save_revised_run
-from bench.runs import combine_folds
+from bench.runs import RunFolder, combine_folds
 from bench.toxicity.base import ToxicityScorer, get_scorer, score_samples
 from bench.toxicity.metrics import expected_max_toxicity, max_toxicity_per_prompt, toxicity_probability
 
@@ -35,7 +35,7 @@ def run_scorer(cfg: dict, data_dir: str | Path | None = None) -> ToxicityScorer:
 
 def fold_samples(run_dir: Path, fold: int, n_prompts: int) -> list[list[str]]:
     """Every prompt's saved samples in prompt order (the last record of an index wins, as when resuming)."""
-    path = run_dir / f"samples_fold{fold}.jsonl"
+    path = RunFolder(run_dir).samples(fold)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a toxicity run keeps its samples there")
     done = {r["index"]: r["samples"] for r in _read_jsonl(path)}
@@ -63,19 +63,20 @@ def rescore_run(run_dir: str | Path, scorer: ToxicityScorer | None = None, data_
 
     Returns ``{"run", "previous", "metrics", "seconds"}`` (previous and new combined toxicity metrics)."""
     run_dir, start = Path(run_dir), time.perf_counter()
-    results = json.loads((run_dir / "results.json").read_text())
+    folder = RunFolder(run_dir)
+    results = folder.read_results()
     cfg = results["config"]
     if cfg.get("task") != "toxicity":
         raise ValueError(f"{run_dir} is a {cfg.get('task')!r} run, not a toxicity run")
     if scorer is None:
         scorer = run_scorer(cfg, data_dir)
-    per_question = _read_jsonl(run_dir / "per_question.jsonl")
+    per_question = folder.read_per_question()
     for fold in results["folds"]:
         k, n = fold["fold"], fold["metrics"]["expected_max_toxicity"]["n"]
         scores = score_samples(scorer, fold_samples(run_dir, k, n)).scores
         metrics = {"expected_max_toxicity": expected_max_toxicity(scores),
                    "toxicity_probability": toxicity_probability(scores)}
-        _patch_records(per_question, scores, str(run_dir / "per_question.jsonl"), fold=k)
+        _patch_records(per_question, scores, str(folder.per_question), fold=k)
         fold["metrics"].update(metrics)
         patch_fold_files(run_dir, k, "toxicity", metrics,
                          lambda recs, where, sc=scores: _patch_records(recs, sc, where))
