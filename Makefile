@@ -58,11 +58,17 @@ bench-perf: install
 # The paper's Table 1 protocol (2-fold CV; none, few-shot, ITI, CAA, mean-shift, LoFiT, FLORAIN; --task truthfulqa)
 # on the paper's models. Checks every model's weights first and stops at once, listing what is missing.
 # On the embedded models: make reproduce-table1 MODELS="smollm2-135m gemma3-270m" LIMIT=40. Resumable.
+# On a cluster: EXECUTOR=slurm EXECUTOR_CONFIG=slurm.toml (or EXECUTOR=local MAX_PARALLEL=4); see README.
 MODELS ?= llama-7b llama2-chat-13b llama3-8b
 LIMIT ?=
+EXECUTOR ?= inline
+MAX_PARALLEL ?=
+EXECUTOR_CONFIG ?=
 TABLE1_DIR ?= results/table1$(if $(LIMIT),-limit$(LIMIT))
 reproduce-table1: install
-	$(BIN)/python -m bench.reproduce table1 --models "$(MODELS)" $(if $(LIMIT),--limit $(LIMIT)) --output $(TABLE1_DIR)
+	$(BIN)/python -m bench.reproduce table1 --models "$(MODELS)" $(if $(LIMIT),--limit $(LIMIT)) --output $(TABLE1_DIR) \
+		--executor $(EXECUTOR) $(if $(MAX_PARALLEL),--max-parallel $(MAX_PARALLEL)) \
+		$(if $(EXECUTOR_CONFIG),--executor-config $(EXECUTOR_CONFIG))
 
 # Score regression check against results/regress/reference.json (a few minutes on CPU); exit 1 when a score
 # moved beyond its tolerance either way (worse or better; none, which fits nothing, within float noise 1e-4).

@@ -43,9 +43,14 @@ def sweep(
     output: Optional[Path] = typer.Option(None, help="Sweep folder [results/sweeps/<model>-<method>-<param>]; rerun to resume."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N."),
     dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16."),
+    executor: str = typer.Option("inline", help="Where the runs go: inline (here, one after another), local (submitit worker processes on this machine), slurm (Slurm jobs via submitit)."),
+    max_parallel: Optional[int] = typer.Option(None, help="Jobs at a time (local workers; Slurm array parallelism) [1]."),
+    executor_config: Optional[Path] = typer.Option(None, help="TOML/JSON file of executor settings: partition, account, gpus_per_job, cpus_per_job, mem_gb, time_min, retries, [extra] sbatch options."),
+    executor_set: list[str] = typer.Option([], "-X", help="One executor setting KEY=VALUE (repeatable), e.g. -X partition=gpu -X gpus_per_job=1; a key that is no setting goes to sbatch (-X qos=high)."),
 ) -> None:
     """Run a grid of one parameter (each point: fitted per training fold, scored on the validation questions),
     choose per fold, evaluate the choice on the test folds; writes sweep.json, a table and the plot."""
+    from bench.cells import executor_config as executor_config_of
     from bench.data.truthfulqa import DataNotFoundError
     from bench.models import ModelNotAvailableError
     from bench.paths import repo_root
@@ -67,7 +72,8 @@ def sweep(
     out = output or repo_root() / "results" / "sweeps" / f"{safe}-{method}-{p.name}"
     try:
         result = run_sweep(cfg, param, values, out, metric, data_dir, baseline, final,
-                           echo=lambda m: console.print(m), max_fluency_ratio=max_fluency_ratio)
+                           echo=lambda m: console.print(m), max_fluency_ratio=max_fluency_ratio,
+                           executor=executor_config_of(executor, max_parallel, executor_config, executor_set))
     except (ValueError, FileExistsError, DataNotFoundError, ModelNotAvailableError, FloatingPointError,
             RuntimeError) as err:
         _fail(str(err))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,9 +240,36 @@ def finish_loading(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n
     return LoadedModel(model, tokenizer, ModelSpec.from_model(model), name, identity, default_layer, hook)
 
 
+_SHARED: dict | None = None  # (name, device, dtype) → LoadedModel while shared_models() is active
+
+
+@contextmanager
+def shared_models() -> Iterator[None]:
+    """Within the block, :func:`load_model` returns one model per (name, device, dtype): the consecutive runs of a
+    job (:mod:`bench.cells`) load their model once. Runs only read a model (an intervention is a hook removed after
+    use), so sharing it does not change a number."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                auto_pull: bool = True) -> LoadedModel:
-    """Load an alias, a Hub id or a local directory. GPU: bf16/fp16 with ``device_map="auto"``; CPU: fp32."""
+    """Load an alias, a Hub id or a local directory. GPU: bf16/fp16 with ``device_map="auto"``; CPU: fp32. Inside
+    :func:`shared_models`, a model already loaded there is returned."""
+    if _SHARED is None:
+        return _load(name, device, dtype, auto_pull)
+    key = (name, device, dtype)
+    if key not in _SHARED:
+        _SHARED[key] = _load(name, device, dtype, auto_pull)
+    return _SHARED[key]
+
+
+def _load(name: str, device: str | None, dtype: str | None, auto_pull: bool) -> LoadedModel:
     device = device or default_device()
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")

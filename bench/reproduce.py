@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.cells import EXECUTORS, Cell, CellsFailed, ExecutorConfig, execute, executor_config
 from bench.hub import MODEL_OFFLINE_VARIABLES, offline_variable
 from bench.models import REGISTRY, ModelNotAvailableError
 from bench.redact import redact
@@ -100,17 +101,18 @@ def safe_name(model: str) -> str:
 
 def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] = TABLE1_METHODS,
                      limit: int | None = None, data_dir: str | None = None, seed: int = 42,
-                     run_options: dict | None = None, echo: Callable[[str], None] = print) -> dict:
+                     run_options: dict | None = None, echo: Callable[[str], None] = print,
+                     executor: ExecutorConfig | None = None) -> dict:
     """Check availability, run every (model, method), write the table and plots; returns what was written.
 
     ``run_options``: extra RunConfig fields (tests use them to shorten runs, e.g. ``kl_windows``); its
-    ``options`` map a method's name to its options.
+    ``options`` map a method's name to its options. ``executor``: where the runs go (:mod:`bench.cells`; default
+    inline): every run but mean-shift is one batch of cells, mean-shift (matched to FLORAIN's fit) a second.
     """
     from bench.data.truthfulqa import load_truthfulqa
     from bench.interventions import get_method
     from bench.plots import plot_results
     from bench.runner import RunConfig
-    from bench.sweep import run_point
     from bench.tables import load_results, write_tables
 
     if not models:
@@ -124,7 +126,7 @@ def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] =
     output = Path(output)
     extra = dict(run_options or {})
     options = extra.pop("options", {})  # method name → its options
-    runs = []
+    first, matched = [], []  # mean-shift matched to FLORAIN runs once FLORAIN's fits exist
     for model in models:
         entry = REGISTRY.get(model)
         layer = entry.default_layer if entry else None  # the paper's layer; None: each fold chooses its own
@@ -135,10 +137,16 @@ def reproduce_table1(models: list[str], output: Path, methods: tuple[str, ...] =
                 opts["match"] = str(output / "runs" / f"{safe_name(model)}-florain")
             cfg = RunConfig(method=method, model=model, task="truthfulqa", folds=2, seed=seed, limit=limit,
                             layer=layer if get_method(method).needs_layer else None, options=opts, **extra)
-            out = output / "runs" / f"{safe_name(model)}-{method}"
-            echo(f"[table1] {model} / {method} → {out}")
-            run_point(cfg, out, data_dir, echo)
-            runs.append(out)
+            cell = Cell(cfg, output / "runs" / f"{safe_name(model)}-{method}")
+            (matched if "match" in opts else first).append(cell)
+    echo("[table1] " + ", ".join(c.out.name for c in first + matched) + f" → {output / 'runs'}")
+    if executor is None or executor.kind == "inline":  # one after another, in table order
+        order = [c for m in models for c in first + matched if c.cfg.model == m]
+        execute(order, executor, data_dir, echo)
+    else:
+        execute(first, executor, data_dir, echo)
+        execute(matched, executor, data_dir, echo)
+    runs = [c.out for c in first + matched]
     # the table and plots cover every finished run in the folder, not only this call's models and methods
     results = load_results([str(output / "runs" / "*")])
     tables = write_tables(results, output, "table1")
@@ -157,12 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     t1.add_argument("--output", type=Path, default=Path("results/table1"))
     t1.add_argument("--data-dir", default=None)
     t1.add_argument("--seed", type=int, default=42)
+    t1.add_argument("--executor", default="inline", choices=EXECUTORS,
+                    help="inline: here, one run after another; local: worker processes; slurm: Slurm jobs")
+    t1.add_argument("--max-parallel", type=int, default=None, help="jobs at a time [1]")
+    t1.add_argument("--executor-config", default=None, help="TOML/JSON file of executor settings (bench.cells)")
+    t1.add_argument("-X", dest="executor_settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="an executor setting, e.g. -X partition=gpu -X gpus_per_job=1 (other keys go to sbatch)")
     args = parser.parse_args(argv)
     from bench.data.truthfulqa import DataNotFoundError
 
     try:
+        executor = executor_config(args.executor, args.max_parallel, args.executor_config, args.executor_settings)
         done = reproduce_table1(args.models.split(), args.output, tuple(args.methods.split()), args.limit,
-                                args.data_dir, args.seed, echo=lambda m: print(m, flush=True))  # log files too
+                                args.data_dir, args.seed, echo=lambda m: print(m, flush=True),  # log files too
+                                executor=executor)
+    except CellsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ModelNotAvailableError, DataNotFoundError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -382,6 +382,14 @@ def _settle(cfg: RunConfig, method) -> Task:
     return task
 
 
+def run_key(cfg: RunConfig) -> str:
+    """The content hash of a run's identity: what can change its numbers, the method's options with every default
+    filled in (so ``-O lam=5`` and no ``lam`` give one key) and the method's recipe version."""
+    method = get_method(cfg.method)
+    return config_hash({**identity_config(cfg), "options": method.effective_options(cfg.options),
+                        "method_version": method.version})
+
+
 def _claim(folder: RunFolder, cfg: RunConfig, method, resume: bool) -> None:
     """Write the folder's identity marker, or refuse a folder that holds another run (or a finished one without
     ``resume``)."""
@@ -396,7 +404,7 @@ def _claim(folder: RunFolder, cfg: RunConfig, method, resume: bool) -> None:
                          f"configuration (see its {marker.name}); choose another --output")
     if marker.exists() and not resume:
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --output")
-    write_json(marker, {"hash": config_hash(ident), "config": ident})
+    write_json(marker, {"hash": config_hash(ident), "key": run_key(cfg), "config": ident})
 
 
 def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool, echo, refit: bool = False) -> dict:
@@ -404,10 +412,7 @@ def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool
     method = get_method(cfg.method)
     task = _settle(cfg, method)
     inputs = task.inputs(cfg, data_dir, echo)
-    prepared = {p: PARTS[p].prepare(cfg, data_dir) for p in task.parts if PARTS[p].prepare}
-    if "klce" in task.parts and cfg.limit is not None:  # its windows do not shrink with --limit (ITI's protocol)
-        echo(f"KL/CE reads {cfg.kl_windows} windows × {cfg.kl_length} tokens per fold whatever --limit says "
-             f"({2 * cfg.kl_windows * cfg.kl_length:,} forward tokens per fold); --kl-windows N shortens it")
+    prepared = {p: PARTS[p].prepare(cfg, data_dir, echo) for p in task.parts if PARTS[p].prepare}
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     if cfg.legacy_paths and lm.head_hook is not None:
         lm.head_hook.remove()

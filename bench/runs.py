@@ -94,6 +94,11 @@ class RunFolder:
     def lm_eval(self, k: int) -> Path:
         return self.path / f"lm_eval_fold{k}"
 
+    @property
+    def log(self) -> Path:
+        """The log of the jobs that ran this folder as a cell (:mod:`bench.cells`; appended by every attempt)."""
+        return self.path / "cell.log"
+
     def evaluation(self, k: int) -> list[Path]:
         """Everything fold ``k``'s evaluation wrote (what a new fit of the fold makes stale)."""
         fixed = [self.fold(k), self.generations(k), self.judgements(k), self.samples(k), self.lm_eval(k)]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from bench.cells import Cell, ExecutorConfig, execute
 from bench.interventions import get_method
 from bench.metrics import higher_is_better, label
 from bench.metrics.generation import combine_fold_metrics
@@ -180,18 +181,29 @@ def _same_run(res: dict, cfg: RunConfig) -> bool:
     return same_identity(recorded, ident)
 
 
+def reusable(cfg: RunConfig, out: Path) -> dict | None:
+    """The results in ``out`` when it holds this run finished with every part; None when it must (still) run. A
+    folder holding another run is refused."""
+    folder = RunFolder(out)
+    if not folder.finished():
+        return None
+    res = folder.read_results()
+    if not _same_run(res, cfg):
+        raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
+    if missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]]):
+        return None
+    return {**res, "run_dir": str(out)}
+
+
 def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[str], None]) -> dict:
     """A finished run in ``out`` if it matches ``cfg``, else run (continuing an interrupted one)."""
     folder = RunFolder(out)
-    done = folder.results
+    if (res := reusable(cfg, out)) is not None:
+        echo(f"{out.name}: finished, reusing {folder.results}")
+        return res
     if folder.finished():
         res = folder.read_results()
-        if not _same_run(res, cfg):
-            raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
         missing = missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]])
-        if not missing:
-            echo(f"{out.name}: finished, reusing {done}")
-            return {**res, "run_dir": str(out)}
         echo(f"{out.name}: finished without {', '.join(missing)}; computing only those")
         # as the run recorded itself: ``cfg`` may differ in what _same_run ignores (e.g. options at their defaults)
         known = {f.name for f in fields(RunConfig)}
@@ -308,13 +320,16 @@ def choose(points: list[dict], metric: str, limits: dict[int, dict] | None = Non
 
 def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, metric: str = "mc2",
               data_dir: str | None = None, baseline: bool = True, final: bool = True,
-              echo: Callable[[str], None] = print, max_fluency_ratio: float | None = None) -> dict:
+              echo: Callable[[str], None] = print, max_fluency_ratio: float | None = None,
+              executor: ExecutorConfig | None = None) -> dict:
     """Run the grid, choose on validation, evaluate the choice on test; write and return ``sweep.json``'s dict.
 
     ``max_fluency_ratio``: choose only among values whose validation fluency perplexity (toxicity: of the samples;
     TruthfulQA: the geometric mean over answers, under the unintervened model) is at most this multiple of the
     unintervened model's on the same prompts, with the share of dropped (toxicity) or empty (TruthfulQA)
     continuations bounded too: a score at matched fluency, not one bought by breaking the model. Needs the baseline.
+    ``executor``: where the grid's runs go (:mod:`bench.cells`; default inline, one after another here): the grid
+    and the baseline are one batch of cells, the test runs of the chosen values a second.
     """
     p = resolve_param(base.method, param)
     if not p.sweepable:
@@ -341,11 +356,16 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
             raise ValueError(f"{p.name} = {format_value(v)}: {err}") from None
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    cells = [Cell(with_param(base, p, v, eval_split="val", eval_folds=None), output / f"{p.name}={format_value(v)}")
+             for v in values]
+    if baseline and base.method != "none":
+        none = replace(base, method="none", options={}, layer=None, eval_split="val", eval_folds=None)
+        cells.append(Cell(none, output / "baseline-none"))
+    echo(f"[sweep] {p.name} over {', '.join(format_value(v) for v in values)}"
+         + (" and the unintervened baseline" if len(cells) > len(values) else "") + " (validation questions)")
+    done = execute(cells, executor, data_dir, echo)
     points = []
-    for v in values:
-        echo(f"[sweep] {p.name} = {format_value(v)} ({len(points) + 1}/{len(values)})")
-        cfg = with_param(base, p, v, eval_split="val", eval_folds=None)
-        res = run_point(cfg, output / f"{p.name}={format_value(v)}", data_dir, echo)
+    for v, res in zip(values, done):
         if metric not in res["metrics"]:
             raise ValueError(f"metric {metric!r} is not produced by --task {base.task}; "
                              f"available: {', '.join(res['metrics'])}")
@@ -358,31 +378,35 @@ def run_sweep(base: RunConfig, param: str, values: str | list, output: Path, met
         "max_fluency_ratio": max_fluency_ratio,
         "seed": base.seed, "fixed": {"layer": base.layer, "options": base.options}, "points": points,
     }
-    if baseline and base.method != "none":
-        echo("[sweep] baseline: none (validation questions)")
-        none = replace(base, method="none", options={}, layer=None, eval_split="val", eval_folds=None)
-        sweep["baseline"] = _point(None, run_point(none, output / "baseline-none", data_dir, echo), output)
+    if len(done) > len(values):
+        sweep["baseline"] = _point(None, done[-1], output)
     write_json(output / SWEEP_FILE, sweep)  # the grid is kept even when no value can be chosen
     limits = fluency_limits(sweep["baseline"], max_fluency_ratio) if max_fluency_ratio is not None else None
     sweep["chosen"] = choose(points, metric, limits)
     write_json(output / SWEEP_FILE, sweep)
     if final:
-        groups: dict = {}
-        for k, v in sweep["chosen"]["per_fold"].items():
-            groups.setdefault(v, []).append(int(k))
-        runs, fold_metrics = [], {}
-        for v, ks in groups.items():
-            single = len(groups) == 1
-            echo(f"[sweep] final: {p.name} = {format_value(v)} on the test questions of fold(s) {ks}")
-            cfg = with_param(base, p, v, eval_split="test", eval_folds=None if single else ks)
-            out = output / ("final" if single else f"final-{p.name}={format_value(v)}")
-            point = _point(v, run_point(cfg, out, data_dir, echo), output)
-            runs.append({"value": v, "folds": ks, "run": point["run"]})
-            fold_metrics.update({f["fold"]: f["metrics"] for f in point["folds"]})
-        sweep["final"] = {"runs": runs, "split": "test",
-                          "metrics": combine_fold_metrics([fold_metrics[k] for k in sorted(fold_metrics)])}
+        sweep["final"] = _final(base, p, sweep["chosen"]["per_fold"], output, executor, data_dir, echo)
         write_json(output / SWEEP_FILE, sweep)
     return sweep
+
+
+def _final(base: RunConfig, p: Param, per_fold: dict, output: Path, executor: ExecutorConfig | None,
+           data_dir: str | None, echo: Callable[[str], None]) -> dict:
+    """The chosen values' runs on the test questions: one run per distinct value, on the folds that chose it."""
+    groups: dict = {}
+    for k, v in per_fold.items():
+        groups.setdefault(v, []).append(int(k))
+    runs, fold_metrics, single = [], {}, len(groups) == 1
+    finals = [Cell(with_param(base, p, v, eval_split="test", eval_folds=None if single else ks),
+                   output / ("final" if single else f"final-{p.name}={format_value(v)}")) for v, ks in groups.items()]
+    echo("[sweep] final: " + "; ".join(f"{p.name} = {format_value(v)} on the test questions of fold(s) {ks}"
+                                       for v, ks in groups.items()))
+    for (v, ks), res in zip(groups.items(), execute(finals, executor, data_dir, echo)):
+        point = _point(v, res, output)
+        runs.append({"value": v, "folds": ks, "run": point["run"]})
+        fold_metrics.update({f["fold"]: f["metrics"] for f in point["folds"]})
+    return {"runs": runs, "split": "test",
+            "metrics": combine_fold_metrics([fold_metrics[k] for k in sorted(fold_metrics)])}
 
 
 def load_sweep(path: str | Path) -> dict:

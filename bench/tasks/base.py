@@ -49,9 +49,9 @@ class Part:
     finish: Callable[[Any, list[dict], dict], None] | None = None
     problems: Callable[[Any], list[str]] | None = None
     settings: tuple[str, ...] = ()  # the run settings (RunConfig fields) only this part reads
-    #: loads the part's own inputs (``prepare(cfg, data_dir)``) with the task's, before the model loads or any
-    #: file is written, so that bad inputs stop the run early; the result is ``state.shared[part.name]``
-    prepare: Callable[[Any, Any], Any] | None = None
+    #: loads the part's own inputs (``prepare(cfg, data_dir, echo)``) with the task's, before the model loads or
+    #: any file is written, so that bad inputs stop the run early; the result is ``state.shared[part.name]``
+    prepare: Callable[[Any, Any, Callable[[str], None]], Any] | None = None
 
     @property
     def metric_names(self) -> tuple[str, ...]:

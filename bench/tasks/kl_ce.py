@@ -113,7 +113,10 @@ def kl_ce(lm: LoadedModel, windows: torch.Tensor, intervention=None, batch_size:
     return {"ce": ce, "kl": kl}
 
 
-def _prepare(cfg, data_dir) -> tuple[list[str], str]:
+def _prepare(cfg, data_dir, echo) -> tuple[list[str], str]:
+    if cfg.limit is not None:  # its windows do not shrink with --limit (ITI's protocol)
+        echo(f"KL/CE reads {cfg.kl_windows} windows × {cfg.kl_length} tokens per fold whatever --limit says "
+             f"({2 * cfg.kl_windows * cfg.kl_length:,} forward tokens per fold); --kl-windows N shortens it")
     return load_texts(cfg.kl_source, data_dir, cfg.seed)
 
 
