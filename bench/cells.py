@@ -11,8 +11,8 @@ holds the cell's run is the one same-run rule (:func:`bench.runner.same_identity
   :class:`ExecutorConfig`, from flags or a TOML/JSON file).
 
 Cells already finished (a ``results.json`` that loads, of the same run, with no part missing) are skipped; the
-others are grouped per model into at most ``max_parallel`` jobs, so that a job loads its model for consecutive cells
-of one model. A killed job (``kill -9``, ``scancel``, a node failure) loses at most the part in progress: the next
+others are grouped per model into about ``max_parallel`` jobs (at least one per model), so that a job loads its
+model once for consecutive cells of one model. A killed job (``kill -9``, ``scancel``, a node failure) loses at most the part in progress: the next
 attempt resumes every cell (:func:`bench.runner.run` with ``resume``); failed jobs are resubmitted up to
 ``retries`` times; on a Slurm time limit or pre-emption the job requeues itself (submitit checkpointing). A cell
 that still fails is reported with its log and the others go on; Ctrl-C cancels the jobs this call submitted.
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from bench.runs import RunFolder
+from bench.slurm import ENDED, job_states
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -227,54 +228,57 @@ def _submit_and_wait(cells: list[Cell], cfg: ExecutorConfig, data_dir: str | Non
                 job.cancel(check=False)
             echo(f"[cells] interrupted: cancelled {len(jobs)} job(s); rerun the same command to resume")
             raise
-        states = _slurm_states() if cfg.kind == "slurm" else None
+        states = _states(jobs, cfg.kind == "slurm")
         for job, batch in zip(jobs, wave):
-            error = _job_error(job, states)
-            failed.update({c.out: f"{error} (job {job.job_id}: {job.paths.stderr})" for c in batch
-                           if error and finished(c) is None})
+            job_error, errors = _outcome(job, states)
+            for c in batch:
+                if finished(c) is None:
+                    failed[c.out] = errors.get(str(c.out)) or (f"{job_error or 'did not finish'} (job {job.job_id}: "
+                                                               f"{job.paths.stderr})")
     return failed
 
 
-#: Slurm states of a job that has ended (submitit reads states with sacct, which a cluster without accounting
-#: storage lacks, so the executor asks squeue, which lists ended jobs for MinJobAge seconds)
-ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"})
+#: how long the executor waits on a Slurm controller that does not answer squeue before it gives up (the jobs are
+#: left to run; the same command, run again, collects what they finished)
+SQUEUE_PATIENCE_S = 600.0
 
 
-def _slurm_states() -> dict[str, str]:
-    """Job id (array elements one by one) → state, of every job squeue lists."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line) if out.returncode == 0 else {}
+def _states(jobs: list, slurm: bool) -> dict[str, str] | None:
+    """The jobs' Slurm states (None: not Slurm, or squeue did not answer)."""
+    return job_states([str(job.job_id) for job in jobs]) if slurm else None
 
 
-def _ended(job, states: dict[str, str] | None) -> bool:
+def _ended(job, states: dict[str, str] | None, slurm: bool) -> bool:
     """Whether the job has ended: its result (or error) is written, or (local) its process is gone, or (Slurm) its
-    state is final or squeue no longer lists it."""
+    state is final or squeue no longer lists it. A Slurm job whose state could not be read has not ended."""
     if job.paths.result_pickle.exists():
         return True
-    if states is None:
+    if not slurm:
         return job.done()
+    if states is None:
+        return False
     state = states.get(str(job.job_id))
     return state is None or state.split()[0] in ENDED
 
 
-def _job_error(job, states: dict[str, str] | None) -> str | None:
-    """Why a job failed (None: it finished), without waiting on a job that ended without a result."""
-    if not job.paths.result_pickle.exists() and _ended(job, states):
-        state = (states or {}).get(str(job.job_id), "killed")
-        return f"the job ended ({state}) without a result"
+def _outcome(job, states: dict[str, str] | None) -> tuple[str | None, dict[str, str | None]]:
+    """What an ended job says: why it failed as a whole (None: it returned) and its cells' errors. Never waits:
+    a job that ended without a result (killed) is read as such."""
+    if not job.paths.result_pickle.exists():
+        state = (states or {}).get(str(job.job_id), "killed, or no longer listed")
+        return f"the job ended ({state}) without a result", {}
     try:
-        job.result()
+        return None, job.result()
     except Exception as err:  # noqa: BLE001 - a job's failure is reported per cell, the others go on
-        text = str(err).strip().splitlines()
-        return text[-1][:300] if text else type(err).__name__
-    return None
+        return _reason(str(err)), {}
+
+
+def _reason(text: str) -> str:
+    """The exception line of a failed job's trace (submitit's message ends with separators and log paths)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    ends = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    line = lines[ends[-1] - 1] if len(ends) >= 2 else (lines[0] if lines else "")
+    return line[:300] or "failed"
 
 
 def _payload(cell: Cell) -> dict:
@@ -296,9 +300,18 @@ def _watch(jobs: list, batches: list[list[Cell]], poll_s: float, echo: Callable[
 
     start, total = time.monotonic(), sum(len(b) for b in batches)
 
+    answered = time.monotonic()
+
     def ended() -> list[bool]:
-        states = _slurm_states() if slurm else None
-        return [_ended(job, states) for job in jobs]
+        nonlocal answered
+        states = _states(jobs, slurm)
+        if states is not None or not slurm:
+            answered = time.monotonic()
+        elif time.monotonic() - answered > SQUEUE_PATIENCE_S:
+            raise RuntimeError(f"squeue has not answered for {SQUEUE_PATIENCE_S / 60:.0f} min; jobs "
+                               f"{', '.join(str(j.job_id) for j in jobs)} are left as they are. Run the same command "
+                               "again once the Slurm controller answers: it collects what they finished")
+        return [_ended(job, states, slurm) for job in jobs]
 
     def table() -> Table:
         states = {}
@@ -329,17 +342,12 @@ class CellJob:
     only what is missing), each logged to ``<run folder>/cell.log``. On a Slurm time limit or pre-emption
     submitit calls :meth:`checkpoint`, which requeues the same job."""
 
-    def __call__(self, cells: list[dict], data_dir: str | None) -> list[str]:
+    def __call__(self, cells: list[dict], data_dir: str | None) -> dict[str, str | None]:
+        """Each cell's run folder → its error (None: finished); one failing cell does not stop the others."""
         from bench.models import shared_models
 
-        errors = []
         with shared_models():  # the job's model is loaded once for all its cells
-            for payload in cells:
-                if (error := _run_cell(payload, data_dir)) is not None:
-                    errors.append(error)
-        if errors:
-            raise RuntimeError(f"{len(errors)} of {len(cells)} cells failed: " + "; ".join(errors))
-        return [payload["out"] for payload in cells]
+            return {payload["out"]: _run_cell(payload, data_dir) for payload in cells}
 
     def checkpoint(self, cells: list[dict], data_dir: str | None):
         import submitit
@@ -364,6 +372,8 @@ def _run_cell(payload: dict, data_dir: str | None) -> str | None:
         try:
             run_point(RunConfig(**payload["cfg"]), out, data_dir, echo)
         except Exception as err:  # noqa: BLE001 - one failing cell must not stop the job's others
+            if type(err).__name__ == "UncompletedJobError":  # submitit: requeued too often; the job must end
+                raise
             echo(f"[cell failed] {type(err).__name__}: {err}")
-            return f"{out.name}: {type(err).__name__}: {err}"
+            return f"{type(err).__name__}: {err}"
     return None

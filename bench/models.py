@@ -247,7 +247,8 @@ _SHARED: dict | None = None  # (name, device, dtype) → LoadedModel while share
 def shared_models() -> Iterator[None]:
     """Within the block, :func:`load_model` returns one model per (name, device, dtype): the consecutive runs of a
     job (:mod:`bench.cells`) load their model once. Runs only read a model (an intervention is a hook removed after
-    use), so sharing it does not change a number."""
+    use), so sharing it does not change a number; the one run setting that changes the loaded model
+    (``legacy_paths`` removes its output-head hook) loads its own."""
     global _SHARED
     outer = _SHARED
     _SHARED = {} if outer is None else outer
@@ -258,10 +259,11 @@ def shared_models() -> Iterator[None]:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-               auto_pull: bool = True) -> LoadedModel:
+               auto_pull: bool = True, shared: bool = True) -> LoadedModel:
     """Load an alias, a Hub id or a local directory. GPU: bf16/fp16 with ``device_map="auto"``; CPU: fp32. Inside
-    :func:`shared_models`, a model already loaded there is returned."""
-    if _SHARED is None:
+    :func:`shared_models`, a model already loaded there is returned (``shared=False``: a copy of the caller's own,
+    for a run that changes the loaded model)."""
+    if _SHARED is None or not shared:
         return _load(name, device, dtype, auto_pull)
     key = (name, device, dtype)
     if key not in _SHARED:

@@ -413,7 +413,7 @@ def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool
     task = _settle(cfg, method)
     inputs = task.inputs(cfg, data_dir, echo)
     prepared = {p: PARTS[p].prepare(cfg, data_dir, echo) for p in task.parts if PARTS[p].prepare}
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, shared=not cfg.legacy_paths)  # legacy_paths edits the model
     if cfg.legacy_paths and lm.head_hook is not None:
         lm.head_hook.remove()
     env = environment(str(next(lm.model.parameters()).device))  # read at the start: the code that runs

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats
 
 from bench.paths import repo_root
+from bench.slurm import job_alive, this_job
 
 SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "scikit-learn", "safetensors", "florain-bench")
@@ -170,12 +171,14 @@ class RunLockedError(RuntimeError):
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """One writer per run folder: a lock file beside it (``.<name>.lock``, created atomically, holding the PID and
-    host). A second writer is refused naming the holder; a lock whose process is gone (killed) is taken over."""
+    """One writer per run folder: a lock file beside it (``.<name>.lock``, created atomically, holding the PID,
+    host and Slurm job). A second writer is refused naming the holder; a lock whose process is gone (killed) is
+    taken over: on this host, a process that no longer exists; on another host, a Slurm job that has ended or an
+    earlier attempt of this very job (requeued after a node failure)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.with_name(f".{out.name}.lock")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "slurm_job": this_job()}
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -209,8 +212,12 @@ def _lock_holder(lock: Path) -> dict | None:
         except OSError:
             return None
         return {"pid": "?", "host": "?", "since": "just now"} if fresh else None
+    job = holder.get("slurm_job")
     if holder.get("host") != socket.gethostname():
-        return holder  # another machine's process (shared file system): cannot tell, so it holds
+        if job and job == this_job():
+            return None  # an earlier attempt of the job this process runs in, on a node it left (requeued)
+        # another machine's process (shared file system): stale once its Slurm job has ended; else cannot tell
+        return None if job and job_alive(job) is False else holder
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -43,3 +43,40 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     with run_lock(out):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def _foreign_lock(out, job: str | None) -> None:
+    """A lock written by a process on another node of a shared file system, in Slurm job ``job``."""
+    lock = out.with_name(f".{out.name}.lock")
+    lock.write_text(json.dumps({"pid": 1, "host": "another-node", "since": "earlier", "slurm_job": job}))
+
+
+@pytest.mark.parametrize(("alive", "mine", "taken"), [
+    (False, None, True),  # its Slurm job has ended (killed, node lost): stale
+    (True, None, False),  # its job still runs: held
+    (None, None, False),  # squeue did not answer: cannot tell, so held
+    (True, "77", True),  # this very job, requeued onto another node: the lock is an earlier attempt's
+])
+def test_a_lock_from_another_node_is_taken_over_only_when_its_slurm_job_is_gone(monkeypatch, tmp_path, alive,
+                                                                                mine, taken):
+    import bench.runs
+
+    monkeypatch.setattr(bench.runs, "job_alive", lambda job: alive)
+    monkeypatch.setattr(bench.runs, "this_job", lambda: mine)
+    out = tmp_path / "run"
+    _foreign_lock(out, "77")
+    if taken:
+        with run_lock(out):
+            assert json.loads(out.with_name(".run.lock").read_text())["pid"] == os.getpid()
+    else:
+        with pytest.raises(RunLockedError, match="process 1 on another-node"):
+            with run_lock(out):
+                pass
+
+
+def test_a_lock_from_another_node_outside_slurm_is_held(tmp_path):
+    out = tmp_path / "run"
+    _foreign_lock(out, None)
+    with pytest.raises(RunLockedError, match="if that process is gone, delete"):
+        with run_lock(out):
+            pass
