@@ -74,22 +74,24 @@ def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int],
     ``starts[b]`` on (at their true positions) on top of a cache of ``past`` slots (``cache``: one row per batch
     row, or None with ``past == 0``) whose first ``starts[b]`` slots are its own context; the other slots are
     masked. Logits are computed from the first position that predicts an answer token. The intervention edits
-    each row's answer tokens from index ``edit_offset`` on."""
-    t = max(len(r.ids) - g for r, g in zip(rows, starts))
+    each row's answer tokens from index ``edit_offset`` on. A row stops before its last answer token: that token is
+    predicted, and nothing is scored after it, so feeding it (as a plain forward pass would) is wasted work."""
+    ends = [r.answer[-1] for r in rows]
+    t = max(end - g for end, g in zip(ends, starts))
     ids = torch.full((len(rows), t), pad, dtype=torch.long)
     attn = torch.zeros(len(rows), past + t, dtype=torch.long)
     mask = torch.zeros(len(rows), t, dtype=torch.bool)  # where the intervention acts: the answer tokens (from the offset)
     pos = torch.zeros(len(rows), t, dtype=torch.long)
-    for b, (r, g) in enumerate(zip(rows, starts)):
-        n = len(r.ids) - g
-        ids[b, :n] = torch.tensor(r.ids[g:])
+    for b, (r, g, end) in enumerate(zip(rows, starts, ends)):
+        n = end - g
+        ids[b, :n] = torch.tensor(r.ids[g:end])
         attn[b, :g] = 1
         attn[b, past : past + n] = 1
-        mask[b, [a - g for a in r.answer[edit_offset:]]] = True
+        mask[b, [a - g for a in r.answer[edit_offset:] if a < end]] = True
         pos[b] = g + torch.arange(t)
     lo = min(r.answer[0] - g for r, g in zip(rows, starts)) - 1  # logits from here: position lo + j predicts lo + j + 1
     kwargs = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                  logits_to_keep=torch.arange(lo, t - 1, device=device), use_cache=cache is not None)
+                  logits_to_keep=torch.arange(lo, t, device=device), use_cache=cache is not None)
     if cache is not None:
         kwargs[cache_kwarg] = cache
     if intervention is not None:

@@ -42,3 +42,21 @@ def test_rerunning_one_part_keeps_the_others_and_stamps_each(tmp_path, monkeypat
     assert "8.3×" in (tmp_path / "perf.md").read_text()
     with pytest.raises(SystemExit):
         perf.main(["--parts", "bogus", "--output", str(tmp_path)])
+
+
+def test_the_scorer_never_feeds_an_answers_last_token_and_the_work_counter_sees_it():
+    from bench.scoring import Encoded, answer_logprobs
+    from tiny_models import tiny_model
+
+    lm = tiny_model("llama", seed=0)
+    seqs = [Encoded(list(range(5, 17)), [9, 10, 11]), Encoded(list(range(5, 15)), [7, 8, 9])]  # 12 and 10 tokens
+    with perf.counted_work(lm) as plain:
+        ref = answer_logprobs(lm, seqs, batch_size=2, prefix_cache=False)
+    # one batch padded to the longer row, which stops before its last answer token (11 of 12 positions); logits
+    # from the first position that predicts an answer token (6, for the second row) to the end (11 - 6 = 5 each)
+    assert (plain["forward_passes"], plain["tokens"], plain["logit_rows"]) == (1, 2 * 11, 2 * 5)
+    assert plain["attention_pairs"] == 2 * 11 * 11 and plain["flops"] > 0
+    with perf.counted_work(lm) as cached:
+        got = answer_logprobs(lm, seqs, batch_size=2, prefix_cache=True)
+    assert got == pytest.approx(ref, abs=1e-5)  # the same scores, computing less
+    assert cached["tokens"] < plain["tokens"] and cached["flops"] < plain["flops"]
