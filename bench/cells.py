@@ -157,23 +157,28 @@ def execute(cells: list[Cell], executor: ExecutorConfig | None = None, data_dir:
             echo(f"[cells] {i}/{len(cells)}: {c.out.name}")
             results.append(run_point(c.cfg, c.out, data_dir, echo))
         return results
-    done = {i: res for i, c in enumerate(cells) if (res := finished(c)) is not None}
-    todo = [c for i, c in enumerate(cells) if i not in done]
+    done: dict[int, dict] = {}
+
+    def pending() -> list[Cell]:
+        """The cells not finished yet (each finished one's results read once, into ``done``)."""
+        done.update({i: res for i, c in enumerate(cells) if i not in done and (res := finished(c)) is not None})
+        return [c for i, c in enumerate(cells) if i not in done]
+
+    todo = pending()
     echo(f"[cells] {len(cells)} cells: {len(done)} finished, {len(todo)} to run on the {executor.kind} executor")
     failed: dict[Path, str] = {}
     for attempt in range(executor.retries + 1):
-        todo = [c for c in todo if finished(c) is None]
         if not todo:
             break
         if attempt:
             echo(f"[cells] retry {attempt}/{executor.retries}: {len(todo)} cells")
         failed = _submit_and_wait(todo, executor, data_dir, echo)
-    still = [c for c in todo if finished(c) is None]
-    if still:
-        lines = [f"  - {c.out}: {failed.get(c.out, 'did not finish')} (log: {RunFolder(c.out).log})" for c in still]
-        raise CellsFailed(f"{len(still)} of {len(cells)} cells failed; the others finished. Rerun the same command "
+        todo = pending()
+    if todo:
+        lines = [f"  - {c.out}: {failed.get(c.out, 'did not finish')} (log: {RunFolder(c.out).log})" for c in todo]
+        raise CellsFailed(f"{len(todo)} of {len(cells)} cells failed; the others finished. Rerun the same command "
                           "to finish only these:\n" + "\n".join(lines))
-    return [done.get(i) or {**RunFolder(c.out).read_results(), "run_dir": str(c.out)} for i, c in enumerate(cells)]
+    return [done[i] for i in range(len(cells))]
 
 
 def groups(cells: list[Cell], max_parallel: int) -> list[list[Cell]]:

@@ -105,15 +105,9 @@ def lm_eval_work(lm, questions, batch_size: int) -> dict:
     """lm-eval's work on the same MC requests, counted from their lengths: each (context, answer) pair run whole
     but its last token, sorted longest first into batches of ``batch_size`` padded to their longest, logits at
     every position (HFLM's loglikelihood path; our tokenisation of the same texts)."""
-    from bench.scoring import encode
-    from bench.tasks.truthfulqa_mc import mc_context
+    from bench.tasks.truthfulqa_mc import mc_sequences
 
-    lengths = []
-    for q in questions:
-        context, sep = mc_context(q.question, "lm-eval", "")
-        lengths += [len(encode(lm, context + sep + a, len(context)).ids) - 1
-                    for a in dict.fromkeys([q.best_answer, *q.correct, *q.incorrect])]
-    lengths.sort(reverse=True)
+    lengths = sorted((len(s.ids) - 1 for s in mc_sequences(lm, questions, "lm-eval")[0]), reverse=True)
     work = {"forward_passes": 0, "tokens": 0, "logit_rows": 0, "attention_pairs": 0}
     for s in range(0, len(lengths), batch_size):
         batch = lengths[s:s + batch_size]

@@ -181,29 +181,31 @@ def _same_run(res: dict, cfg: RunConfig) -> bool:
     return same_identity(recorded, ident)
 
 
-def reusable(cfg: RunConfig, out: Path) -> dict | None:
-    """The results in ``out`` when it holds this run finished with every part; None when it must (still) run. A
-    folder holding another run is refused."""
+def _finished(cfg: RunConfig, out: Path) -> tuple[dict, list[str]] | None:
+    """The results in ``out`` when it holds this run, finished, and the parts it still lacks; None when no run
+    finished there. A folder holding another run is refused."""
     folder = RunFolder(out)
     if not folder.finished():
         return None
     res = folder.read_results()
     if not _same_run(res, cfg):
         raise ValueError(f"{out} holds a run with a different configuration; remove it or choose another --output")
-    if missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]]):
-        return None
-    return {**res, "run_dir": str(out)}
+    return {**res, "run_dir": str(out)}, missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]])
+
+
+def reusable(cfg: RunConfig, out: Path) -> dict | None:
+    """The results in ``out`` when it holds this run finished with every part; None when it must (still) run."""
+    found = _finished(cfg, out)
+    return found[0] if found and not found[1] else None
 
 
 def run_point(cfg: RunConfig, out: Path, data_dir: str | None, echo: Callable[[str], None]) -> dict:
     """A finished run in ``out`` if it matches ``cfg``, else run (continuing an interrupted one)."""
-    folder = RunFolder(out)
-    if (res := reusable(cfg, out)) is not None:
-        echo(f"{out.name}: finished, reusing {folder.results}")
-        return res
-    if folder.finished():
-        res = folder.read_results()
-        missing = missing_parts(out, res["config"]["task"], [f["fold"] for f in res["folds"]])
+    if (found := _finished(cfg, out)) is not None:
+        res, missing = found
+        if not missing:
+            echo(f"{out.name}: finished, reusing {RunFolder(out).results}")
+            return res
         echo(f"{out.name}: finished without {', '.join(missing)}; computing only those")
         # as the run recorded itself: ``cfg`` may differ in what _same_run ignores (e.g. options at their defaults)
         known = {f.name for f in fields(RunConfig)}

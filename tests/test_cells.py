@@ -120,7 +120,8 @@ def test_a_killed_job_resumes_without_fitting_twice(kind, request, tiny_dir, tqa
     fitted = _fits(cell.out)
     (res,) = execute([cell], executor, str(tqa_dir), echo=lambda m: None)
     assert _fits(cell.out)["fold_0.fit.json"] == fitted["fold_0.fit.json"]  # fold 0's fit reused, not recomputed
-    assert "fold_0.fit.json" in res["timings"]["reused"], RunFolder(cell.out).log.read_text()
+    # fold 0 reused: its fit, or the whole fold when the kill landed after its evaluation (a fast machine)
+    assert {"fold_0.fit.json", "fold_0.json"} & set(res["timings"]["reused"]), RunFolder(cell.out).log.read_text()
     (fresh,) = execute([Cell(cfg, tmp_path / "inline")], None, str(tqa_dir), echo=lambda m: None)
     assert res["metrics"] == fresh["metrics"]  # the resumed run is the uninterrupted run
 
@@ -218,6 +219,6 @@ def test_a_preempted_job_requeues_itself_and_finishes_without_fitting_twice(kind
     assert log.count("[cell] ") == 2, log  # the same job started twice: the requeued attempt continued the first
     assert _fits(cell.out)["fold_0.fit.json"] == fitted["fold_0.fit.json"], log
     ((res,),) = done
-    assert "fold_0.fit.json" in res["timings"]["reused"], log
+    assert {"fold_0.fit.json", "fold_0.json"} & set(res["timings"]["reused"]), log  # its fit, or the whole fold
     (fresh,) = execute([Cell(cfg, tmp_path / "inline")], None, str(tqa_dir), echo=lambda m: None)
     assert res["metrics"] == fresh["metrics"]

@@ -6,16 +6,12 @@ from bench.data.truthfulqa import Question
 from bench.metrics.mc import mc_metrics
 from bench.models import LoadedModel
 from bench.prompts import mc_context
-from bench.scoring import answer_logprobs, encode
+from bench.scoring import Encoded, answer_logprobs, encode
 
 
-def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, mode: str = "iti",
-                batch_size: int = 16, prefix_cache: bool = True, fewshot: str = "",
-                label: str = "MC scoring", edit_offset: int = 0) -> list[dict]:
-    """Per-question records: index, mc1, mc2, mc3 and the answer log-probs.
-
-    ``edit_offset`` N: the intervention edits the answer tokens from the (N+1)-th on, so the first N+1 answer
-    tokens' probabilities are the unintervened model's (0: only the first one's; ITI's code: 1)."""
+def mc_sequences(lm: LoadedModel, questions: list[Question], mode: str = "iti", fewshot: str = ""
+                 ) -> tuple[list[Encoded], list[tuple[int, str]]]:
+    """Every (question, distinct answer) pair tokenised for scoring, and its ``(question index, answer)`` slot."""
     seqs, slots = [], []
     for q in questions:
         context, sep = mc_context(q.question, mode, fewshot)
@@ -26,6 +22,17 @@ def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, m
         for a in answers:
             seqs.append(encode(lm, context + sep + a, start))
             slots.append((q.index, a))
+    return seqs, slots
+
+
+def evaluate_mc(lm: LoadedModel, questions: list[Question], intervention=None, mode: str = "iti",
+                batch_size: int = 16, prefix_cache: bool = True, fewshot: str = "",
+                label: str = "MC scoring", edit_offset: int = 0) -> list[dict]:
+    """Per-question records: index, mc1, mc2, mc3 and the answer log-probs.
+
+    ``edit_offset`` N: the intervention edits the answer tokens from the (N+1)-th on, so the first N+1 answer
+    tokens' probabilities are the unintervened model's (0: only the first one's; ITI's code: 1)."""
+    seqs, slots = mc_sequences(lm, questions, mode, fewshot)
     scores = answer_logprobs(lm, seqs, intervention, batch_size=batch_size, prefix_cache=prefix_cache,
                              edit_offset=edit_offset, progress=f"{label} ({len(questions)} questions, {len(seqs)} answers)")
     by_q: dict[int, dict[str, float]] = {}
