@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -285,11 +286,30 @@ def _bandwidth_gb_s() -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def _matmul_gflop_s(n: int = 2048) -> float:
+    """This machine's fp32 matrix-multiply rate at torch's thread count: the best of 5 ``[n, n] @ [n, n]``
+    products (large enough that the kernel, not the call, sets the time)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+#: Batches the decoding benchmark measures (64: the default ``--gen-batch-size``).
+DECODE_BATCHES = (1, 16, 32, 64)
+
+
 def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens: int, rounds: int) -> dict:
     """Greedy decoding throughput, HF ``generate`` on left-padded batches (the earlier path) vs
     :func:`bench.decoding.decode` (shared prefix once, in-place KV cache), both with a FLORAIN hook and every row
-    running all ``new_tokens`` steps, prefill included; alternating rounds, median reported. The bandwidth bound
-    of a step is one read of the weights plus each row's KV cache at this machine's measured read bandwidth."""
+    running all ``new_tokens`` steps, prefill included; alternating rounds, median reported. A step can go no
+    faster than either bound: reading the weights once plus each row's KV cache at this machine's measured read
+    bandwidth, or its multiply-adds (every row through the weights, and its attention over its context) at this
+    machine's measured matrix-multiply rate."""
     from bench.decoding import decode, shared_prefix
     from bench.generation import gen_prompt
     from bench.interventions import Intervention
@@ -301,15 +321,16 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
     layer = lm.default_layer if lm.default_layer is not None else lm.spec.n_layers // 2
     iv = Intervention("florain", "heads", {layer: LowRankHeadMap(heads, dim, 32, torch.Generator().manual_seed(0))},
                       {"heads": heads, "head_dim": dim})
-    prompts = [gen_prompt(q.question) for q in _questions(data_dir, 32)]
+    prompts = [gen_prompt(q.question) for q in _questions(data_dir, max(DECODE_BATCHES))]
     ids = lm.tokenizer(prompts)["input_ids"]
     tok = lm.tokenizer
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     cfg = lm.model.config
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    bandwidth = _bandwidth_gb_s()
+    bandwidth, gflop_s = _bandwidth_gb_s(), _matmul_gflop_s()
+    weights = _weights(lm)
     out = {}
-    for batch in (1, 16, 32):
+    for batch in DECODE_BATCHES:
         enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left")
         rates: dict[str, list[float]] = {"generate": [], "decode": []}
         for r in range(rounds + 1):  # round 0: warm-up, not recorded
@@ -326,27 +347,37 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
                 if r:
                     rates[label].append(batch * new_tokens / (time.perf_counter() - t))
         context = statistics.mean(len(x) for x in ids[:batch]) + new_tokens / 2
-        bound = batch * bandwidth * 1e9 / (weight_bytes + batch * context * kv_per_token)
+        memory = batch * bandwidth * 1e9 / (weight_bytes + batch * context * kv_per_token)
+        compute = gflop_s * 1e9 / _flops({"tokens": 1, "logit_rows": 1, "attention_pairs": context}, weights)
         med = {k: statistics.median(v) for k, v in rates.items()}
+        bound = min(memory, compute)
         out[f"batch_{batch}"] = {"generate_tok_s": med["generate"], "decode_tok_s": med["decode"],
+                                 "bandwidth_bound_tok_s": memory, "compute_bound_tok_s": compute,
                                  "bound_tok_s": bound, "fraction_of_bound": med["decode"] / bound, "rounds": rates}
     return {"new_tokens": new_tokens, "layer": layer, "rounds": rounds, "bandwidth_gb_s": bandwidth,
-            "weight_mb": weight_bytes / 1e6, **out}
+            "matmul_gflop_s": gflop_s, "threads": torch.get_num_threads(), "weight_mb": weight_bytes / 1e6, **out}
+
+
+#: The generation batch of the earlier code path (the default before the continuous-batching decoder).
+LEGACY_GEN_BATCH = 16
 
 
 def part_protocol(model: str, data_dir: str | None, limit: int | None, method: str, legacy: bool) -> dict:
     """The full ``--task truthfulqa`` protocol of one method (fit included, timed apart) with the earlier code
-    paths (``legacy``) or the current ones; returns per-part seconds per fold, the metrics and every answer."""
+    paths (``legacy``: HF ``generate`` on batches of :data:`LEGACY_GEN_BATCH`, as the earlier code ran it) or the
+    current ones (the default settings); returns per-part seconds per fold, the metrics and every answer."""
     from bench.runner import RunConfig, run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(method=method, model=model, task="truthfulqa", limit=limit, legacy_paths=legacy)
+        if legacy:
+            cfg = replace(cfg, gen_batch_size=LEGACY_GEN_BATCH)
         t = time.perf_counter()
         run(cfg, Path(tmp) / "run", data_dir=data_dir, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
         seconds = time.perf_counter() - t
         folder = RunFolder(Path(tmp) / "run")
         res, recs = folder.read_results(), folder.read_per_question()
-    return {"method": method, "legacy": legacy, "limit": limit, "seconds": seconds,
+    return {"method": method, "legacy": legacy, "limit": limit, "seconds": seconds, "gen_batch_size": cfg.gen_batch_size,
             "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
             "answers": {str(r["index"]): r.get("answer") for r in recs},
             "mc2": {str(r["index"]): r.get("mc2") for r in recs}}
@@ -480,13 +511,15 @@ def _protocol_lines(parts: dict) -> list[str]:
     lines = ["## Full TruthfulQA protocol, earlier vs current code paths", "",
              "`--task truthfulqa` (MC1/2/3, generation + judge, answer fluency, KL/CE on 100 windows), 2-fold CV, "
              "both folds; the fit is timed apart and excluded from the ratio. Earlier path: HF `generate` on "
-             "left-padded batches of 16 and the output embedding fed strided slices (`RunConfig.legacy_paths`); "
-             "current: the shared prefix computed once, continuous batching of 32 rows, an in-place KV cache.", ""]
+             "left-padded batches and the output embedding fed strided slices (`RunConfig.legacy_paths`); "
+             "current: the shared prefix computed once, continuous batching, an in-place KV cache. Each path's "
+             "generation batch is listed per method (measurements before 2026-12-03 ran both at 32).", ""]
     for m in PROTOCOL_METHODS:
         old, new = parts.get(f"protocol_{m}_legacy"), parts.get(f"protocol_{m}")
         if not old or not new:
             continue
-        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'})", "",
+        batches = "; generation batch: earlier {}, current {}".format(*(r.get("gen_batch_size", 32) for r in (old, new)))
+        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches})", "",
                   "| part | earlier (s) | current (s) | speed-up |", "|---|---|---|---|"]
         for key in ("mc_s", "gen_s", "fluency_s", "klce_s", "eval_s", "fit_s"):
             a, b = (sum(f.get(key, 0.0) for f in r["folds"]) for r in (old, new))
@@ -502,17 +535,30 @@ def _protocol_lines(parts: dict) -> list[str]:
 
 
 def _decode_lines(d: dict) -> list[str]:
+    """The decoding section; a measurement from before the compute bound existed shows the bandwidth bound only."""
+    roofline = "matmul_gflop_s" in d
+    bounds = (f"Bounds per step: one read of the weights ({d['weight_mb']:.0f} MB) plus each row's KV cache at this "
+              f"machine's measured read bandwidth ({d['bandwidth_gb_s']:.1f} GB/s, best of 3 sums over 1 GiB)")
+    if roofline:
+        bounds += (f", and each row's multiply-adds (the weights, and attention over its context) at this machine's "
+                   f"measured fp32 matrix-multiply rate ({d['matmul_gflop_s']:.0f} GFLOP/s on {d['threads']} threads, "
+                   f"best of 5 2048² products); the lower of the two is the bound")
     lines = [f"## Greedy decoding throughput, {d['new_tokens']} new tokens, FLORAIN hook at layer {d['layer']}", "",
              f"Every row runs all steps, prefill included; median of {d['rounds']} alternating rounds after a "
-             f"warm-up. Bound: one read of the weights ({d['weight_mb']:.0f} MB) plus each row's KV cache per step "
-             f"at this machine's measured read bandwidth ({d['bandwidth_gb_s']:.1f} GB/s, best of 3 sums over "
-             f"1 GiB) {_stamp(d)}.", "",
-             "| batch | HF generate (tok/s) | ours (tok/s) | speed-up | bandwidth bound (tok/s) | ours / bound |",
-             "|---|---|---|---|---|---|"]
+             f"warm-up. {bounds} {_stamp(d)}.", ""]
+    if roofline:
+        lines += ["| batch | HF generate (tok/s) | ours (tok/s) | speed-up | bandwidth bound (tok/s) | "
+                  "compute bound (tok/s) | ours / bound |", "|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| batch | HF generate (tok/s) | ours (tok/s) | speed-up | bandwidth bound (tok/s) | ours / bound |",
+                  "|---|---|---|---|---|---|"]
     for key, row in ((k, v) for k, v in d.items() if k.startswith("batch_")):
-        lines.append(f"| {key[6:]} | {row['generate_tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
-                     f"{row['decode_tok_s'] / row['generate_tok_s']:.2f}× | {row['bound_tok_s']:.0f} | "
-                     f"{100 * row['fraction_of_bound']:.0f} % |")
+        cells = [key[6:], f"{row['generate_tok_s']:.1f}", f"{row['decode_tok_s']:.1f}",
+                 f"{row['decode_tok_s'] / row['generate_tok_s']:.2f}×",
+                 f"{row.get('bandwidth_bound_tok_s', row['bound_tok_s']):.0f}"]
+        if roofline:
+            cells.append(f"{row['compute_bound_tok_s']:.0f}")
+        lines.append("| " + " | ".join(cells + [f"{100 * row['fraction_of_bound']:.0f} %"]) + " |")
     return lines + [""]
 
 

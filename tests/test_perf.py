@@ -60,3 +60,16 @@ def test_the_scorer_never_feeds_an_answers_last_token_and_the_work_counter_sees_
         got = answer_logprobs(lm, seqs, batch_size=2, prefix_cache=True)
     assert got == pytest.approx(ref, abs=1e-5)  # the same scores, computing less
     assert cached["tokens"] < plain["tokens"] and cached["flops"] < plain["flops"]
+
+
+def test_decode_section_shows_both_bounds_and_reads_older_measurements():
+    row = {"generate_tok_s": 40.0, "decode_tok_s": 80.0, "bandwidth_bound_tok_s": 800.0, "compute_bound_tok_s": 160.0,
+           "bound_tok_s": 160.0, "fraction_of_bound": 0.5}
+    d = {"new_tokens": 50, "layer": 15, "rounds": 2, "bandwidth_gb_s": 38.0, "matmul_gflop_s": 150.0, "threads": 2,
+         "weight_mb": 538.0, "batch_32": row, "command": "python -m bench.perf --parts decode", "git": {"commit": "abc"},
+         "finished": "2026-12-03T07:00:00"}
+    text = "\n".join(perf._decode_lines(d))
+    assert "| 32 | 40.0 | 80.0 | 2.00× | 800 | 160 | 50 % |" in text and "150 GFLOP/s on 2 threads" in text
+    old = {k: v for k, v in d.items() if k not in ("matmul_gflop_s", "threads")}
+    old["batch_32"] = {"generate_tok_s": 40.0, "decode_tok_s": 80.0, "bound_tok_s": 800.0, "fraction_of_bound": 0.1}
+    assert "| 32 | 40.0 | 80.0 | 2.00× | 800 | 10 % |" in "\n".join(perf._decode_lines(old))
