@@ -21,6 +21,7 @@ from bench.data.truthfulqa import load_truthfulqa
 from bench.decoding import decode, shared_prefix
 from bench.generation import gen_prompt
 from bench.models import load_model
+from bench.perf import _stamp
 from bench.runs import environment, now_iso
 
 
@@ -62,12 +63,10 @@ def main() -> None:
         decode(lm, ids, prefix, 50, batch_size=a.batch)
         profiled = time.perf_counter() - t
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
-    git = environment("cpu")["git"]
-    command = "python scripts/profile_decode.py " + " ".join(sys.argv[1:])
+    stamp = _stamp({"command": "python scripts/profile_decode.py " + " ".join(sys.argv[1:]),
+                    "git": environment("cpu")["git"], "finished": now_iso()})
     text = [f"# Decoding profile: {a.model}, batch {a.batch}, 50 new tokens", "",
-            f"`{command.strip()}`, git {str(git.get('commit'))[:10]}"
-            f"{' + uncommitted changes' if git.get('dirty') else ''}, "
-            f"{now_iso()[:16]}, torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
+            f"{stamp[1:-1]}, torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
             f"Decoding {a.batch} rows × 50 tokens (the shared prefix computed before): {plain:.1f} s "
             f"({a.batch * 50 / plain:.1f} tok/s); under the profiler {profiled:.1f} s.", "",
             "```", table.strip(), "```", "",
