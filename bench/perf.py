@@ -9,10 +9,11 @@ other on the same machine, so that its peak memory (max RSS) is its own; results
   bounds the speed-up any scorer of the same arithmetic can reach.
 * ``gen``: greedy generation tokens/s with and without a FLORAIN hook, batch 1 and 16; plain and hooked rounds
   alternate and the median round is reported.
-* ``decode``: greedy decoding tokens/s at batch 1/16/32 with a FLORAIN hook, HF ``generate`` (the earlier path)
-  vs :func:`bench.decoding.decode`, against this machine's measured memory-bandwidth bound.
-* ``protocol``: the full ``--task truthfulqa`` protocol for ``none`` and ``caa`` with the earlier code paths
-  (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers, metric differences.
+* ``decode``: greedy decoding tokens/s at batch 1/16/32/64 with a FLORAIN hook, HF ``generate`` (the earlier path)
+  vs :func:`bench.decoding.decode`, against this machine's measured read-bandwidth and matrix-multiply bounds.
+* ``protocol``: the full ``--task truthfulqa`` protocol for ``none``, ``caa`` and ``florain`` with the earlier
+  code paths (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers,
+  metric differences; a method is fitted once and both paths evaluate that fit.
 * ``fit``: the FLORAIN fit of all heads of one layer (both folds) batched over heads, vs a per-head sequential
   loop shaped like the released code (an explicit D×D matrix per sample, a validation pass and best-epoch
   bookkeeping per head and epoch).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -362,23 +364,48 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
 LEGACY_GEN_BATCH = 16
 
 
-def part_protocol(model: str, data_dir: str | None, limit: int | None, method: str, legacy: bool) -> dict:
+def carry_fits(src: Path, dst: Path) -> bool:
+    """Copy a run folder's fits (its identity marker, each fold's fit and layer records and saved intervention)
+    from ``src`` into the empty run folder ``dst``, so that a run resumed there evaluates the same fitted
+    interventions without fitting again; False when ``src`` holds no run."""
+    marker = src / RunFolder(src).config.name
+    if not marker.is_file():
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(marker, dst / marker.name)
+    for path in [*src.glob("fold_*.fit.json"), *src.glob("fold_*.layer.json")]:
+        shutil.copy2(path, dst / path.name)
+    for path in src.glob("intervention_fold*"):
+        shutil.copytree(path, dst / path.name)
+    return True
+
+
+def part_protocol(model: str, data_dir: str | None, limit: int | None, method: str, legacy: bool,
+                  fits: str | None = None) -> dict:
     """The full ``--task truthfulqa`` protocol of one method (fit included, timed apart) with the earlier code
     paths (``legacy``: HF ``generate`` on batches of :data:`LEGACY_GEN_BATCH`, as the earlier code ran it) or the
-    current ones (the default settings); returns per-part seconds per fold, the metrics and every answer."""
+    current ones (the default settings); returns per-part seconds per fold, the metrics and every answer.
+
+    ``fits``: a folder shared by both paths' measurements. The first to run fits each fold and leaves its fits
+    there; the second evaluates those same interventions (``fit_reused``), so a method is fitted once and both
+    paths' answers come from one fitted edit."""
     from bench.runner import RunConfig, run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(method=method, model=model, task="truthfulqa", limit=limit, legacy_paths=legacy)
         if legacy:
             cfg = replace(cfg, gen_batch_size=LEGACY_GEN_BATCH)
-        t = time.perf_counter()
-        run(cfg, Path(tmp) / "run", data_dir=data_dir, echo=lambda msg: print(msg, file=sys.stderr, flush=True))
-        seconds = time.perf_counter() - t
         folder = RunFolder(Path(tmp) / "run")
+        reused = fits is not None and carry_fits(Path(fits), folder.path)
+        t = time.perf_counter()
+        run(cfg, folder.path, data_dir=data_dir, resume=reused,
+            echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+        seconds = time.perf_counter() - t
+        if fits is not None and not reused:
+            carry_fits(folder.path, Path(fits))
         res, recs = folder.read_results(), folder.read_per_question()
     return {"method": method, "legacy": legacy, "limit": limit, "seconds": seconds, "gen_batch_size": cfg.gen_batch_size,
-            "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
+            "fit_reused": reused, "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
             "answers": {str(r["index"]): r.get("answer") for r in recs},
             "mc2": {str(r["index"]): r.get("mc2") for r in recs}}
 
@@ -472,11 +499,11 @@ def to_markdown(parts: dict, env: dict) -> str:
     return "\n".join(lines)
 
 
-PROTOCOL_METHODS = ("none", "caa")
+PROTOCOL_METHODS = ("none", "caa", "florain")
 STEPS = {  # command-line part -> the measured sub-parts it (re)runs
     "mc": ("mc_ours", "mc_lmeval"), "mc-ours": ("mc_ours",), "mc-lmeval": ("mc_lmeval",), "gen": ("gen",),
     "fit": ("fit_loop", "fit_batched", "fit_batched_compiled"), "decode": ("decode",),
-    "protocol": tuple(f"protocol_{m}{s}" for m in PROTOCOL_METHODS for s in ("_legacy", "")),
+    "protocol": tuple(f"protocol_{m}{s}" for m in PROTOCOL_METHODS for s in ("", "_legacy")),  # current first: it fits
 }
 
 
@@ -521,9 +548,10 @@ def _protocol_lines(parts: dict) -> list[str]:
         batches = "; generation batch: earlier {}, current {}".format(*(r.get("gen_batch_size", 32) for r in (old, new)))
         lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches})", "",
                   "| part | earlier (s) | current (s) | speed-up |", "|---|---|---|---|"]
-        for key in ("mc_s", "gen_s", "fluency_s", "klce_s", "eval_s", "fit_s"):
+        for key in ("mc_s", "gen_s", "fluency_s", "klce_s", "eval_s"):
             a, b = (sum(f.get(key, 0.0) for f in r["folds"]) for r in (old, new))
             lines.append(f"| {key[:-2]} | {a:.1f} | {b:.1f} | {a / b:.2f}× |" if b > 0 else f"| {key[:-2]} | {a:.1f} | {b:.1f} | |")
+        lines.append(_fit_row(old, new))
         same = sum(old["answers"][k] == new["answers"].get(k) for k in old["answers"])
         diffs = {k: abs(old["metrics"][k]["mean"] - new["metrics"][k]["mean"])
                  for k in ("true", "info", "true_info_product", "mc1", "mc2", "ce", "kl", "answer_nll")
@@ -532,6 +560,15 @@ def _protocol_lines(parts: dict) -> list[str]:
                   + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + f". Earlier {_stamp(old)}; current "
                   f"{_stamp(new)}.", ""]
     return lines
+
+
+def _fit_row(old: dict, new: dict) -> str:
+    """The fit's row: both folds' fit seconds; a fit done once and reused by the other path is shown once."""
+    a, b = (sum(f.get("fit_s", 0.0) for f in r["folds"]) for r in (old, new))
+    if old.get("fit_reused") or new.get("fit_reused"):
+        who = "current" if old.get("fit_reused") else "earlier"
+        return f"| fit (once, by the {who} path; the other evaluated the same fitted edit) | {a:.1f} | {b:.1f} | |"
+    return f"| fit | {a:.1f} | {b:.1f} | |"
 
 
 def _decode_lines(d: dict) -> list[str]:
@@ -597,9 +634,10 @@ def main(argv: list[str] | None = None) -> None:
               "fit_batched": {"epochs": a.fit_epochs, "compile": False},
               "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True},
               "decode": {"new_tokens": 50, "rounds": a.gen_rounds}}
+    fits = tempfile.TemporaryDirectory()  # each method's fits, shared by its two paths (see part_protocol)
     for m in PROTOCOL_METHODS:
         for suffix, legacy in (("_legacy", True), ("", False)):
-            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy}
+            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(Path(fits.name) / m)}
     function = {name: "fit_batched" if name == "fit_batched_compiled" else "protocol" if
                 name.startswith("protocol_") else name for name in kwargs}
     measured = dict(previous.get("parts", {}))
@@ -619,6 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, {"parts": measured, "environment": env})  # after every part: a later failure loses none
         (out / "perf.md").write_text(to_markdown(measured, env))
+    fits.cleanup()
     print((out / "perf.md").read_text())
 
 

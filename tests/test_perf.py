@@ -1,4 +1,5 @@
-"""``bench.perf``: the MC comparison, and merging re-measured parts into ``perf.json`` (no model is run)."""
+"""``bench.perf``: the MC comparison, merging re-measured parts into ``perf.json`` (no model is run), and the
+protocol part's fit carried from one code path to the other (the tiny model)."""
 
 import json
 
@@ -73,3 +74,39 @@ def test_decode_section_shows_both_bounds_and_reads_older_measurements():
     old = {k: v for k, v in d.items() if k not in ("matmul_gflop_s", "threads")}
     old["batch_32"] = {"generate_tok_s": 40.0, "decode_tok_s": 80.0, "bound_tok_s": 800.0, "fraction_of_bound": 0.1}
     assert "| 32 | 40.0 | 80.0 | 2.00× | 800 | 10 % |" in "\n".join(perf._decode_lines(old))
+
+
+def test_protocol_paths_share_one_fit_and_the_second_reuses_it(tiny_dir, tqa_dir, tmp_path):
+    """The protocol part fits a method once: the second path's run starts from the first's fits (identity
+    marker, fit records, saved interventions), reuses them, and scores with the same edit."""
+    from bench.runner import RunConfig, run
+
+    said: list[str] = []
+    common = dict(method="mean-shift", model=str(tiny_dir), task="truthfulqa-mc", layer=1, folds=2, limit=12)
+    first = run(RunConfig(**common), tmp_path / "current", str(tqa_dir), echo=lambda m: None)
+    assert not perf.carry_fits(tmp_path / "nothing", tmp_path / "x")  # no run there: nothing carried
+    assert perf.carry_fits(tmp_path / "current", tmp_path / "legacy")
+    carried = sorted(p.name for p in (tmp_path / "legacy").iterdir())
+    assert carried == ["fold_0.fit.json", "fold_1.fit.json", "intervention_fold0", "intervention_fold1",
+                       "run_config.json"]
+    second = run(RunConfig(**common, legacy_paths=True), tmp_path / "legacy", str(tqa_dir), resume=True,
+                 echo=said.append)
+    assert sum("reusing the fitted mean-shift" in m for m in said) == 2 and not any("fitted mean-shift at" in m for m in said)
+    for a, b in zip(first["folds"], second["folds"]):
+        assert a["timings"]["fit_s"] == b["timings"]["fit_s"]  # the recorded fit, not a new one
+    assert first["metrics"]["mc2"]["mean"] == pytest.approx(second["metrics"]["mc2"]["mean"], abs=1e-6)
+
+
+def test_protocol_section_shows_a_shared_fit_once_and_keeps_it_out_of_the_ratio():
+    folds = [{"mc_s": 10.0, "gen_s": 20.0, "fluency_s": 3.0, "klce_s": 4.0, "eval_s": 37.0, "fit_s": 100.0}] * 2
+    fast = [{**f, "gen_s": 5.0, "eval_s": 22.0} for f in folds]
+    metrics = {"true": {"mean": 0.5}, "mc2": {"mean": 0.4}}
+    common = {"method": "florain", "limit": None, "metrics": metrics, "answers": {"0": "Yes."}, "command": "x",
+              "finished": "2026-12-03T10:00:00", "git": {"commit": "abc"}}
+    parts = {"protocol_florain": {**common, "legacy": False, "folds": fast, "fit_reused": False, "gen_batch_size": 64},
+             "protocol_florain_legacy": {**common, "legacy": True, "folds": folds, "fit_reused": True,
+                                         "gen_batch_size": 16}}
+    text = "\n".join(perf._protocol_lines(parts))
+    assert "| eval | 74.0 | 44.0 | 1.68× |" in text
+    assert "| fit (once, by the current path; the other evaluated the same fitted edit) | 200.0 | 200.0 | |" in text
+    assert "earlier 16, current 64" in text
