@@ -365,18 +365,20 @@ LEGACY_GEN_BATCH = 16
 
 
 def carry_fits(src: Path, dst: Path) -> bool:
-    """Copy a run folder's fits (its identity marker, each fold's fit and layer records and saved intervention)
-    from ``src`` into the empty run folder ``dst``, so that a run resumed there evaluates the same fitted
-    interventions without fitting again; False when ``src`` holds no run."""
-    marker = src / RunFolder(src).config.name
-    if not marker.is_file():
+    """Copy a run folder's identity marker and every fold's fit (:meth:`RunFolder.fitted`) from ``src`` into the
+    empty run folder ``dst``, so that a run resumed there evaluates the same fitted interventions without fitting
+    again; False when ``src`` holds no run."""
+    source, target = RunFolder(src), RunFolder(dst)
+    if not source.config.is_file():
         return False
     dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(marker, dst / marker.name)
-    for path in [*src.glob("fold_*.fit.json"), *src.glob("fold_*.layer.json")]:
-        shutil.copy2(path, dst / path.name)
-    for path in src.glob("intervention_fold*"):
-        shutil.copytree(path, dst / path.name)
+    shutil.copy2(source.config, target.config)
+    for k in range(json.loads(source.config.read_text())["config"]["folds"]):
+        for path, copy in zip(source.fitted(k), target.fitted(k)):
+            if path.is_dir():
+                shutil.copytree(path, copy)
+            elif path.is_file():
+                shutil.copy2(path, copy)
     return True
 
 
@@ -634,10 +636,10 @@ def main(argv: list[str] | None = None) -> None:
               "fit_batched": {"epochs": a.fit_epochs, "compile": False},
               "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True},
               "decode": {"new_tokens": 50, "rounds": a.gen_rounds}}
-    fits = tempfile.TemporaryDirectory()  # each method's fits, shared by its two paths (see part_protocol)
+    fits = Path(tempfile.mkdtemp())  # each method's fits, shared by its two paths (see part_protocol)
     for m in PROTOCOL_METHODS:
         for suffix, legacy in (("_legacy", True), ("", False)):
-            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(Path(fits.name) / m)}
+            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(fits / m)}
     function = {name: "fit_batched" if name == "fit_batched_compiled" else "protocol" if
                 name.startswith("protocol_") else name for name in kwargs}
     measured = dict(previous.get("parts", {}))
@@ -648,16 +650,18 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown protocol method(s) {sorted(methods - set(PROTOCOL_METHODS))}; valid: {PROTOCOL_METHODS}")
     steps = [s for part in parts for s in STEPS[part]
              if not s.startswith("protocol_") or kwargs[s]["method"] in methods]
-    for name in dict.fromkeys(steps):
-        print(f"running {name} ...", flush=True)
-        res = run_part(function[name], **common, **kwargs[name])
-        print(json.dumps({k: v for k, v in res.items() if k not in ("per_question", "answers", "mc2")}), flush=True)
-        measured[name] = {**res, "model": a.model, "limit": a.limit, "command": command, "finished": now_iso(),
-                          "git": env["git"]}
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"parts": measured, "environment": env})  # after every part: a later failure loses none
-        (out / "perf.md").write_text(to_markdown(measured, env))
-    fits.cleanup()
+    try:
+        for name in dict.fromkeys(steps):
+            print(f"running {name} ...", flush=True)
+            res = run_part(function[name], **common, **kwargs[name])
+            print(json.dumps({k: v for k, v in res.items() if k not in ("per_question", "answers", "mc2")}), flush=True)
+            measured[name] = {**res, "model": a.model, "limit": a.limit, "command": command, "finished": now_iso(),
+                              "git": env["git"]}
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"parts": measured, "environment": env})  # after every part: a later failure loses none
+            (out / "perf.md").write_text(to_markdown(measured, env))
+    finally:
+        shutil.rmtree(fits, ignore_errors=True)
     print((out / "perf.md").read_text())
 
 

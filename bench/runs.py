@@ -100,11 +100,14 @@ class RunFolder:
         """The log of the jobs that ran this folder as a cell (:mod:`bench.cells`; appended by every attempt)."""
         return self.path / "cell.log"
 
+    def fitted(self, k: int) -> list[Path]:
+        """What fold ``k``'s fit wrote: its layer choice, its fit record and its saved intervention."""
+        return [self.part(k, "layer"), self.part(k, "fit"), self.intervention(k)]
+
     def evaluation(self, k: int) -> list[Path]:
         """Everything fold ``k``'s evaluation wrote (what a new fit of the fold makes stale)."""
         fixed = [self.fold(k), self.generations(k), self.judgements(k), self.samples(k), self.lm_eval(k)]
-        return [*fixed, *(p for p in sorted(self.path.glob(f"fold_{k}.*.json")) if p.stem.split(".")[1]
-                          not in ("fit", "layer"))]
+        return [*fixed, *(p for p in sorted(self.path.glob(f"fold_{k}.*.json")) if p not in self.fitted(k))]
 
     def finished(self) -> bool:
         return self.results.is_file()
