@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from bench.models import LoadedModel
 from bench.paths import activation_cache_dir
+from bench.progress import progress_bar
 from bench.sites import recorded, site_module
 
 
@@ -47,8 +47,7 @@ def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, ba
     out = {layer: torch.empty(len(texts), heads, dim) for layer in layers}
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     device = next(model.parameters()).device
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"capturing {site} activations ({len(texts)} texts)", total=len(texts))
+    with progress_bar(f"capturing {site} activations", len(texts), " texts") as advance:
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right")
@@ -68,7 +67,7 @@ def _compute(lm: LoadedModel, texts: list[str], layers: list[int], site: str, ba
                         f"non-finite activation at layer {layer}, site {site}, text #{bad}: {texts[bad][:80]!r}"
                     )
                 out[layer][idx] = acts.reshape(len(idx), heads, dim)
-            bar.advance(task, len(idx))
+            advance(len(idx))
     return out
 
 

@@ -1,20 +1,86 @@
-"""One progress bar helper for the harness's long loops: a transient rich bar when ``rich`` is installed and a
-label is given, otherwise nothing (so the scoring and decoding code runs where only torch and transformers are)."""
+"""One progress helper for the harness's long loops (scoring, decoding, capture, the method fits).
+
+On a terminal it draws a transient rich bar. When the output is not a terminal (a ``nohup … > log`` run, a
+cluster job) a bar cannot draw, so it writes a plain line every ``BENCH_PROGRESS_SECONDS`` seconds (default 60)
+instead: a 50-minute fit shows where it is in its log. A loop shorter than that interval writes nothing. Without
+``rich`` (a bare torch + transformers machine, e.g. the GPU check) or without a label it shows nothing.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+#: ``advance(n, **fields)``: ``n`` more steps done; ``fields`` (e.g. ``loss=0.3``) are shown beside the count.
+Advance = Callable[..., None]
+
+#: Seconds between two plain progress lines when the output is not a terminal (override with the environment).
+DEFAULT_SECONDS = 60.0
+
+
+def _noop(n: int = 1, **fields: float) -> None:
+    return None
+
+
+def _fields(fields: dict[str, float]) -> str:
+    return "".join(f", {k} {v:.4g}" for k, v in fields.items())
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class LogLines:
+    """Plain progress lines, at most one per ``interval`` seconds, for output that is not a terminal."""
+
+    def __init__(self, label: str, total: int, unit: str, interval: float, write: Callable[[str], None]):
+        self.label, self.total, self.unit, self.interval, self.write = label, total, unit, interval, write
+        self.done, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def advance(self, n: int = 1, **fields: float) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        share = self.done / self.total if self.total else 1.0
+        left = f", about {_clock(elapsed / share - elapsed)} left" if 0 < share < 1 else ""
+        self.write(f"{self.label}: {self.done}/{self.total}{self.unit} ({100 * share:.0f} %), "
+                   f"{_clock(elapsed)} elapsed{left}{_fields(fields)}")
+
+
+def _interval() -> float:
+    raw = os.environ.get("BENCH_PROGRESS_SECONDS", "")
+    try:
+        return float(raw) if raw else DEFAULT_SECONDS
+    except ValueError:
+        raise ValueError(f"BENCH_PROGRESS_SECONDS must be a number of seconds, got {raw!r}") from None
+
 
 @contextmanager
-def progress_bar(label: str | None, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; draws a transient bar of ``total`` steps labelled ``label`` (none when ``None``)."""
+def progress_bar(label: str | None, total: int, unit: str = "") -> Iterator[Advance]:
+    """Yield ``advance(n=1, **fields)`` for a loop of ``total`` steps labelled ``label`` (nothing shown when
+    ``None``); ``unit`` (e.g. ``" epochs"``) follows the count."""
     try:
-        from rich.progress import Progress
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     except ImportError:  # a bare torch + transformers machine (e.g. the GPU check)
-        yield lambda n: None
+        yield _noop
         return
-    with Progress(transient=True, disable=label is None) as bar:
-        task = bar.add_task(label or "", total=total)
-        yield lambda n: bar.advance(task, n)
+    if label is None:
+        yield _noop
+        return
+    if not Console().is_terminal:
+        yield LogLines(label, total, unit, _interval(), lambda line: print(line, file=sys.stdout, flush=True)).advance
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}" + unit + "{task.fields[text]}"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=total, text="")
+        yield lambda n=1, **fields: bar.update(task, advance=n, text=_fields(fields))

@@ -498,7 +498,7 @@ def _fold_parts(state: RunState, task: Task, k: int, test_qs: list[Question], iv
         res["seconds"] = timings[f"{name}_s"] = time.perf_counter() - tp
         res["git"] = state.git[part_file.name] = git_commit()
         write_json(part_file, res)
-        # one line per part: progress bars do not draw when the output is a log file
+        # one line per part (in a log file a loop's bar is a plain line a minute at most: bench.progress)
         state.echo(f"fold {k}: {name} done in {res['seconds']:.1f} s ({_scores(res['metrics'])})")
         results_parts[name] = res
         computed.add(name)

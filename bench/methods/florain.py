@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bench.interventions import Intervention, method
 from bench.methods.context import FitContext
 from bench.options import option
+from bench.progress import progress_bar
 from florain import EXTRAPOLATIONS, PAPER_LAM, RELEASED_LAM_SCALE, FlorainConfig, LowRankHeadMap, fit_florain
 
 
@@ -63,13 +63,10 @@ def fit(ctx: FitContext, options: FlorainOptions) -> Intervention:
     acts_by_layer, labels, groups = ctx.activations()
     acts = acts_by_layer[ctx.layer]
     tr, va = ctx.split(groups, "train"), ctx.split(groups, "val")
-    with Progress(TextColumn("[bold]FLORAIN fold {task.fields[fold]}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                  TextColumn("loss {task.fields[loss]:.4g} val {task.fields[val]:.4g}"), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("fit", total=config.epochs, fold=ctx.fold.fold, loss=float("nan"), val=float("nan"))
+    with progress_bar(f"FLORAIN fold {ctx.fold.fold}", config.epochs, " epochs") as advance:
 
         def progress(epoch: int, loss: float, val: float) -> None:
-            bar.update(task, completed=epoch + 1, loss=loss, val=val)
+            advance(1, loss=loss, val=val)
 
         fitted = fit_florain(acts[tr], labels[tr], groups[tr], acts[va], labels[va], groups[va], config, progress)
     fitted.mapping.drop_identity = options.drop_identity

@@ -8,7 +8,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from baselines.lofit import DEFAULT_BATCH as LOFIT_BATCH
 from baselines.lofit import DEFAULT_EPOCHS as LOFIT_EPOCHS
@@ -37,6 +36,7 @@ from bench.interventions import Intervention, method
 from bench.methods.context import FitContext
 from bench.models import LoadedModel
 from bench.options import option
+from bench.progress import progress_bar
 from bench.scoring import Encoded, encode
 from bench.sites import hooked
 
@@ -104,10 +104,7 @@ def _lofit_train(ctx: FitContext, modules: dict, params: list, epochs: int, l1: 
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     n_batches = epochs * ((len(rows) + batch - 1) // batch)
-    with Progress(TextColumn(f"[bold]LoFiT {label} fold {ctx.fold.fold}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} batches"), TextColumn("loss {task.fields[loss]:.4g}"),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("lofit", total=n_batches, loss=float("nan"))
+    with progress_bar(f"LoFiT {label} fold {ctx.fold.fold}", n_batches, " batches") as advance:
         for _ in range(epochs):
             for ids, attn, labels in _lofit_batches(ctx, rows, batch, gen):
                 with ExitStack() as stack, torch.enable_grad():
@@ -119,7 +116,7 @@ def _lofit_train(ctx: FitContext, modules: dict, params: list, epochs: int, l1: 
                     loss.backward()
                     opt.step()
                 losses.append(float(out.loss.detach()))
-                bar.update(task, advance=1, loss=losses[-1])
+                advance(1, loss=losses[-1])
     return losses
 
 
@@ -194,10 +191,8 @@ def _dpo_train(ctx: FitContext, modules: dict, params: list, pairs: list, ref: t
     total = epochs * ((len(pairs) + DPO_BATCH - 1) // DPO_BATCH)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, (total - step) / total))
     losses: list[list[float]] = []
-    with Progress(TextColumn(f"[bold]LoFiT (DPO) {label} fold {ctx.fold.fold}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} batches"), TextColumn("loss {task.fields[loss]:.4g}"),
-                  TimeRemainingColumn(), transient=True) as bar, ExitStack() as stack, torch.enable_grad():
-        task = bar.add_task("lofit", total=total, loss=float("nan"))
+    with progress_bar(f"LoFiT (DPO) {label} fold {ctx.fold.fold}", total, " batches") as advance, \
+            ExitStack() as stack, torch.enable_grad():
         for layer, m in modules.items():
             stack.enter_context(hooked(lm.model, lm.spec, layer, "heads", m, "all"))
         for _ in range(epochs):
@@ -211,7 +206,7 @@ def _dpo_train(ctx: FitContext, modules: dict, params: list, pairs: list, ref: t
                 opt.step()
                 sched.step()
                 losses[-1].append(float(loss.detach()))
-                bar.update(task, advance=1, loss=losses[-1][-1])
+                advance(1, loss=losses[-1][-1])
     return losses
 
 
