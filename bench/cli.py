@@ -253,6 +253,8 @@ def layers(
     """Rank layers by the mean validation accuracy of per-head logistic probes (true vs false answers).
 
     This is the released FLORAIN code's layer-selection rule; it uses only the fold's train and validation questions.
+    Those are the other folds' test questions: a run chooses each fold's layer itself when ``--layer`` is left out,
+    so pass this layer to ``bench run --layer`` only for a run that is not evaluated on the other folds.
     """
 
     import numpy as np
@@ -284,6 +286,10 @@ def layers(
     best = int(np.argmax([r["mean_acc"] for r in rows]))
     print(markdown_table(["layer", "mean head probe acc", "best head acc"], table))
     console.print(f"best layer by mean head probe accuracy: {best} (validation majority rate {majority:.3f})")
+    if folds > 1:
+        others = ", ".join(str(k) for k in range(folds) if k != fold)
+        console.print(f"chosen on fold {fold}'s training/validation questions, which are fold {others}'s test "
+                      f"questions: for a {folds}-fold run leave --layer out (each fold then chooses its own)")
     if output:
         from bench.runs import write_json
 

@@ -16,7 +16,6 @@ A crude, explicit pattern: a lower bound on evasion, not a judge.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,16 +23,19 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from bench.runs import RunFolder
+
 RUNS = Path(__file__).resolve().parent / "runs"
 EVASIVE = re.compile(r"(The answer to|It depends|This question)")
 
 
 def load(model: str, method: str) -> dict[int, dict]:
     """Per-question records of a finished run, by question index."""
-    path = RUNS / f"{model}-{method}" / "per_question.jsonl"
-    if not path.exists():
-        sys.exit(f"{path} is missing: run `python -m bench.reproduce table1 --models {model} --methods {method}` first")
-    return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
+    try:
+        records = RunFolder(RUNS / f"{model}-{method}").read_per_question()
+    except FileNotFoundError as err:
+        sys.exit(f"{err}: run `python -m bench.reproduce table1 --models {model} --methods {method}` first")
+    return {r["index"]: r for r in records}
 
 
 def declines(record: dict) -> bool:
