@@ -601,13 +601,10 @@ def _decode_lines(d: dict) -> list[str]:
     return lines + [""]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the requested parts and merge them into ``OUTPUT/perf.json``: parts not rerun keep their earlier
-    measurement (each part records its own git commit, command and time), so one expensive part can be
-    re-measured alone. ``perf.md`` is rewritten from the merged file."""
+def _arguments(argv: list[str] | None):
+    """The command line, checked: ``(args, parts, protocol methods)``; an unknown part or method is an error that
+    lists the valid ones."""
     import argparse
-
-    from bench.runs import environment, now_iso, write_json
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2-135m")
@@ -625,29 +622,45 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(parts) - set(STEPS))
     if unknown:
         p.error(f"unknown part(s) {unknown}; valid: {', '.join(STEPS)}")
+    methods = {m.strip() for m in a.protocol_methods.split(",") if m.strip()}
+    if methods - set(PROTOCOL_METHODS):
+        p.error(f"unknown protocol method(s) {sorted(methods - set(PROTOCOL_METHODS))}; valid: {PROTOCOL_METHODS}")
+    return a, parts, methods
+
+
+def _step_arguments(a, fits: Path) -> dict[str, dict]:
+    """Each step's keyword arguments; the protocol steps of a method share its fits folder (see part_protocol)."""
+    kwargs = {"mc_ours": {"batch_size": a.batch_size}, "mc_lmeval": {"batch_size": a.batch_size},
+              "gen": {"new_tokens": 50, "rounds": a.gen_rounds}, "fit_loop": {"epochs": a.fit_epochs},
+              "fit_batched": {"epochs": a.fit_epochs, "compile": False},
+              "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True},
+              "decode": {"new_tokens": 50, "rounds": a.gen_rounds}}
+    for m in PROTOCOL_METHODS:
+        for suffix, legacy in (("_legacy", True), ("", False)):
+            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(fits / m)}
+    return kwargs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the requested parts and merge them into ``OUTPUT/perf.json``: parts not rerun keep their earlier
+    measurement (each part records its own git commit, command and time), so one expensive part can be
+    re-measured alone. ``perf.md`` is rewritten from the merged file."""
+    from bench.runs import environment, now_iso, write_json
+
+    a, parts, methods = _arguments(argv)
     out = Path(a.output)
     path = out / "perf.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     env = environment("cpu")
     command = "python -m bench.perf " + " ".join(argv if argv is not None else sys.argv[1:])
     common = {"model": a.model, "data_dir": a.data_dir, "limit": a.limit}
-    kwargs = {"mc_ours": {"batch_size": a.batch_size}, "mc_lmeval": {"batch_size": a.batch_size},
-              "gen": {"new_tokens": 50, "rounds": a.gen_rounds}, "fit_loop": {"epochs": a.fit_epochs},
-              "fit_batched": {"epochs": a.fit_epochs, "compile": False},
-              "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True},
-              "decode": {"new_tokens": 50, "rounds": a.gen_rounds}}
     fits = Path(tempfile.mkdtemp())  # each method's fits, shared by its two paths (see part_protocol)
-    for m in PROTOCOL_METHODS:
-        for suffix, legacy in (("_legacy", True), ("", False)):
-            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(fits / m)}
+    kwargs = _step_arguments(a, fits)
     function = {name: "fit_batched" if name == "fit_batched_compiled" else "protocol" if
                 name.startswith("protocol_") else name for name in kwargs}
     measured = dict(previous.get("parts", {}))
     if previous.get("parts") and any(v.get("model") != a.model for v in previous["parts"].values()):
         measured = {}  # another model's measurements are not comparable: start afresh
-    methods = {m.strip() for m in a.protocol_methods.split(",") if m.strip()}
-    if methods - set(PROTOCOL_METHODS):
-        p.error(f"unknown protocol method(s) {sorted(methods - set(PROTOCOL_METHODS))}; valid: {PROTOCOL_METHODS}")
     steps = [s for part in parts for s in STEPS[part]
              if not s.startswith("protocol_") or kwargs[s]["method"] in methods]
     try:
