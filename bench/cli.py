@@ -253,8 +253,9 @@ def layers(
     """Rank layers by the mean validation accuracy of per-head logistic probes (true vs false answers).
 
     This is the released FLORAIN code's layer-selection rule; it uses only the fold's train and validation questions.
-    Those are the other folds' test questions: a run chooses each fold's layer itself when ``--layer`` is left out,
-    so pass this layer to ``bench run --layer`` only for a run that is not evaluated on the other folds.
+    Those are the other folds' test questions: a run chooses each fold's layer itself when ``--layer`` is left out
+    (a paper model in the registry uses the paper's layer), so pass this layer to ``bench run --layer`` only for a
+    run that is not evaluated on the other folds.
     """
 
     import numpy as np
@@ -289,7 +290,8 @@ def layers(
     if folds > 1:
         others = ", ".join(str(k) for k in range(folds) if k != fold)
         console.print(f"chosen on fold {fold}'s training/validation questions, which are fold {others}'s test "
-                      f"questions: for a {folds}-fold run leave --layer out (each fold then chooses its own)")
+                      f"questions: for a {folds}-fold run leave --layer out (each fold then chooses its own; a paper "
+                      f"model in the registry uses the paper's layer)")
     if output:
         from bench.runs import write_json
 

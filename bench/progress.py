@@ -1,13 +1,15 @@
 """One progress helper for the harness's long loops (scoring, decoding, capture, the method fits).
 
-On a terminal it draws a transient rich bar. When the output is not a terminal (a ``nohup … > log`` run, a
-cluster job) a bar cannot draw, so it writes a plain line every ``BENCH_PROGRESS_SECONDS`` seconds (default 60)
-instead: a 50-minute fit shows where it is in its log. A loop shorter than that interval writes nothing. Without
-``rich`` (a bare torch + transformers machine, e.g. the GPU check) or without a label it shows nothing.
+Progress goes to stderr (stdout is for results: tables, JSON). On a terminal it is a transient rich bar. When
+stderr is not a terminal (a ``nohup … > log 2>&1`` run, a cluster job) a bar cannot draw, so it writes a plain
+line every ``BENCH_PROGRESS_SECONDS`` seconds (default 60) instead: a 50-minute fit shows where it is in its log.
+A loop shorter than that interval writes nothing. Without ``rich`` (a bare torch + transformers machine, e.g. the
+GPU check) or without a label it shows nothing.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -55,20 +57,26 @@ class LogLines:
                    f"{_clock(elapsed)} elapsed{left}{_fields(fields)}")
 
 
-def _interval() -> float:
+def interval() -> float:
+    """Seconds between plain progress lines: ``$BENCH_PROGRESS_SECONDS`` (a finite number ≥ 0) or 60."""
     raw = os.environ.get("BENCH_PROGRESS_SECONDS", "")
     try:
-        return float(raw) if raw else DEFAULT_SECONDS
+        value = float(raw) if raw else DEFAULT_SECONDS
     except ValueError:
-        raise ValueError(f"BENCH_PROGRESS_SECONDS must be a number of seconds, got {raw!r}") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"BENCH_PROGRESS_SECONDS must be a number of seconds ≥ 0, got {raw!r}")
+    return value
 
 
 @contextmanager
 def progress_bar(label: str | None, total: int, unit: str = "") -> Iterator[Advance]:
     """Yield ``advance(n=1, **fields)`` for a loop of ``total`` steps labelled ``label`` (nothing shown when
     ``None``); ``unit`` (e.g. ``" epochs"``) follows the count."""
+    seconds = interval()  # checked on every path, so a bad value is reported wherever the command runs
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     except ImportError:  # a bare torch + transformers machine (e.g. the GPU check)
         yield _noop
@@ -76,11 +84,12 @@ def progress_bar(label: str | None, total: int, unit: str = "") -> Iterator[Adva
     if label is None:
         yield _noop
         return
-    if not Console().is_terminal:
-        yield LogLines(label, total, unit, _interval(), lambda line: print(line, file=sys.stdout, flush=True)).advance
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield LogLines(label, total, unit, seconds, lambda line: print(line, file=sys.stderr, flush=True)).advance
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}" + unit + "{task.fields[text]}"), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(label, total=total, text="")
-        yield lambda n=1, **fields: bar.update(task, advance=n, text=_fields(fields))
+               TextColumn("{task.completed}/{task.total}" + escape(unit) + "{task.fields[text]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(escape(label), total=total, text="")
+        yield lambda n=1, **fields: bar.update(task, advance=n, text=escape(_fields(fields)))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bench.cli import app
@@ -32,14 +33,16 @@ def _poison(src: Path, dst: Path, test: set[int]) -> None:
 
 def _sweep(data: Path, out: Path) -> list[str]:
     args = ["sweep", "--method", "florain", "--param", "lam", "--values", "2,30", "--model", "{model}",
-            "--data-dir", str(data), "--limit", "12", "--set", "epochs=2", "--set", "rank=2", "--no-compile",
+            "--data-dir", str(data), "--limit", "12", "--set", "epochs=15", "--set", "lr=0.05", "--set", "rank=2", "--no-compile",
             "--output", str(out)]
     return args
 
 
 def test_a_fold_s_sweep_choice_never_reads_its_test_questions(tiny_dir, tqa_dir, tmp_path):
-    """Poisoning fold 0's test questions leaves fold 0's validation scores (every grid point; the layer is chosen
-    per fold inside each point) and its chosen value unchanged; fold 1, which trains on them, does change."""
+    """Poisoning fold 0's test questions leaves everything fold 0 chooses with unchanged: its layer (chosen inside
+    each grid point by the probe rule), its fitted maps, its validation scores and its chosen value."""
+    import torch
+
     test0 = set(make_folds(12, 2, 0.2, 42)[0].test)
     poisoned = tmp_path / "poisoned"
     _poison(tqa_dir / "truthfulqa" / "TruthfulQA.csv", poisoned / "truthfulqa" / "TruthfulQA.csv", test0)
@@ -54,6 +57,23 @@ def test_a_fold_s_sweep_choice_never_reads_its_test_questions(tiny_dir, tqa_dir,
     def val(sweep: dict, k: int) -> list[float]:
         return [next(f for f in p["folds"] if f["fold"] == k)["metrics"]["mc2"]["mean"] for p in sweep["points"]]
 
-    assert val(clean, 0) == pytest.approx(val(dirty, 0), abs=1e-6)
+    scores = val(clean, 0)
+    assert abs(scores[0] - scores[1]) > 1e-5  # the grid points differ (75x the tolerance below): not a tie
+    assert scores == pytest.approx(val(dirty, 0), abs=1e-6)
     assert clean["chosen"]["per_fold"]["0"] == dirty["chosen"]["per_fold"]["0"]
-    assert val(clean, 1) != pytest.approx(val(dirty, 1), abs=1e-6)  # the poisoning reaches what may read it
+    for point in ("lam=2", "lam=30"):
+        a, b = tmp_path / "clean" / point, tmp_path / "poisoned" / point
+        layers = [{k: v for k, v in json.loads((d / "fold_0.layer.json").read_text()).items() if k != "seconds"}
+                  for d in (a, b)]
+        assert layers[0] == layers[1] and "layer" in layers[0]
+        weights = sorted((a / "intervention_fold0").glob("*.safetensors"))
+        assert weights
+        for w in weights:
+            mine, theirs = load_file(w), load_file(b / "intervention_fold0" / w.name)
+            assert mine.keys() == theirs.keys()
+            for key in mine:  # poisoned texts change capture batches' padding: float rounding (≈2e-5 after 15
+                # epochs at this lr, on parameters of size 0.01–1); fold 1's maps, fitted on them, move by 0.05–0.5
+                torch.testing.assert_close(mine[key], theirs[key], rtol=1e-3, atol=1e-4)
+        # the check has teeth: fold 1 trains on fold 0's test questions, and its maps do move
+        mine, theirs = (load_file(d / "intervention_fold1" / "intervention.safetensors") for d in (a, b))
+        assert max(float((mine[k] - theirs[k]).abs().max()) for k in mine) > 1e-2
