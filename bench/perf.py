@@ -383,18 +383,21 @@ def carry_fits(src: Path, dst: Path) -> bool:
 
 
 def part_protocol(model: str, data_dir: str | None, limit: int | None, method: str, legacy: bool,
-                  fits: str | None = None) -> dict:
+                  fits: str | None = None, kl_windows: int | None = None) -> dict:
     """The full ``--task truthfulqa`` protocol of one method (fit included, timed apart) with the earlier code
     paths (``legacy``: HF ``generate`` on batches of :data:`LEGACY_GEN_BATCH`, as the earlier code ran it) or the
     current ones (the default settings); returns per-part seconds per fold, the metrics and every answer.
 
     ``fits``: a folder shared by both paths' measurements. The first to run fits each fold and leaves its fits
     there; the second evaluates those same interventions (``fit_reused``), so a method is fitted once and both
-    paths' answers come from one fitted edit."""
+    paths' answers come from one fitted edit. ``kl_windows``: KL/CE windows per fold (None: the run's default,
+    100, whatever ``limit`` says; fewer shorten a run on a larger model)."""
     from bench.runner import RunConfig, run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(method=method, model=model, task="truthfulqa", limit=limit, legacy_paths=legacy)
+        if kl_windows is not None:
+            cfg = replace(cfg, kl_windows=kl_windows)
         if legacy:
             cfg = replace(cfg, gen_batch_size=LEGACY_GEN_BATCH)
         folder = RunFolder(Path(tmp) / "run")
@@ -406,7 +409,8 @@ def part_protocol(model: str, data_dir: str | None, limit: int | None, method: s
         if fits is not None and not reused:
             carry_fits(folder.path, Path(fits))
         res, recs = folder.read_results(), folder.read_per_question()
-    return {"method": method, "legacy": legacy, "limit": limit, "seconds": seconds, "gen_batch_size": cfg.gen_batch_size,
+    return {"method": method, "legacy": legacy, "limit": limit, "kl_windows": cfg.kl_windows, "seconds": seconds,
+            "gen_batch_size": cfg.gen_batch_size,
             "fit_reused": reused, "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
             "answers": {str(r["index"]): r.get("answer") for r in recs},
             "mc2": {str(r["index"]): r.get("mc2") for r in recs}}
@@ -538,7 +542,7 @@ def _protocol_lines(parts: dict) -> list[str]:
     """The protocol section: per method, each part's seconds (both folds) with the earlier and current code paths,
     the ratio, the share of identical answers and the largest metric difference."""
     lines = ["## Full TruthfulQA protocol, earlier vs current code paths", "",
-             "`--task truthfulqa` (MC1/2/3, generation + judge, answer fluency, KL/CE on 100 windows), 2-fold CV, "
+             "`--task truthfulqa` (MC1/2/3, generation + judge, answer fluency, KL/CE; windows per method), 2-fold CV, "
              "both folds; the fit is timed apart and excluded from the ratio. Earlier path: HF `generate` on "
              "left-padded batches and the output embedding fed strided slices (`RunConfig.legacy_paths`); "
              "current: the shared prefix computed once, continuous batching, an in-place KV cache. Each path's "
@@ -548,7 +552,8 @@ def _protocol_lines(parts: dict) -> list[str]:
         if not old or not new:
             continue
         batches = "; generation batch: earlier {}, current {}".format(*(r.get("gen_batch_size", 32) for r in (old, new)))
-        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches})", "",
+        windows = f"; KL/CE windows: {new.get('kl_windows') or 100}"
+        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches}{windows})", "",
                   "| part | earlier (s) | current (s) | speed-up |", "|---|---|---|---|"]
         for key in ("mc_s", "gen_s", "fluency_s", "klce_s", "eval_s"):
             a, b = (sum(f.get(key, 0.0) for f in r["folds"]) for r in (old, new))
@@ -616,8 +621,12 @@ def _arguments(argv: list[str] | None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--protocol-methods", default=",".join(PROTOCOL_METHODS),
                    help="methods the protocol part runs (each with both code paths)")
+    p.add_argument("--kl-windows", type=int, default=None,
+                   help="protocol part: KL/CE windows per fold (default: the run's 100, whatever --limit says)")
     p.add_argument("--output", default="results")
     a = p.parse_args(argv)
+    if a.kl_windows is not None and a.kl_windows < 1:
+        p.error(f"--kl-windows must be ≥ 1, got {a.kl_windows}")
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(STEPS))
     if unknown:
@@ -637,7 +646,8 @@ def _step_arguments(a, fits: Path) -> dict[str, dict]:
               "decode": {"new_tokens": 50, "rounds": a.gen_rounds}}
     for m in PROTOCOL_METHODS:
         for suffix, legacy in (("_legacy", True), ("", False)):
-            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(fits / m)}
+            kwargs[f"protocol_{m}{suffix}"] = {"method": m, "legacy": legacy, "fits": str(fits / m),
+                                               "kl_windows": a.kl_windows}
     return kwargs
 
 

@@ -2,6 +2,7 @@
 protocol part's fit carried from one code path to the other (the tiny model)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,14 @@ def test_protocol_section_shows_a_shared_fit_once_and_keeps_it_out_of_the_ratio(
     assert "| eval | 74.0 | 44.0 | 1.68× |" in text
     assert "| fit (once, by the current path; the other evaluated the same fitted edit) | 200.0 | 200.0 | |" in text
     assert "earlier 16, current 64" in text
+    assert "KL/CE windows: 100)" in text  # measurements that predate the option ran the default
+    parts = {k: {**v, "kl_windows": 20, "limit": 60} for k, v in parts.items()}
+    assert "### florain (limit: 60; generation batch: earlier 16, current 64; KL/CE windows: 20)" in perf._protocol_lines(parts)
+
+
+def test_kl_windows_reach_the_protocol_steps_and_bad_values_are_refused():
+    args, _, _ = perf._arguments(["--parts", "protocol", "--kl-windows", "20"])
+    steps = perf._step_arguments(args, Path("fits"))
+    assert {steps[f"protocol_{m}{s}"]["kl_windows"] for m in perf.PROTOCOL_METHODS for s in ("", "_legacy")} == {20}
+    with pytest.raises(SystemExit):
+        perf._arguments(["--kl-windows", "0"])
