@@ -31,11 +31,10 @@ def _poison(src: Path, dst: Path, test: set[int]) -> None:
         (dst.parent / f.name).write_text(f.read_text())
 
 
-def _sweep(data: Path, out: Path) -> list[str]:
-    args = ["sweep", "--method", "florain", "--param", "lam", "--values", "2,30", "--model", "{model}",
-            "--data-dir", str(data), "--limit", "12", "--set", "epochs=15", "--set", "lr=0.05", "--set", "rank=2", "--no-compile",
-            "--output", str(out)]
-    return args
+def _sweep(model: Path, data: Path, out: Path) -> list[str]:
+    return ["sweep", "--method", "florain", "--param", "lam", "--values", "2,30", "--model", str(model),
+            "--data-dir", str(data), "--limit", "12", "--set", "epochs=15", "--set", "lr=0.05", "--set", "rank=2",
+            "--no-compile", "--output", str(out)]
 
 
 def test_a_fold_s_sweep_choice_never_reads_its_test_questions(tiny_dir, tqa_dir, tmp_path):
@@ -48,8 +47,7 @@ def test_a_fold_s_sweep_choice_never_reads_its_test_questions(tiny_dir, tqa_dir,
     _poison(tqa_dir / "truthfulqa" / "TruthfulQA.csv", poisoned / "truthfulqa" / "TruthfulQA.csv", test0)
     sweeps = []
     for data, name in ((tqa_dir, "clean"), (poisoned, "poisoned")):
-        args = [str(tiny_dir) if a == "{model}" else a for a in _sweep(data, tmp_path / name)]
-        r = runner.invoke(app, args)
+        r = runner.invoke(app, _sweep(tiny_dir, data, tmp_path / name))
         assert r.exit_code == 0, r.output
         sweeps.append(json.loads((tmp_path / name / "sweep.json").read_text()))
     clean, dirty = sweeps
