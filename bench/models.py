@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from bench.attention import use_grouped, use_plain
 from bench.paths import cache_dir
 from bench.spec import ModelSpec
 
@@ -219,6 +220,14 @@ class LoadedModel:
     default_layer: int | None = None
     head_hook: object = field(default=None, repr=False)  # handle of :func:`contiguous_head_input` (remove() undoes it)
 
+    def use_earlier_paths(self) -> None:
+        """Undo what :func:`finish_loading` set up for speed (the output-head hook, grouped attention): the model
+        then runs as transformers loads it, as the earlier code path did (``RunConfig.legacy_paths``)."""
+        if self.head_hook is not None:
+            self.head_hook.remove()
+            self.head_hook = None
+        use_plain(self.model)
+
 
 def contiguous_head_input(_module: torch.nn.Module, args: tuple) -> tuple:
     """Pre-hook of the output embedding: transformers hands it the kept positions (``logits_to_keep``) as a
@@ -230,13 +239,15 @@ def contiguous_head_input(_module: torch.nn.Module, args: tuple) -> tuple:
 
 def finish_loading(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: str,
                    default_layer: int | None) -> LoadedModel:
-    """Inference mode (eval, no gradients), a pad token, the output-embedding hook, wrapped with its spec."""
+    """Inference mode (eval, no gradients), a pad token, the output-embedding hook, grouped attention
+    (:mod:`bench.attention`), wrapped with its spec."""
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     head = model.get_output_embeddings()
     hook = head.register_forward_pre_hook(contiguous_head_input) if head is not None else None
+    use_grouped(model)
     return LoadedModel(model, tokenizer, ModelSpec.from_model(model), name, identity, default_layer, hook)
 
 
@@ -248,7 +259,7 @@ def shared_models() -> Iterator[None]:
     """Within the block, :func:`load_model` returns one model per (name, device, dtype): the consecutive runs of a
     job (:mod:`bench.cells`) load their model once. Runs only read a model (an intervention is a hook removed after
     use), so sharing it does not change a number; the one run setting that changes the loaded model
-    (``legacy_paths`` removes its output-head hook) loads its own."""
+    (``legacy_paths``: :meth:`LoadedModel.use_earlier_paths`) loads its own."""
     global _SHARED
     outer = _SHARED
     _SHARED = {} if outer is None else outer

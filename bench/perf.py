@@ -13,7 +13,8 @@ other on the same machine, so that its peak memory (max RSS) is its own; results
   vs :func:`bench.decoding.decode`, against this machine's measured read-bandwidth and matrix-multiply bounds.
 * ``protocol``: the full ``--task truthfulqa`` protocol for ``none``, ``caa`` and ``florain`` with the earlier
   code paths (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers,
-  metric differences; a method is fitted once and both paths evaluate that fit.
+  metric differences; a method is fitted once and both paths evaluate that fit. Each part's model work is counted
+  (:func:`counted_parts`), which bounds the speed-up that running the same arithmetic faster could reach.
 * ``fit``: the FLORAIN fit of all heads of one layer (both folds) batched over heads, vs a per-head sequential
   loop shaped like the released code (an explicit D×D matrix per sample, a validation pass and best-epoch
   bookkeeping per head and epoch).
@@ -102,6 +103,31 @@ def counted_work(lm) -> Iterator[dict]:
         for h in handles:
             h.remove()
         work["flops"] = _flops(work, _weights(lm))
+
+
+@contextmanager
+def counted_parts(work: dict[str, dict]) -> Iterator[None]:
+    """While the block runs, each task part's evaluation (every fold of every run) adds the work of the run's model
+    (:func:`counted_work`) to ``work[part name]``; the judge's and other instruments' own models are not counted."""
+    from bench.tasks.base import PARTS
+
+    registered = dict(PARTS)
+
+    def counting(part):
+        def evaluate(state, k, items, iv):
+            with counted_work(state.lm) as w:
+                res = part.evaluate(state, k, items, iv)
+            total = work.setdefault(part.name, {})
+            for key, v in w.items():
+                total[key] = total.get(key, 0) + v
+            return res
+        return replace(part, evaluate=evaluate)
+
+    PARTS.update({name: counting(part) for name, part in registered.items()})
+    try:
+        yield
+    finally:
+        PARTS.update(registered)
 
 
 def lm_eval_work(lm, questions, batch_size: int) -> dict:
@@ -386,7 +412,8 @@ def part_protocol(model: str, data_dir: str | None, limit: int | None, method: s
                   fits: str | None = None, kl_windows: int | None = None) -> dict:
     """The full ``--task truthfulqa`` protocol of one method (fit included, timed apart) with the earlier code
     paths (``legacy``: HF ``generate`` on batches of :data:`LEGACY_GEN_BATCH`, as the earlier code ran it) or the
-    current ones (the default settings); returns per-part seconds per fold, the metrics and every answer.
+    current ones (the default settings); returns per-part seconds per fold, the metrics, every answer, each part's
+    model work (:func:`counted_parts`) and this machine's matrix-multiply rate measured just before the run.
 
     ``fits``: a folder shared by both paths' measurements. The first to run fits each fold and leaves its fits
     there; the second evaluates those same interventions (``fit_reused``), so a method is fitted once and both
@@ -402,14 +429,17 @@ def part_protocol(model: str, data_dir: str | None, limit: int | None, method: s
             cfg = replace(cfg, gen_batch_size=LEGACY_GEN_BATCH)
         folder = RunFolder(Path(tmp) / "run")
         reused = fits is not None and carry_fits(Path(fits), folder.path)
+        gflop_s, work = _matmul_gflop_s(), {}
         t = time.perf_counter()
-        run(cfg, folder.path, data_dir=data_dir, resume=reused,
-            echo=lambda msg: print(msg, file=sys.stderr, flush=True))
+        with counted_parts(work):
+            run(cfg, folder.path, data_dir=data_dir, resume=reused,
+                echo=lambda msg: print(msg, file=sys.stderr, flush=True))
         seconds = time.perf_counter() - t
         if fits is not None and not reused:
             carry_fits(folder.path, Path(fits))
         res, recs = folder.read_results(), folder.read_per_question()
     return {"method": method, "legacy": legacy, "limit": limit, "kl_windows": cfg.kl_windows, "seconds": seconds,
+            "work": work, "matmul_gflop_s": gflop_s,
             "gen_batch_size": cfg.gen_batch_size,
             "fit_reused": reused, "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
             "answers": {str(r["index"]): r.get("answer") for r in recs},
@@ -553,11 +583,8 @@ def _protocol_lines(parts: dict) -> list[str]:
             continue
         batches = "; generation batch: earlier {}, current {}".format(*(r.get("gen_batch_size", 32) for r in (old, new)))
         windows = f"; KL/CE windows: {new.get('kl_windows') or 100}"
-        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches}{windows})", "",
-                  "| part | earlier (s) | current (s) | speed-up |", "|---|---|---|---|"]
-        for key in ("mc_s", "gen_s", "fluency_s", "klce_s", "eval_s"):
-            a, b = (sum(f.get(key, 0.0) for f in r["folds"]) for r in (old, new))
-            lines.append(f"| {key[:-2]} | {a:.1f} | {b:.1f} | {a / b:.2f}× |" if b > 0 else f"| {key[:-2]} | {a:.1f} | {b:.1f} | |")
+        lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches}{windows})", ""]
+        lines += _protocol_table(old, new)
         lines.append(_fit_row(old, new))
         same = sum(old["answers"][k] == new["answers"].get(k) for k in old["answers"])
         diffs = {k: abs(old["metrics"][k]["mean"] - new["metrics"][k]["mean"])
@@ -566,7 +593,65 @@ def _protocol_lines(parts: dict) -> list[str]:
         lines += ["", f"Identical answers: {same} of {len(old['answers'])}. Largest metric difference: "
                   + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + f". Earlier {_stamp(old)}; current "
                   f"{_stamp(new)}.", ""]
+        lines += _protocol_bound(old, new)
     return lines
+
+
+#: The protocol's evaluated parts, in the order a fold runs them.
+PROTOCOL_PARTS = ("mc", "gen", "fluency", "klce")
+
+
+def _seconds(r: dict, key: str) -> float:
+    """A timing summed over a measurement's folds (``gen``: decoding alone when the judge's share is known)."""
+    total = lambda k: sum(f.get(k, 0.0) for f in r["folds"])  # noqa: E731
+    return total("gen_s") - total("judge_s") if key == "gen" and _judged(r) else total(f"{key}_s")
+
+
+def _judged(r: dict) -> bool:
+    return all("judge_s" in f for f in r["folds"])
+
+
+def _protocol_table(old: dict, new: dict) -> list[str]:
+    """Per part: seconds with both paths and their ratio; with work counts, each path's TFLOP, the current path's
+    achieved rate and its time at the measured matrix-multiply rate. ``gen`` is decoding; ``judge`` its verdicts."""
+    work = bool(old.get("work") and new.get("work"))
+    head = "| part | earlier (s) | current (s) | speed-up |"
+    if work:
+        head += " TFLOP (earlier / current) | current GFLOP/s | current at the matmul rate (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    names = [*PROTOCOL_PARTS[:2], *(["judge"] if _judged(old) and _judged(new) else []), *PROTOCOL_PARTS[2:], "eval"]
+    for name in names:
+        a, b = _seconds(old, name), _seconds(new, name)
+        cells = [name, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}×" if b > 0 else ""]
+        parts = PROTOCOL_PARTS if name == "eval" else (name,) if name in PROTOCOL_PARTS else ()
+        if work and parts:
+            fa, fb = _tflop(old, parts), _tflop(new, parts)
+            model_s = b - (_seconds(new, "judge") if name == "eval" and _judged(new) else 0.0)
+            cells += [f"{fa:.1f} / {fb:.1f}", f"{1e3 * fb / model_s:.0f}", f"{1e3 * fb / new['matmul_gflop_s']:.1f}"]
+        elif work:
+            cells += ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tflop(r: dict, parts: tuple[str, ...]) -> float:
+    return sum(r["work"].get(p, {}).get("flops", 0.0) for p in parts) / 1e12
+
+
+def _protocol_bound(old: dict, new: dict) -> list[str]:
+    """The speed-up the current path's arithmetic allows at this machine's matrix-multiply rate."""
+    if not (old.get("work") and new.get("work")):
+        return []
+    rate, judge = new["matmul_gflop_s"], _seconds(new, "judge") if _judged(new) else 0.0
+    arithmetic = 1e3 * _tflop(new, PROTOCOL_PARTS) / rate
+    earlier = _seconds(old, "eval")
+    return [f"Bound: at the fp32 matrix-multiply rate measured in the same process ({rate:.0f} GFLOP/s, best of 5 "
+            f"2048² products), the current path's arithmetic ({_tflop(new, PROTOCOL_PARTS):.1f} TFLOP through the "
+            f"run's model: tokens through its weights, logit rows, attention pairs; the earlier path's: "
+            f"{_tflop(old, PROTOCOL_PARTS):.1f}) takes at least {arithmetic:.0f} s"
+            + (f", and the judge took {judge:.0f} s" if judge else "") + f". Running this arithmetic faster could "
+            f"make the earlier path's {earlier:.0f} s at most **{earlier / (arithmetic + judge):.2f}×** faster; a "
+            "larger speed-up needs less arithmetic.", ""]
 
 
 def _fit_row(old: dict, new: dict) -> str:

@@ -81,7 +81,8 @@ class RunConfig:
     eval_folds: list[int] | None = None  # evaluate only these folds (None: all), e.g. [0] for a quick check
     mc_edit_offset: int = 0  # MC: edit from answer token N on, so answer tokens 0..N are scored unintervened (ITI: 1)
     #: the code paths before the speed work (HF ``generate`` on left-padded batches, no shared prefix, the output
-    #: embedding fed strided slices): the same numbers up to float ties, kept for ``python -m bench.perf``
+    #: embedding fed strided slices, key/value heads copied per query head): the same numbers up to float ties,
+    #: kept for ``python -m bench.perf``
     legacy_paths: bool = False
     compile: bool = True  # torch.compile a method's training step where it has one (FLORAIN): float noise only
 
@@ -414,8 +415,8 @@ def _run(cfg: RunConfig, output: Path | None, data_dir: str | None, resume: bool
     inputs = task.inputs(cfg, data_dir, echo)
     prepared = {p: PARTS[p].prepare(cfg, data_dir, echo) for p in task.parts if PARTS[p].prepare}
     lm = load_model(cfg.model, cfg.device, cfg.dtype, shared=not cfg.legacy_paths)  # legacy_paths edits the model
-    if cfg.legacy_paths and lm.head_hook is not None:
-        lm.head_hook.remove()
+    if cfg.legacy_paths:
+        lm.use_earlier_paths()
     env = environment(str(next(lm.model.parameters()).device))  # read at the start: the code that runs
     if method.needs_layer:
         if cfg.layer is None:

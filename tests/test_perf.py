@@ -122,3 +122,36 @@ def test_kl_windows_reach_the_protocol_steps_and_bad_values_are_refused():
     assert {steps[f"protocol_{m}{s}"]["kl_windows"] for m in perf.PROTOCOL_METHODS for s in ("", "_legacy")} == {20}
     with pytest.raises(SystemExit):
         perf._arguments(["--kl-windows", "0"])
+
+
+def test_protocol_section_splits_the_judge_off_and_bounds_the_speedup_by_the_arithmetic():
+    folds = [{"mc_s": 10.0, "gen_s": 24.0, "judge_s": 4.0, "fluency_s": 3.0, "klce_s": 3.0, "eval_s": 40.0,
+              "fit_s": 0.0}] * 2
+    fast = [{**f, "gen_s": 9.0, "eval_s": 25.0} for f in folds]
+    work = lambda tf: {p: {"flops": tf * 1e12} for p in ("mc", "gen", "fluency", "klce")}  # noqa: E731
+    common = {"method": "none", "limit": None, "metrics": {"mc2": {"mean": 0.4}}, "answers": {"0": "Yes."},
+              "command": "x", "finished": "2026-12-03T10:00:00", "git": {"commit": "abc"}, "fit_reused": False}
+    parts = {"protocol_none": {**common, "legacy": False, "folds": fast, "work": work(0.5), "matmul_gflop_s": 100.0},
+             "protocol_none_legacy": {**common, "legacy": True, "folds": folds, "work": work(1.0),
+                                      "matmul_gflop_s": 100.0}}
+    text = "\n".join(perf._protocol_lines(parts))
+    # decoding alone: 2 × (24 - 4) = 40 s earlier, 2 × (9 - 4) = 10 s current; 0.5 TFLOP in 10 s = 50 GFLOP/s,
+    # 5 s at 100 GFLOP/s
+    assert "| gen | 40.0 | 10.0 | 4.00× | 1.0 / 0.5 | 50 | 5.0 |" in text
+    assert "| judge | 8.0 | 8.0 | 1.00× |  |  |  |" in text
+    assert "| eval | 80.0 | 50.0 | 1.60× | 4.0 / 2.0 | 48 | 20.0 |" in text  # 2 TFLOP in 50 - 8 s
+    # 2 TFLOP at 100 GFLOP/s = 20 s, plus the judge's 8 s: 80 s could become 28 s at best
+    assert "takes at least 20 s, and the judge took 8 s" in text and "**2.86×**" in text
+
+
+def test_counted_parts_counts_each_parts_model_work_and_restores_the_parts(tiny_dir, tqa_dir, tmp_path):
+    from bench.runner import RunConfig, run
+    from bench.tasks.base import PARTS
+
+    before = dict(PARTS)
+    work: dict = {}
+    with perf.counted_parts(work):
+        run(RunConfig(method="none", model=str(tiny_dir), task="truthfulqa-mc", folds=2, limit=8),
+            tmp_path / "run", str(tqa_dir), echo=lambda m: None)
+    assert set(work) == {"mc"} and work["mc"]["forward_passes"] > 0 and work["mc"]["flops"] > 0
+    assert PARTS == before

@@ -4,6 +4,8 @@ TruthfulQA questions (``--limit``: the first N), split into cross-validation fol
 
 from __future__ import annotations
 
+import time
+
 from bench.data.truthfulqa import Question, checksum, load_truthfulqa, make_folds
 from bench.generation import answer_context, clean_answer, gen_prompt, generate
 from bench.judges import JudgeItem, get_judge, judge_names, judge_saved
@@ -72,16 +74,19 @@ def gen(state, k: int, qs: list[Question], iv) -> dict:
     skip = {i for i, q in enumerate(qs) if q.index in done}
     generate(state.lm, prompts, iv, cfg.max_new_tokens or 50, cfg.gen_batch_size, on_batch=save, skip=skip,
              progress=f"fold {k} generation ({len(qs)} questions)", prefix_cache=not cfg.legacy_paths)
+    t = time.perf_counter()
     verdicts = judge_saved(judge(state), verdict_file,
                            {q.index: JudgeItem(q.question, done[q.index]["answer"], q.correct, q.incorrect)
                             for q in qs})
+    judge_s = time.perf_counter() - t
     recs = []
     for q in qs:
         v = verdicts[q.index]
         recs.append({"index": q.index, "question": q.question, "answer": done[q.index]["answer"],
                      "p_true": v["p_true"], "p_info": v["p_info"],
                      "true": v["p_true"] >= 0.5, "info": v["p_info"] >= 0.5})
-    return {"metrics": generation_metrics([r["true"] for r in recs], [r["info"] for r in recs]), "records": recs}
+    return {"metrics": generation_metrics([r["true"] for r in recs], [r["info"] for r in recs]), "records": recs,
+            "judge_s": judge_s}
 
 
 def fluency(state, k: int, qs: list[Question], iv) -> dict:
@@ -115,7 +120,12 @@ def _record_judge(state, folds: list[dict], results: dict) -> None:
 
 
 register_part(Part("mc", mc, MC, settings=("prompt_mode", "mc_edit_offset")))
-register_part(Part("gen", gen, GEN, finish=_record_judge, problems=_judge_problems,
+def _gen_record(res: dict) -> dict:
+    """The judge's share of the part's seconds (``judge_s``; absent from parts saved before it was recorded)."""
+    return {"timings": {"judge_s": res["judge_s"]}} if "judge_s" in res else {}
+
+
+register_part(Part("gen", gen, GEN, fold_record=_gen_record, finish=_record_judge, problems=_judge_problems,
                    settings=("gen_preset", "judge", "gen_batch_size")))
 register_part(Part("fluency", fluency, (ANSWER_NLL, EMPTY_SHARE), reads="gen"))
 
