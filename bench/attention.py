@@ -1,15 +1,26 @@
-"""Grouped-query attention on CPU without copying key/value heads.
+"""Attention that copies nothing it can share: grouped key/value heads on CPU, and a shared prompt prefix.
 
 transformers' SDPA attention copies every key/value head once per query head of its group (``repeat_kv``) whenever
 an attention mask is given and more than one token is fed, because CUDA's fast kernels refuse a mask with grouped
 heads. On CPU torch computes grouped heads itself (``enable_gqa``) with a mask, and the copy is what costs: on
 smollm2-135m (9 query heads over 3 key/value heads) the scorer's and the decoder's multi-token passes over a
 cached context spent more time copying keys and values than attending. :func:`grouped_sdpa` is that attention
-with the copy left out; its outputs are bit-identical to transformers' (tested). Only torch and transformers are
-needed (the GPU check imports this module on a bare machine).
+with the copy left out; its outputs are bit-identical to transformers' (tested).
+
+Inside :func:`prefix_attention` every query also attends to the keys and values of a prefix that all rows share
+(TruthfulQA's instruction and primer), held once (batch 1) instead of copied into every row's KV cache. The two
+parts are combined by their softmax normalisers, exactly as one softmax over both (cascade attention): each row
+computes what it would with the prefix in its own cache, up to float summation order, while the rows' caches, the
+copies that build them and the keys each step reads shrink from prefix + own tokens to own tokens.
+
+Only torch and transformers are needed (the GPU check imports this module on a bare machine).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +36,16 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, except that a masked call on CPU with grouped key/value heads lets torch
-    group the heads (``enable_gqa``) instead of copying keys and values per query head. Everything else (no
-    mask, one key/value head per query head, other devices, soft-capping, position biases) is transformers' own."""
+    group the heads (``enable_gqa``) instead of copying keys and values per query head, and that inside
+    :func:`prefix_attention` the queries also attend to the shared prefix (:func:`_cascade`, on any device).
+    Everything else (no mask, one key/value head per query head, other devices, soft-capping, position biases)
+    is transformers' own."""
+    prefix = _PREFIX.get()
+    if prefix is not None:
+        if any(kwargs.get(k) is not None for k in ("softcap", "position_bias")) or dropout:
+            raise NotImplementedError("prefix attention supports plain scaled dot-product attention only")
+        keys, values = prefix[module.layer_idx]
+        return _cascade(query, key, value, attention_mask, keys, values, scaling), None
     plain = (query.device.type != "cpu" or attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1
              or any(kwargs.get(k) is not None for k in ("softcap", "position_bias")) or kwargs.get("output_attentions"))
     if plain:
@@ -54,3 +73,69 @@ def use_plain(model: torch.nn.Module) -> None:
     """Undo :func:`use_grouped` (back to transformers' SDPA attention)."""
     if getattr(model.config, "_attn_implementation", None) == NAME:
         model.set_attn_implementation("sdpa")
+
+
+#: Per layer, the shared prefix's ``(keys, values)`` ``[1, kv_heads, P, head_dim]`` (None: no prefix attention).
+_PREFIX: ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar("prefix", default=None)
+
+
+def supports_prefix(model: torch.nn.Module) -> bool:
+    """Whether :func:`prefix_attention` can act on ``model``: it runs :func:`grouped_sdpa` and its attention
+    applies no soft-capping (a model on another implementation shares no prefix: its rows hold their whole prompt)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return (getattr(model.config, "_attn_implementation", None) == NAME
+            and getattr(cfg, "attn_logit_softcapping", None) is None)
+
+
+def prefix_length() -> int:
+    """Tokens of the prefix every query attends to now (0 outside :func:`prefix_attention`)."""
+    layers = _PREFIX.get()
+    return layers[0][0].shape[-2] if layers else 0
+
+
+@contextmanager
+def prefix_attention(cache, length: int) -> Iterator[None]:
+    """Within the block, every query of :func:`grouped_sdpa` also attends to ``cache``'s keys and values (a
+    transformers cache of batch 1 holding the ``length`` prefix tokens, which come before every row's own, whose
+    positions must count them). The rows' own caches and attention masks then cover their own tokens only."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    if any(k.shape[-2] != length for k, _ in layers):
+        raise ValueError(f"the shared prefix ({length} tokens) is longer than a layer's sliding window (that layer's "
+                         "cache holds only its end): share a shorter prefix, or none")
+    token = _PREFIX.set(layers)
+    try:
+        yield
+    finally:
+        _PREFIX.reset(token)
+
+
+def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+             prefix_keys: torch.Tensor, prefix_values: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Attention of ``query [n, heads, q, d]`` over the shared prefix (``[1, kv_heads, P, d]``, visible to all)
+    and each row's own ``key``/``value`` (``[n, kv_heads, s, d]``, under ``mask`` ``[n, 1, q, s]``, True: visible;
+    None: causal), in float32; returns ``[n, q, heads, d]`` in the query's dtype."""
+    n, heads, q, d = query.shape
+    kv_heads, s = key.shape[1], key.shape[2]
+    g = heads // kv_heads
+    scale = scaling if scaling is not None else d ** -0.5
+    grouped = query.float().reshape(n, kv_heads, g * q, d) * scale  # query heads grouped by their key/value head
+    # the prefix: one product over every row's queries
+    flat = grouped.transpose(0, 1).reshape(kv_heads, n * g * q, d)
+    shared = flat @ prefix_keys[0].float().transpose(1, 2)  # [kv_heads, n·g·q, P]
+    m1 = shared.amax(-1, keepdim=True)
+    e1 = (shared - m1).exp()
+    o1 = (e1 @ prefix_values[0].float()).reshape(kv_heads, n, g * q, d).transpose(0, 1)
+    m1, l1 = (t.reshape(kv_heads, n, g * q, 1).transpose(0, 1) for t in (m1, e1.sum(-1, keepdim=True)))
+    # each row's own tokens
+    own = grouped @ key.float().transpose(2, 3)  # [n, kv_heads, g·q, s]
+    if mask is None:
+        mask = torch.ones(q, s, dtype=torch.bool, device=query.device).tril(s - q)[None, None]
+    visible = mask.bool().reshape(mask.shape[0], mask.shape[1], 1, q, s).expand(-1, -1, g, -1, -1)
+    own = own.masked_fill(~visible.reshape(visible.shape[0], visible.shape[1], g * q, s), float("-inf"))
+    m2 = own.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # a row seeing none of its own
+    e2 = (own - m2).exp()
+    o2, l2 = e2 @ value.float(), e2.sum(-1, keepdim=True)
+    m = torch.maximum(m1, m2)
+    w1, w2 = (m1 - m).exp(), (m2 - m).exp()
+    out = (o1 * w1 + o2 * w2) / (l1 * w1 + l2 * w2)  # [n, kv_heads, g·q, d]
+    return out.reshape(n, heads, q, d).transpose(1, 2).contiguous().to(query.dtype)

@@ -3,24 +3,27 @@
 distinct prompt is prefilled once (a toxicity prompt's 25 samples share one prefill), and rows leave the batch as
 soon as they finish (EOS or a stop string), so a batch costs the sum of its answers' lengths, not its longest.
 
-Layout of a batch row in the cache: ``[shared prefix | padding | the rest of its prompt | generated tokens]``;
-the padding slots are masked and every token keeps its true position (``position_ids``), so a row computes what
-it would alone, up to floating-point summation order. The intervention acts where the plain path's does: at the
-last position of every forward call (the last prompt token, then every generated token); a weight-like edit
-(``position_policy == "all"``) also edits the shared prefix.
+The shared prefix's keys and values are held once and every row attends to them through
+:func:`bench.attention.prefix_attention`; a batch row's own cache is ``[padding | the rest of its prompt |
+generated tokens]``, the padding slots masked, and every token keeps its true position (``position_ids``), so a
+row computes what it would alone, up to floating-point summation order (a model whose attention cannot share the
+prefix, :func:`bench.attention.supports_prefix`, shares none: each row holds its whole prompt). The intervention
+acts where the plain path's does: at the last position of every forward call (the last prompt token, then every
+generated token); a weight-like edit (``position_policy == "all"``) also edits the shared prefix.
 
 Only torch and transformers are needed (the GPU check runs this module on a bare machine).
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from bench.attention import prefix_attention, supports_prefix
 
 #: ``pick(logits, rows, steps)``: the next token of each row being decoded (``logits``: ``[n, vocab]`` float32 of
 #: rows ``rows``; ``steps``: each row's index of the token being chosen).
@@ -78,7 +81,7 @@ def common_length(seqs: Sequence[Sequence[int]]) -> int:
 @torch.no_grad()
 def shared_prefix(lm, seqs: Sequence[Sequence[int]], intervention=None) -> Prefix:
     """Run the prefix shared by all ``seqs`` once (edited only by an intervention that edits every position)."""
-    p = common_length(seqs)
+    p = common_length(seqs) if supports_prefix(lm.model) else 0
     if p == 0:
         return Prefix(0, None)
     device = next(lm.model.parameters()).device
@@ -175,8 +178,9 @@ class _Batch:
 
 
 def _prefill(lm, rows: list[int], seqs: Sequence[Sequence[int]], prefix: Prefix, pad: int) -> _Batch:
-    """Prefill each distinct prompt of ``rows`` once (left-padded after the shared prefix) and give every row its
-    prompt's cache row and last-token logits."""
+    """Prefill each distinct prompt of ``rows`` once (its tokens after the shared prefix, left-padded; the prefix
+    is attended through :func:`prefix_attention`, active around the call) and give every row its prompt's cache
+    row and last-token logits."""
     model, p = lm.model, prefix.length
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
@@ -184,20 +188,14 @@ def _prefill(lm, rows: list[int], seqs: Sequence[Sequence[int]], prefix: Prefix,
     suffixes = list(distinct)
     w = max(len(s) for s in suffixes)
     ids = torch.full((len(suffixes), w), pad, dtype=torch.long)
-    attn = torch.zeros(len(suffixes), p + w, dtype=torch.long)
+    attn = torch.zeros(len(suffixes), w, dtype=torch.long)
     pos = torch.zeros(len(suffixes), w, dtype=torch.long)
     for j, s in enumerate(suffixes):
         ids[j, w - len(s):] = torch.tensor(s)
-        attn[j, :p] = 1
-        attn[j, p + w - len(s):] = 1
+        attn[j, w - len(s):] = 1
         pos[j, w - len(s):] = p + torch.arange(len(s))
-    kwargs = {}
-    if prefix.cache is not None:
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(suffixes))
-        kwargs[cache_kwarg(model)] = cache
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                use_cache=True, logits_to_keep=1, **kwargs)
+                use_cache=True, logits_to_keep=1)
     state = _Batch(list(range(len(suffixes))), _cache_of(out), attn.to(device),
                    torch.tensor([p + len(s) for s in suffixes], device=device), out.logits[:, -1].float())
     if source != state.rows:
@@ -238,7 +236,8 @@ def decode(lm, seqs: Sequence[Sequence[int]], prefix: Prefix, max_new_tokens: in
     pending, kwarg, state = list(range(len(seqs)))[::-1], cache_kwarg(model), None
     done: set[int] = set()
     continuous = sliding_window(model) is None  # joined rows' slots must stay within a sliding window: not mixed
-    with _edit(lm, intervention, "last"):
+    shared = prefix_attention(prefix.cache, prefix.length) if prefix.cache is not None else nullcontext()
+    with _edit(lm, intervention, "last"), shared:
         while pending or state is not None:
             live = 0 if state is None else len(state.rows) - len(done & set(state.rows))
             if pending and (state is None or continuous and live <= batch_size // 2):

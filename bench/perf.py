@@ -81,7 +81,10 @@ def _flops(work: dict, weights: dict) -> float:
 @contextmanager
 def counted_work(lm) -> Iterator[dict]:
     """Counts, while the block runs, what the model computes: token positions fed (padding included), logit rows,
-    and query × key-slot pairs of attention (masked slots included: they are computed too); ``flops`` on exit."""
+    and query × key-slot pairs of attention (masked slots and a shared prefix's included: they are computed too);
+    ``flops`` on exit."""
+    from bench.attention import prefix_length
+
     work = {"forward_passes": 0, "tokens": 0, "logit_rows": 0, "attention_pairs": 0}
 
     def body_pre(module, args, kwargs):
@@ -90,7 +93,7 @@ def counted_work(lm) -> Iterator[dict]:
         b, t = ids.shape
         work["forward_passes"] += 1
         work["tokens"] += b * t
-        work["attention_pairs"] += b * t * (mask.shape[-1] if mask is not None else t)
+        work["attention_pairs"] += b * t * ((mask.shape[-1] if mask is not None else t) + prefix_length())
 
     def head_post(module, args, out):
         work["logit_rows"] += out.shape[0] * out.shape[1]

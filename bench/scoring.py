@@ -1,10 +1,11 @@
 """Batched log-probability of answer spans given a context, with a two-level shared-prefix KV cache.
 
 Every TruthfulQA MC text starts with the same instruction and primer, and the answers of one question share
-the question. With ``prefix_cache=True`` the longest token prefix shared by all texts is run once (level 1);
-then, per context (the tokens before an answer's last context token), that context is run once on top of the
-level-1 cache (level 2) and all answers of the context are scored in one batch that reuses it. Without the
-cache every text is run whole. Answer spans come from the tokenizer's character offsets.
+the question. With ``prefix_cache=True`` the longest token prefix shared by all texts is run once (level 1) and
+attended by every later pass through :func:`bench.attention.prefix_attention` (held once, never copied per row);
+then, per context (the tokens before an answer's last context token), the context's own tokens are run once
+(level 2) and all answers of the context are scored in batches that reuse their cache. Without the cache every
+text is run whole. Answer spans come from the tokenizer's character offsets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.attention import prefix_attention, supports_prefix
 from bench.decoding import cache_kwarg, sliding_window
 from bench.models import LoadedModel
 from bench.progress import progress_bar
@@ -69,11 +71,12 @@ def _select_rows(cache, rows: torch.Tensor):
 
 
 def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int], cache, past: int, pad: int,
-                intervention, lm, device, edit_offset: int = 0) -> list[float]:
+                intervention, lm, device, edit_offset: int = 0, shared: int = 0) -> list[float]:
     """Answer log-prob sums for ``rows``, right-padded into one batch. Row ``b`` runs its tokens from
     ``starts[b]`` on (at their true positions) on top of a cache of ``past`` slots (``cache``: one row per batch
-    row, or None with ``past == 0``) whose first ``starts[b]`` slots are its own context; the other slots are
-    masked. Logits are computed from the first position that predicts an answer token. The intervention edits
+    row, or None with ``past == 0``) whose first ``starts[b] - shared`` slots are its own context (its first
+    ``shared`` tokens are the prefix attended through :func:`prefix_attention`); the other slots are masked.
+    Logits are computed from the first position that predicts an answer token. The intervention edits
     each row's answer tokens from index ``edit_offset`` on. A row stops before its last answer token: that token is
     predicted, and nothing is scored after it, so feeding it (as a plain forward pass would) is wasted work."""
     ends = [r.answer[-1] for r in rows]
@@ -85,7 +88,7 @@ def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int],
     for b, (r, g, end) in enumerate(zip(rows, starts, ends)):
         n = end - g
         ids[b, :n] = torch.tensor(r.ids[g:end])
-        attn[b, :g] = 1
+        attn[b, : g - shared] = 1
         attn[b, past : past + n] = 1
         mask[b, [a - g for a in r.answer[edit_offset:] if a < end]] = True
         pos[b] = g + torch.arange(t)
@@ -126,29 +129,25 @@ def _chunks(groups: list[tuple[int, list[int]]], p: int, batch_size: int, mix: b
     return out
 
 
-def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int, base,
+def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int,
                  pad: int, intervention, lm, prefix_ctx, batch_size: int, device, edit_offset: int = 0
                  ) -> dict[int, float]:
-    """Score the answers of several contexts. Each context's tokens after the shared prefix are run once, batched
-    (right-padded) on top of the shared prefix's cache; each answer row then attends to its own context's cache
-    row, with the padding slots masked and its true positions for RoPE."""
+    """Score the answers of several contexts. Each context's tokens after the shared prefix (attended through
+    :func:`prefix_attention`, active around the call) are run once, batched (right-padded); each answer row then
+    attends to its own context's cache row, with the padding slots masked and its true positions for RoPE."""
     lens = [g for g, _ in chunk]
     e = max(lens) - p  # extension width (0: every context is the shared prefix)
     q = len(chunk)
     cache = None
-    if base is not None:
-        cache = copy.deepcopy(base)
-        cache.batch_repeat_interleave(q)
     if e > 0:
         ext = torch.full((q, e), pad, dtype=torch.long)
-        attn = torch.zeros(q, p + e, dtype=torch.long)
+        attn = torch.zeros(q, e, dtype=torch.long)
         for j, (g, idx) in enumerate(chunk):
             ext[j, : g - p] = torch.tensor(seqs[idx[0]].ids[p:g])
-            attn[j, :g] = 1
-        kwargs = {cache_kwarg: cache} if cache is not None else {}
+            attn[j, : g - p] = 1
         with prefix_ctx():
             out = model(input_ids=ext.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1,
-                        position_ids=(p + torch.arange(e)).expand(q, e).to(device), **kwargs)
+                        position_ids=(p + torch.arange(e)).expand(q, e).to(device))
         cache = getattr(out, "cache", None) or out.past_key_values
     rows = sorted(((i, j) for j, (_, idx) in enumerate(chunk) for i in idx), key=lambda r: len(seqs[r[0]].ids) - lens[r[1]])
     scores: dict[int, float] = {}
@@ -156,7 +155,7 @@ def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple
     for batch in batches:
         rows_cache = None if cache is None else _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
         values = _score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
-                             rows_cache, p + e, pad, intervention, lm, device, edit_offset)
+                             rows_cache, e, pad, intervention, lm, device, edit_offset, shared=p)
         scores.update({i: v for (i, _), v in zip(batch, values)})
     return scores
 
@@ -196,19 +195,20 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
             by_ctx.setdefault(tuple(s.ids[: s.answer[0] - 1]), []).append(i)
         groups = sorted(((len(c), idx) for c, idx in by_ctx.items()),
                         key=lambda g: (g[0], max(len(seqs[i].ids) for i in g[1])))
-        p = common_prefix(seqs)
-        base = None
+        # padding slots between a context and its answers shift a sliding window's reach: mix contexts only
+        # when every padded row fits in the window; the shared prefix is seen whole, so only by texts within it
+        window, longest = sliding_window(model), max(len(s.ids) for s in seqs)
+        mix = window is None or 2 * longest < window
+        p = common_prefix(seqs) if supports_prefix(model) and (window is None or longest <= window) else 0
+        shared = contextlib.nullcontext()
         if p > 0:  # level 1: the prefix shared by all texts, run once
             with prefix_ctx():
                 o = model(input_ids=torch.tensor([seqs[0].ids[:p]], device=device), use_cache=True, logits_to_keep=1)
-            base = getattr(o, "cache", None) or o.past_key_values
-        # padding slots between a context and its answers shift a sliding window's reach: mix contexts only
-        # when every padded row fits in the window
-        window = sliding_window(model)
-        mix = window is None or 2 * max(len(s.ids) for s in seqs) < window
-        for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
-            for i, v in _score_chunk(model, kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
-                                     batch_size, device, edit_offset).items():
-                out[i] = v
-            advance(sum(len(idx) for _, idx in chunk))
+            shared = prefix_attention(getattr(o, "cache", None) or o.past_key_values, p)
+        with shared:
+            for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
+                for i, v in _score_chunk(model, kwarg, seqs, chunk, p, pad, intervention, lm, prefix_ctx,
+                                         batch_size, device, edit_offset).items():
+                    out[i] = v
+                advance(sum(len(idx) for _, idx in chunk))
     return out

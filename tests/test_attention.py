@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers.integrations.sdpa_attention as sdpa
 
-from bench.attention import NAME, use_grouped, use_plain
+from bench.attention import NAME, prefix_attention, prefix_length, use_grouped, use_plain
 from bench.decoding import cache_kwarg
 from tiny_models import tiny_model
 
@@ -47,3 +47,41 @@ def test_earlier_paths_undo_the_speed_settings_and_only_sdpa_models_switch():
     lm.use_earlier_paths()  # twice is harmless
     lm.model.set_attn_implementation("eager")
     assert not use_grouped(lm.model) and lm.model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_prefix_attention_equals_the_prefix_copied_into_every_rows_cache(family):
+    """Rows ``[prefix | padding | own tokens]`` run whole vs the prefix run once and attended by every row
+    (bench.attention.prefix_attention) with only ``[padding | own tokens]`` fed: the same logits at every own
+    token, up to float summation order."""
+    lm = tiny_model(family, seed=5)
+    tok = lm.tokenizer
+    prefix = tok("Q: What is France?")["input_ids"]
+    own = [tok(" A: Paris")["input_ids"], tok(" A: no comment")["input_ids"]]
+    w, p = max(map(len, own)), len(prefix)
+    assert p + w < 16  # within the tiny Gemma-3's sliding window (what decoding and scoring check before sharing)
+    pad = [w - len(o) for o in own]
+    ids = torch.tensor([[tok.pad_token_id] * k + o for k, o in zip(pad, own)])
+    mask = torch.tensor([[0] * k + [1] * len(o) for k, o in zip(pad, own)])
+    pos = torch.tensor([[0] * k + list(range(p, p + len(o))) for k, o in zip(pad, own)])
+    with torch.no_grad():
+        whole = lm.model(input_ids=torch.cat([torch.tensor([prefix] * 2), ids], 1),
+                         attention_mask=torch.cat([torch.ones(2, p, dtype=torch.long), mask], 1),
+                         position_ids=torch.cat([torch.arange(p).expand(2, p), pos], 1)).logits[:, p:]
+        shared = lm.model(input_ids=torch.tensor([prefix]), use_cache=True)
+        with prefix_attention(shared.past_key_values, p):
+            assert prefix_length() == p
+            cascaded = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert prefix_length() == 0
+    real = mask.bool()
+    torch.testing.assert_close(cascaded[real], whole[real], rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(cascaded).all()  # padding queries, which see no own token, stay finite too
+
+
+def test_a_prefix_cut_by_a_sliding_window_is_refused():
+    lm = tiny_model("gemma", seed=5)  # sliding window 16
+    ids = lm.tokenizer("Q: " * 20)["input_ids"]
+    with torch.no_grad():
+        shared = lm.model(input_ids=torch.tensor([ids]), use_cache=True)
+    with pytest.raises(ValueError, match="sliding window"), prefix_attention(shared.past_key_values, len(ids)):
+        pass
