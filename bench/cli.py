@@ -56,7 +56,7 @@ def run(
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's KV cache."),
     gen_preset: str = typer.Option("iti", help="Generation prompt preset: iti, iti-informative, qa, lm-eval (see bench.generation.GEN_PRESETS)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="New tokens per generation [50 TruthfulQA, 20 toxicity]."),
-    gen_batch_size: int = typer.Option(64, help="Prompts decoded together (continuous batching; float noise only)."),
+    gen_batch_size: int = typer.Option(128, help="Prompts decoded together (continuous batching; float noise only)."),
     judge: str = typer.Option("embedded", help="Judge of generated answers: embedded (offline, trained here), openai, hf."),
     judge_base_url: Optional[str] = typer.Option(None, help="openai judge: endpoint [$OPENAI_BASE_URL or api.openai.com]."),
     judge_model: Optional[str] = typer.Option(None, help="openai judge: model name; hf judge: truth-judge model (path or Hub id)."),

@@ -72,6 +72,11 @@ def test_decode_section_shows_both_bounds_and_reads_older_measurements():
          "finished": "2026-12-03T07:00:00"}
     text = "\n".join(perf._decode_lines(d))
     assert "| 32 | 40.0 | 80.0 | 2.00× | 800 | 160 | 50 % |" in text and "150 GFLOP/s on 2 threads" in text
+    assert "each row's KV cache" in text  # measured before the shared prefix was held once
+    later = {**d, "shared_prefix_tokens": 219, "batch_128": {**row, "generate_tok_s": None, "decode_tok_s": 120.0,
+                                                              "fraction_of_bound": 0.75}}
+    text = "\n".join(perf._decode_lines(later))
+    assert "| 128 | not run | 120.0 |  | 800 | 160 | 75 % |" in text and "the shared prefix's KV cache once" in text
     old = {k: v for k, v in d.items() if k not in ("matmul_gflop_s", "threads")}
     old["batch_32"] = {"generate_tok_s": 40.0, "decode_tok_s": 80.0, "bound_tok_s": 800.0, "fraction_of_bound": 0.1}
     assert "| 32 | 40.0 | 80.0 | 2.00× | 800 | 10 % |" in "\n".join(perf._decode_lines(old))
