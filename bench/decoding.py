@@ -6,8 +6,9 @@ soon as they finish (EOS or a stop string), so a batch costs the sum of its answ
 The shared prefix's keys and values are held once and every row attends to them through
 :func:`bench.attention.prefix_attention`; a batch row's own cache is ``[padding | the rest of its prompt |
 generated tokens]``, the padding slots masked, and every token keeps its true position (``position_ids``), so a
-row computes what it would alone, up to floating-point summation order (a model whose attention cannot share the
-prefix, :func:`bench.attention.supports_prefix`, shares none: each row holds its whole prompt). The intervention
+row computes what it would alone, up to floating-point summation order (on a model whose attention cannot attend
+to a held prefix, :func:`bench.attention.supports_prefix`, and on the earlier code path, each row's cache starts
+with a copy of the prefix's). The intervention
 acts where the plain path's does: at the last position of every forward call (the last prompt token, then every
 generated token); a weight-like edit (``position_policy == "all"``) also edits the shared prefix.
 
@@ -16,6 +17,7 @@ Only torch and transformers are needed (the GPU check runs this module on a bare
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -81,7 +83,7 @@ def common_length(seqs: Sequence[Sequence[int]]) -> int:
 @torch.no_grad()
 def shared_prefix(lm, seqs: Sequence[Sequence[int]], intervention=None) -> Prefix:
     """Run the prefix shared by all ``seqs`` once (edited only by an intervention that edits every position)."""
-    p = common_length(seqs) if supports_prefix(lm.model) else 0
+    p = common_length(seqs)
     if p == 0:
         return Prefix(0, None)
     device = next(lm.model.parameters()).device
@@ -177,25 +179,37 @@ class _Batch:
         self.logits = torch.cat([self.logits, other.logits])
 
 
+def attends(lm, prefix: Prefix) -> bool:
+    """Whether rows attend to ``prefix`` held once (:func:`prefix_attention`) rather than each holding a copy."""
+    return prefix.cache is not None and supports_prefix(lm.model)
+
+
 def _prefill(lm, rows: list[int], seqs: Sequence[Sequence[int]], prefix: Prefix, pad: int) -> _Batch:
     """Prefill each distinct prompt of ``rows`` once (its tokens after the shared prefix, left-padded; the prefix
-    is attended through :func:`prefix_attention`, active around the call) and give every row its prompt's cache
-    row and last-token logits."""
+    attended through :func:`prefix_attention`, active around the call, or else copied into each row's cache first)
+    and give every row its prompt's cache row and last-token logits."""
     model, p = lm.model, prefix.length
+    held = 0 if attends(lm, prefix) else p  # the prefix's slots in each row's own cache
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
     source = [distinct.setdefault(tuple(seqs[r][p:]), len(distinct)) for r in rows]
     suffixes = list(distinct)
     w = max(len(s) for s in suffixes)
     ids = torch.full((len(suffixes), w), pad, dtype=torch.long)
-    attn = torch.zeros(len(suffixes), w, dtype=torch.long)
+    attn = torch.zeros(len(suffixes), held + w, dtype=torch.long)
     pos = torch.zeros(len(suffixes), w, dtype=torch.long)
     for j, s in enumerate(suffixes):
         ids[j, w - len(s):] = torch.tensor(s)
-        attn[j, w - len(s):] = 1
+        attn[j, :held] = 1
+        attn[j, held + w - len(s):] = 1
         pos[j, w - len(s):] = p + torch.arange(len(s))
+    kwargs = {}
+    if held:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(suffixes))
+        kwargs[cache_kwarg(model)] = cache
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **kwargs)
     state = _Batch(list(range(len(suffixes))), _cache_of(out), attn.to(device),
                    torch.tensor([p + len(s) for s in suffixes], device=device), out.logits[:, -1].float())
     if source != state.rows:
@@ -236,7 +250,7 @@ def decode(lm, seqs: Sequence[Sequence[int]], prefix: Prefix, max_new_tokens: in
     pending, kwarg, state = list(range(len(seqs)))[::-1], cache_kwarg(model), None
     done: set[int] = set()
     continuous = sliding_window(model) is None  # joined rows' slots must stay within a sliding window: not mixed
-    shared = prefix_attention(prefix.cache, prefix.length) if prefix.cache is not None else nullcontext()
+    shared = prefix_attention(prefix.cache, prefix.length) if attends(lm, prefix) else nullcontext()
     with _edit(lm, intervention, "last"), shared:
         while pending or state is not None:
             live = 0 if state is None else len(state.rows) - len(done & set(state.rows))

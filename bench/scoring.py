@@ -2,7 +2,8 @@
 
 Every TruthfulQA MC text starts with the same instruction and primer, and the answers of one question share
 the question. With ``prefix_cache=True`` the longest token prefix shared by all texts is run once (level 1) and
-attended by every later pass through :func:`bench.attention.prefix_attention` (held once, never copied per row);
+attended by every later pass through :func:`bench.attention.prefix_attention` (held once; on a model whose
+attention cannot, and on the earlier code path, copied into every row's cache);
 then, per context (the tokens before an answer's last context token), the context's own tokens are run once
 (level 2) and all answers of the context are scored in batches that reuse their cache. Without the cache every
 text is run whole. Answer spans come from the tokenizer's character offsets.
@@ -129,25 +130,31 @@ def _chunks(groups: list[tuple[int, list[int]]], p: int, batch_size: int, mix: b
     return out
 
 
-def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int,
+def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int, base,
                  pad: int, intervention, lm, prefix_ctx, batch_size: int, device, edit_offset: int = 0
                  ) -> dict[int, float]:
-    """Score the answers of several contexts. Each context's tokens after the shared prefix (attended through
-    :func:`prefix_attention`, active around the call) are run once, batched (right-padded); each answer row then
-    attends to its own context's cache row, with the padding slots masked and its true positions for RoPE."""
+    """Score the answers of several contexts. Each context's tokens after the shared prefix are run once, batched
+    (right-padded), the prefix attended through :func:`prefix_attention` (active around the call; ``base`` None)
+    or copied from ``base`` into each context's cache row; each answer row then attends to its own context's cache
+    row, with the padding slots masked and its true positions for RoPE."""
     lens = [g for g, _ in chunk]
     e = max(lens) - p  # extension width (0: every context is the shared prefix)
     q = len(chunk)
+    held = p if base is not None else 0  # the prefix's slots in each row's own cache
     cache = None
+    if base is not None:
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(q)
     if e > 0:
         ext = torch.full((q, e), pad, dtype=torch.long)
-        attn = torch.zeros(q, e, dtype=torch.long)
+        attn = torch.zeros(q, held + e, dtype=torch.long)
         for j, (g, idx) in enumerate(chunk):
             ext[j, : g - p] = torch.tensor(seqs[idx[0]].ids[p:g])
-            attn[j, : g - p] = 1
+            attn[j, : g - p + held] = 1
+        kwargs = {cache_kwarg: cache} if cache is not None else {}
         with prefix_ctx():
             out = model(input_ids=ext.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1,
-                        position_ids=(p + torch.arange(e)).expand(q, e).to(device))
+                        position_ids=(p + torch.arange(e)).expand(q, e).to(device), **kwargs)
         cache = getattr(out, "cache", None) or out.past_key_values
     rows = sorted(((i, j) for j, (_, idx) in enumerate(chunk) for i in idx), key=lambda r: len(seqs[r[0]].ids) - lens[r[1]])
     scores: dict[int, float] = {}
@@ -155,7 +162,7 @@ def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple
     for batch in batches:
         rows_cache = None if cache is None else _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
         values = _score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
-                             rows_cache, e, pad, intervention, lm, device, edit_offset, shared=p)
+                             rows_cache, held + e, pad, intervention, lm, device, edit_offset, shared=p - held)
         scores.update({i: v for (i, _), v in zip(batch, values)})
     return scores
 
@@ -199,15 +206,16 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
         # when every padded row fits in the window; the shared prefix is seen whole, so only by texts within it
         window, longest = sliding_window(model), max(len(s.ids) for s in seqs)
         mix = window is None or 2 * longest < window
-        p = common_prefix(seqs) if supports_prefix(model) and (window is None or longest <= window) else 0
-        shared = contextlib.nullcontext()
+        p, base, shared = common_prefix(seqs), None, contextlib.nullcontext()
         if p > 0:  # level 1: the prefix shared by all texts, run once
             with prefix_ctx():
                 o = model(input_ids=torch.tensor([seqs[0].ids[:p]], device=device), use_cache=True, logits_to_keep=1)
-            shared = prefix_attention(getattr(o, "cache", None) or o.past_key_values, p)
+            base = getattr(o, "cache", None) or o.past_key_values
+            if supports_prefix(model) and (window is None or longest <= window):
+                shared, base = prefix_attention(base, p), None  # attended once, not copied per row
         with shared:
             for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
-                for i, v in _score_chunk(model, kwarg, seqs, chunk, p, pad, intervention, lm, prefix_ctx,
+                for i, v in _score_chunk(model, kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
                                          batch_size, device, edit_offset).items():
                     out[i] = v
                 advance(sum(len(idx) for _, idx in chunk))

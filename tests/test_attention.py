@@ -85,3 +85,28 @@ def test_a_prefix_cut_by_a_sliding_window_is_refused():
         shared = lm.model(input_ids=torch.tensor([ids]), use_cache=True)
     with pytest.raises(ValueError, match="sliding window"), prefix_attention(shared.past_key_values, len(ids)):
         pass
+
+
+def test_without_prefix_attention_each_row_holds_a_copy_of_the_prefix_with_the_same_results():
+    """A model on another attention implementation (and the earlier code path) shares the prefix by copying it
+    into every row's cache: the same answers and scores as attending to it once."""
+    from bench.decoding import attends, shared_prefix
+    from bench.generation import gen_prompt, generate
+    from bench.scoring import answer_logprobs, common_prefix, encode
+
+    lm = tiny_model("llama", seed=2)
+    prompts = [gen_prompt(f"What is fact {i}?" + " really" * i, "qa") for i in range(5)]
+    texts = [(p, p + " It is " + "so " * i) for i, p in enumerate(prompts)]
+    seqs = [encode(lm, t, len(p)) for p, t in texts]
+    assert common_prefix(seqs) > 10
+    ids = lm.tokenizer(prompts)["input_ids"]
+    runs = []
+    for _ in range(2):
+        held = attends(lm, shared_prefix(lm, ids))
+        runs.append((held, generate(lm, prompts, None, max_new_tokens=8, batch_size=3),
+                     answer_logprobs(lm, seqs, batch_size=2)))
+        use_plain(lm.model)
+    (first, answers, scores), (second, copied, copied_scores) = runs
+    assert first and not second
+    assert copied == answers
+    assert copied_scores == pytest.approx(scores, abs=1e-5)
