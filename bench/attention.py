@@ -5,13 +5,16 @@ an attention mask is given and more than one token is fed, because CUDA's fast k
 heads. On CPU torch computes grouped heads itself (``enable_gqa``) with a mask, and the copy is what costs: on
 smollm2-135m (9 query heads over 3 key/value heads) the scorer's and the decoder's multi-token passes over a
 cached context spent more time copying keys and values than attending. :func:`grouped_sdpa` is that attention
-with the copy left out; its outputs are bit-identical to transformers' (tested).
+with the copy left out (for one query token transformers already avoids it and runs as it would); its outputs are
+bit-identical to transformers' (tested).
 
 Inside :func:`prefix_attention` every query also attends to the keys and values of a prefix that all rows share
 (TruthfulQA's instruction and primer), held once (batch 1) instead of copied into every row's KV cache. The two
-parts are combined by their softmax normalisers, exactly as one softmax over both (cascade attention): each row
-computes what it would with the prefix in its own cache, up to float summation order, while the rows' caches, the
-copies that build them and the keys each step reads shrink from prefix + own tokens to own tokens.
+parts are combined by their softmax normalisers, exactly as one softmax over both (cascade attention, computed in
+float32): each row computes what it would with the prefix in its own cache, up to float summation order (and, for
+a half-precision model, the rounding its own attention would do), while the rows' caches, the copies that build
+them and the keys each step reads shrink from prefix + own tokens to own tokens. It is used on CPU, where it was
+measured; on a GPU the prefix is still copied into every row's cache (:func:`supports_prefix`).
 
 Only torch and transformers are needed (the GPU check imports this module on a bare machine).
 """
@@ -42,12 +45,16 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     is transformers' own."""
     prefix = _PREFIX.get()
     if prefix is not None:
-        if any(kwargs.get(k) is not None for k in ("softcap", "position_bias")) or dropout:
-            raise NotImplementedError("prefix attention supports plain scaled dot-product attention only")
+        if any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")) or dropout \
+                or (attention_mask is not None and attention_mask.dtype != torch.bool):
+            raise NotImplementedError("prefix attention supports plain scaled dot-product attention with a boolean "
+                                      "mask only (no soft-capping, position bias, attention sinks or dropout)")
         keys, values = prefix[module.layer_idx]
         return _cascade(query, key, value, attention_mask, keys, values, scaling), None
-    plain = (query.device.type != "cpu" or attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1
-             or any(kwargs.get(k) is not None for k in ("softcap", "position_bias")) or kwargs.get("output_attentions"))
+    plain = (query.device.type != "cpu" or attention_mask is None or query.shape[2] == 1
+             or getattr(module, "num_key_value_groups", 1) == 1
+             or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux"))
+             or kwargs.get("output_attentions"))
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -80,10 +87,12 @@ _PREFIX: ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar
 
 
 def supports_prefix(model: torch.nn.Module) -> bool:
-    """Whether :func:`prefix_attention` can act on ``model``: it runs :func:`grouped_sdpa` and its attention
-    applies no soft-capping (a model on another implementation shares no prefix: its rows hold their whole prompt)."""
+    """Whether :func:`prefix_attention` can act on ``model``: it runs :func:`grouped_sdpa` on CPU (where the
+    cascade was measured) and its attention applies no soft-capping. Elsewhere the callers copy the prefix into
+    every row's cache instead. (Written for Llama- and Gemma-3-style attention: one KV cache layer per layer.)"""
     cfg = getattr(model.config, "text_config", None) or model.config
     return (getattr(model.config, "_attn_implementation", None) == NAME
+            and next(model.parameters()).device.type == "cpu"
             and getattr(cfg, "attn_logit_softcapping", None) is None)
 
 
@@ -124,7 +133,7 @@ def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     shared = flat @ prefix_keys[0].float().transpose(1, 2)  # [kv_heads, n·g·q, P]
     m1 = shared.amax(-1, keepdim=True)
     e1 = (shared - m1).exp()
-    o1 = (e1 @ prefix_values[0].float()).reshape(kv_heads, n, g * q, d).transpose(0, 1)
+    o1 = (e1 @ prefix_values[0].float()).reshape(kv_heads, n, g * q, value.shape[-1]).transpose(0, 1)
     m1, l1 = (t.reshape(kv_heads, n, g * q, 1).transpose(0, 1) for t in (m1, e1.sum(-1, keepdim=True)))
     # each row's own tokens
     own = grouped @ key.float().transpose(2, 3)  # [n, kv_heads, g·q, s]
@@ -138,4 +147,4 @@ def _cascade(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     m = torch.maximum(m1, m2)
     w1, w2 = (m1 - m).exp(), (m2 - m).exp()
     out = (o1 * w1 + o2 * w2) / (l1 * w1 + l2 * w2)  # [n, kv_heads, g·q, d]
-    return out.reshape(n, heads, q, d).transpose(1, 2).contiguous().to(query.dtype)
+    return out.reshape(n, heads, q, value.shape[-1]).transpose(1, 2).contiguous().to(query.dtype)

@@ -94,7 +94,8 @@ def shared_prefix(lm, seqs: Sequence[Sequence[int]], intervention=None) -> Prefi
 
 
 def fits_window(model, prefix: Prefix, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> bool:
-    """Whether the padding slots between the prefix and the rows leave a sliding window's reach unchanged."""
+    """Whether every row, prefix and generated tokens included, stays within a sliding window's reach, padding
+    slots in its cache counted (then a row sees all its tokens, as it would alone; always true without a window)."""
     window = sliding_window(model)
     width = max(len(s) for s in seqs) - prefix.length
     return window is None or prefix.length + 2 * width + max_new_tokens < window
@@ -179,17 +180,19 @@ class _Batch:
         self.logits = torch.cat([self.logits, other.logits])
 
 
-def attends(lm, prefix: Prefix) -> bool:
-    """Whether rows attend to ``prefix`` held once (:func:`prefix_attention`) rather than each holding a copy."""
-    return prefix.cache is not None and supports_prefix(lm.model)
+def attends(lm, prefix: Prefix, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> bool:
+    """Whether rows attend to ``prefix`` held once (:func:`prefix_attention`) rather than each holding a copy: the
+    model's attention can, and no row outgrows a sliding window (which would hide the prefix's start)."""
+    return (prefix.cache is not None and supports_prefix(lm.model)
+            and fits_window(lm.model, prefix, seqs, max_new_tokens))
 
 
-def _prefill(lm, rows: list[int], seqs: Sequence[Sequence[int]], prefix: Prefix, pad: int) -> _Batch:
+def _prefill(lm, rows: list[int], seqs: Sequence[Sequence[int]], prefix: Prefix, pad: int, attend: bool) -> _Batch:
     """Prefill each distinct prompt of ``rows`` once (its tokens after the shared prefix, left-padded; the prefix
-    attended through :func:`prefix_attention`, active around the call, or else copied into each row's cache first)
-    and give every row its prompt's cache row and last-token logits."""
+    attended through :func:`prefix_attention`, active around the call, when ``attend``, else copied into each
+    row's cache first) and give every row its prompt's cache row and last-token logits."""
     model, p = lm.model, prefix.length
-    held = 0 if attends(lm, prefix) else p  # the prefix's slots in each row's own cache
+    held = 0 if attend else p  # the prefix's slots in each row's own cache
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
     source = [distinct.setdefault(tuple(seqs[r][p:]), len(distinct)) for r in rows]
@@ -250,13 +253,14 @@ def decode(lm, seqs: Sequence[Sequence[int]], prefix: Prefix, max_new_tokens: in
     pending, kwarg, state = list(range(len(seqs)))[::-1], cache_kwarg(model), None
     done: set[int] = set()
     continuous = sliding_window(model) is None  # joined rows' slots must stay within a sliding window: not mixed
-    shared = prefix_attention(prefix.cache, prefix.length) if attends(lm, prefix) else nullcontext()
+    attend = attends(lm, prefix, seqs, max_new_tokens)
+    shared = prefix_attention(prefix.cache, prefix.length) if attend else nullcontext()
     with _edit(lm, intervention, "last"), shared:
         while pending or state is not None:
             live = 0 if state is None else len(state.rows) - len(done & set(state.rows))
             if pending and (state is None or continuous and live <= batch_size // 2):
                 new = _prefill(lm, [pending.pop() for _ in range(min(len(pending), batch_size - live))], seqs,
-                               prefix, pad)
+                               prefix, pad, attend)
                 if state is not None:
                     state.select([i for i, r in enumerate(state.rows) if r not in done])
                     state.join(new)

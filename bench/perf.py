@@ -359,7 +359,7 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
     tok = lm.tokenizer
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     cfg = lm.model.config
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * lm.spec.head_dim * 4
     bandwidth, gflop_s = _bandwidth_gb_s(), _matmul_gflop_s()
     weights, shared = _weights(lm), shared_prefix(lm, ids, iv).length  # the prefix's keys: read once per step
     out = {}
@@ -607,10 +607,11 @@ def _protocol_lines(parts: dict) -> list[str]:
 PROTOCOL_PARTS = ("mc", "gen", "fluency", "klce")
 
 
-def _seconds(r: dict, key: str) -> float:
-    """A timing summed over a measurement's folds (``gen``: decoding alone when the judge's share is known)."""
+def _seconds(r: dict, key: str, judge_apart: bool = False) -> float:
+    """A timing summed over a measurement's folds (``gen`` with ``judge_apart``: decoding alone, the judge's
+    share taken out; both measurements of a comparison must have it)."""
     total = lambda k: sum(f.get(k, 0.0) for f in r["folds"])  # noqa: E731
-    return total("gen_s") - total("judge_s") if key == "gen" and _judged(r) else total(f"{key}_s")
+    return total("gen_s") - total("judge_s") if key == "gen" and judge_apart else total(f"{key}_s")
 
 
 def _judged(r: dict) -> bool:
@@ -625,15 +626,17 @@ def _protocol_table(old: dict, new: dict) -> list[str]:
     if work:
         head += " TFLOP (earlier / current) | current GFLOP/s | current at the matmul rate (s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    names = [*PROTOCOL_PARTS[:2], *(["judge"] if _judged(old) and _judged(new) else []), *PROTOCOL_PARTS[2:], "eval"]
+    apart = _judged(old) and _judged(new)  # the judge's seconds known on both sides: shown apart from decoding
+    names = [*PROTOCOL_PARTS[:2], *(["judge"] if apart else []), *PROTOCOL_PARTS[2:], "eval"]
     for name in names:
-        a, b = _seconds(old, name), _seconds(new, name)
+        a, b = _seconds(old, name, apart), _seconds(new, name, apart)
         cells = [name, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}×" if b > 0 else ""]
         parts = PROTOCOL_PARTS if name == "eval" else (name,) if name in PROTOCOL_PARTS else ()
         if work and parts:
             fa, fb = _tflop(old, parts), _tflop(new, parts)
             model_s = b - (_seconds(new, "judge") if name == "eval" and _judged(new) else 0.0)
-            cells += [f"{fa:.1f} / {fb:.1f}", f"{1e3 * fb / model_s:.0f}", f"{1e3 * fb / new['matmul_gflop_s']:.1f}"]
+            rate = f"{1e3 * fb / model_s:.0f}" if model_s > 0 else ""
+            cells += [f"{fa:.1f} / {fb:.1f}", rate, f"{1e3 * fb / new['matmul_gflop_s']:.1f}"]
         elif work:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -653,11 +656,11 @@ def _protocol_bound(old: dict, new: dict) -> list[str]:
     earlier = _seconds(old, "eval")
     return [f"Bound: at the fp32 matrix-multiply rate measured in the same process ({rate:.0f} GFLOP/s, best of 5 "
             f"2048² products), the current path's arithmetic ({_tflop(new, PROTOCOL_PARTS):.1f} TFLOP through the "
-            f"run's model: tokens through its weights, logit rows, attention pairs; the earlier path's: "
-            f"{_tflop(old, PROTOCOL_PARTS):.1f}) takes at least {arithmetic:.0f} s"
+            f"run's model: tokens through its weights, logit rows, attention pairs, masked slots included; the "
+            f"earlier path's: {_tflop(old, PROTOCOL_PARTS):.1f}) takes about {arithmetic:.0f} s"
             + (f", and the judge took {judge:.0f} s" if judge else "") + f". Running this arithmetic faster could "
-            f"make the earlier path's {earlier:.0f} s at most **{earlier / (arithmetic + judge):.2f}×** faster; a "
-            "larger speed-up needs less arithmetic.", ""]
+            f"make the earlier path's {earlier:.0f} s about **{earlier / (arithmetic + judge):.2f}×** faster at "
+            "most; a larger speed-up needs less arithmetic.", ""]
 
 
 def _fit_row(old: dict, new: dict) -> str:

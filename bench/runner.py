@@ -63,7 +63,8 @@ class RunConfig:
     dtype: str | None = None
     gen_preset: str = "iti"
     max_new_tokens: int | None = None  # None: 50 for TruthfulQA generation, 20 for toxicity
-    gen_batch_size: int = 128  # decoding rows per step: 128 was faster than 64 and 256 on both models (README)
+    gen_batch_size: int = 128  # decoding rows per step: faster than 64 (results/perf.md) and than 256 (408 answers,
+    # smollm2, 2026-12-03)
     judge: str = "embedded"
     judge_options: dict = field(default_factory=dict)  # backend settings (never secrets: keys come from the environment)
     kl_windows: int = 100

@@ -102,7 +102,7 @@ def test_without_prefix_attention_each_row_holds_a_copy_of_the_prefix_with_the_s
     ids = lm.tokenizer(prompts)["input_ids"]
     runs = []
     for _ in range(2):
-        held = attends(lm, shared_prefix(lm, ids))
+        held = attends(lm, shared_prefix(lm, ids), ids, 8)
         runs.append((held, generate(lm, prompts, None, max_new_tokens=8, batch_size=3),
                      answer_logprobs(lm, seqs, batch_size=2)))
         use_plain(lm.model)
@@ -110,3 +110,16 @@ def test_without_prefix_attention_each_row_holds_a_copy_of_the_prefix_with_the_s
     assert first and not second
     assert copied == answers
     assert copied_scores == pytest.approx(scores, abs=1e-5)
+
+
+def test_rows_that_would_outgrow_a_sliding_window_copy_the_prefix_instead():
+    """Past a sliding window the real model hides the prefix's start, which a held prefix would show: decoding
+    then copies the prefix into each row's cache (whose window masks it correctly)."""
+    from bench.decoding import attends, shared_prefix
+
+    lm = tiny_model("gemma", seed=2)  # sliding window 16
+    ids = lm.tokenizer(["Q: What is France? A:", "Q: What is France? It is"])["input_ids"]
+    prefix = shared_prefix(lm, ids)
+    room = 16 - prefix.length - 2 * (max(map(len, ids)) - prefix.length)  # new tokens that keep every row inside
+    assert room > 1
+    assert attends(lm, prefix, ids, room - 1) and not attends(lm, prefix, ids, room)
