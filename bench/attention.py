@@ -33,6 +33,8 @@ from transformers.masking_utils import sdpa_mask
 
 #: The attention implementation's registered name (``model.config._attn_implementation``).
 NAME = "sdpa_grouped"
+#: Attention arguments only transformers' own SDPA path handles (soft-capping, position biases, attention sinks).
+_TRANSFORMERS_ONLY = ("softcap", "position_bias", "s_aux")
 
 
 def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -45,7 +47,7 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     is transformers' own."""
     prefix = _PREFIX.get()
     if prefix is not None:
-        if any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")) or dropout \
+        if any(kwargs.get(k) is not None for k in _TRANSFORMERS_ONLY) or dropout \
                 or (attention_mask is not None and attention_mask.dtype != torch.bool):
             raise NotImplementedError("prefix attention supports plain scaled dot-product attention with a boolean "
                                       "mask only (no soft-capping, position bias, attention sinks or dropout)")
@@ -53,7 +55,7 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
         return _cascade(query, key, value, attention_mask, keys, values, scaling), None
     plain = (query.device.type != "cpu" or attention_mask is None or query.shape[2] == 1
              or getattr(module, "num_key_value_groups", 1) == 1
-             or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux"))
+             or any(kwargs.get(k) is not None for k in _TRANSFORMERS_ONLY)
              or kwargs.get("output_attentions"))
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

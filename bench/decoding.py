@@ -8,9 +8,9 @@ The shared prefix's keys and values are held once and every row attends to them 
 generated tokens]``, the padding slots masked, and every token keeps its true position (``position_ids``), so a
 row computes what it would alone, up to floating-point summation order (on a model whose attention cannot attend
 to a held prefix, :func:`bench.attention.supports_prefix`, and on the earlier code path, each row's cache starts
-with a copy of the prefix's). The intervention
-acts where the plain path's does: at the last position of every forward call (the last prompt token, then every
-generated token); a weight-like edit (``position_policy == "all"``) also edits the shared prefix.
+with a copy of the prefix's). The intervention acts where the plain path's does: at the last position of every
+forward call (the last prompt token, then every generated token); a weight-like edit (``position_policy ==
+"all"``) also edits the shared prefix.
 
 Only torch and transformers are needed (the GPU check runs this module on a bare machine).
 """

@@ -343,7 +343,7 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
     faster than either bound: reading the weights once plus each row's KV cache at this machine's measured read
     bandwidth, or its multiply-adds (every row through the weights, and its attention over its context) at this
     machine's measured matrix-multiply rate."""
-    from bench.decoding import decode, shared_prefix
+    from bench.decoding import common_length, decode, shared_prefix
     from bench.generation import gen_prompt
     from bench.interventions import Intervention
     from bench.models import load_model
@@ -361,7 +361,7 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
     cfg = lm.model.config
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * lm.spec.head_dim * 4
     bandwidth, gflop_s = _bandwidth_gb_s(), _matmul_gflop_s()
-    weights, shared = _weights(lm), shared_prefix(lm, ids, iv).length  # the prefix's keys: read once per step
+    weights, shared = _weights(lm), common_length(ids)  # the shared prefix's keys: read once per step
     out = {}
     for batch in DECODE_BATCHES:
         enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left")
@@ -652,10 +652,10 @@ def _protocol_bound(old: dict, new: dict) -> list[str]:
     if not (old.get("work") and new.get("work")):
         return []
     rate, judge = new["matmul_gflop_s"], _seconds(new, "judge") if _judged(new) else 0.0
-    arithmetic = 1e3 * _tflop(new, PROTOCOL_PARTS) / rate
-    earlier = _seconds(old, "eval")
+    tflop = _tflop(new, PROTOCOL_PARTS)
+    arithmetic, earlier = 1e3 * tflop / rate, _seconds(old, "eval")
     return [f"Bound: at the fp32 matrix-multiply rate measured in the same process ({rate:.0f} GFLOP/s, best of 5 "
-            f"2048² products), the current path's arithmetic ({_tflop(new, PROTOCOL_PARTS):.1f} TFLOP through the "
+            f"2048² products), the current path's arithmetic ({tflop:.1f} TFLOP through the "
             f"run's model: tokens through its weights, logit rows, attention pairs, masked slots included; the "
             f"earlier path's: {_tflop(old, PROTOCOL_PARTS):.1f}) takes about {arithmetic:.0f} s"
             + (f", and the judge took {judge:.0f} s" if judge else "") + f". Running this arithmetic faster could "
