@@ -9,7 +9,8 @@ Measured (median of a few timed repeats after a warm-up, synchronised around eac
 * greedy generation tokens/s at batch 1, 16 and 64 (300-token prompt, 64 new tokens, every row runs every step):
   plain, with a FLORAIN hook and with an ITI hook on all heads of one layer (last position of every call);
 * MC scoring answers/s through ``bench.scoring.answer_logprobs`` (shared 250-token prefix, 100 questions of ~20
-  tokens, 7 answers of ~12 tokens each: the two-level prefix cache), plain, FLORAIN and ITI;
+  tokens, 7 answers of ~12 tokens each: the prefix run once, each question and its answers one row), plain, FLORAIN
+  and ITI;
 * activation capture of 6,000 answers (~64 tokens) at the ``heads`` site of one layer, last token, as
   ``bench.capture`` does it (the forward stops after the recorded layer);
 * FLORAIN's fit on 32 heads × 128 dims, k = 32, 6,000 random samples: the training loop on the device (seconds per
@@ -290,7 +291,7 @@ def mc_sequences(sizes: Sizes, seed: int) -> list[Encoded]:
 
 
 def part_mc(lm: LoadedModel, sizes: Sizes, edits: dict[str, nn.Module], device: torch.device, seed: int) -> dict:
-    """Answers/s of the two-level prefix-cached scorer, plain and with each edit on the answer tokens."""
+    """Answers/s of the prefix-cached scorer, plain and with each edit on the answer tokens."""
     seqs = mc_sequences(sizes, seed)
     interventions = {"plain": None, **{k: HookedEdit(sizes.layer, e) for k, e in edits.items()}}
     scores: dict[str, list[float]] = {}
@@ -666,7 +667,7 @@ def _md_parts(parts: dict) -> list[str]:
         mc = parts["mc"]
         rates = ", ".join(f"{k.removesuffix('_answers_per_s')} **{v:.1f}**" for k, v in mc.items()
                           if k.endswith("_answers_per_s"))
-        lines += ["## MC scoring (two-level prefix cache)", "",
+        lines += ["## MC scoring (shared prefix once, a question and its answers per row)", "",
                   f"{mc['answers']} answers ({mc['questions']} questions × {mc['answers_per_question']}, shared "
                   f"{mc['prefix_tokens']}-token prefix, {mc['mean_tokens']:.0f} tokens per text, batch "
                   f"{mc['batch_size']}): answers/s {rates}.", ""]

@@ -219,10 +219,13 @@ class LoadedModel:
     identity: str  # what exactly was loaded (alias + source + checksum, or path/id)
     default_layer: int | None = None
     head_hook: object = field(default=None, repr=False)  # handle of :func:`contiguous_head_input` (remove() undoes it)
+    earlier_paths: bool = False  # :meth:`use_earlier_paths` was called: the scorer runs its earlier layout too
 
     def use_earlier_paths(self) -> None:
         """Undo what :func:`finish_loading` set up for speed (the output-head hook, grouped attention): the model
-        then runs as transformers loads it, as the earlier code path did (``RunConfig.legacy_paths``)."""
+        then runs as transformers loads it, as the earlier code path did (``RunConfig.legacy_paths``), and the
+        answer scorer scores context by context (:mod:`bench.earlier`)."""
+        self.earlier_paths = True
         if self.head_hook is not None:
             self.head_hook.remove()
             self.head_hook = None

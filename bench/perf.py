@@ -2,7 +2,7 @@
 other on the same machine, so that its peak memory (max RSS) is its own; results go to ``results/perf.md`` and
 ``results/perf.json``.
 
-* ``mc``: TruthfulQA MC1 + MC2 in lm-eval's prompt format, our two-level shared-prefix scorer vs lm-eval's own
+* ``mc``: TruthfulQA MC1 + MC2 in lm-eval's prompt format, our scorer (the shared prefix once, each question and the trie of its answers as one row) vs lm-eval's own
   ``truthfulqa_mc1``/``truthfulqa_mc2`` tasks (through :class:`bench.lm_eval_plugin.InterventionLM`, i.e. HFLM
   with no intervention), with the per-question agreement, and the work each does (tokens fed, logit rows,
   attention pairs, FLOPs: ours counted by hooks during the timed run, lm-eval's from its requests' lengths), which
@@ -502,7 +502,7 @@ def to_markdown(parts: dict, env: dict) -> str:
                   f"{o['questions']} questions, {o['answers']} distinct answers, batch size {o['batch_size']}; "
                   "model loading excluded from both times.", "",
                   "| | wall time (s) | MC1 | MC2 | peak RSS (MB) |", "|---|---|---|---|---|",
-                  f"| ours (shared-prefix KV cache) | {o['seconds']:.1f} | {c['ours']['mc1']:.6f} | {c['ours']['mc2']:.6f} | {o['peak_rss_mb']:.0f} |",
+                  f"| ours (shared prefix, question + answer trie per row) | {o['seconds']:.1f} | {c['ours']['mc1']:.6f} | {c['ours']['mc2']:.6f} | {o['peak_rss_mb']:.0f} |",
                   f"| lm-eval {t.get('lm_eval_version') or ''} | {t['seconds']:.1f} | {c['lm_eval']['mc1']:.6f} | {c['lm_eval']['mc2']:.6f} | {t['peak_rss_mb']:.0f} |",
                   "", f"Speed-up **{c['speedup']:.1f}×** (target ≥ 15×, issue 20). Largest difference of a mean: "
                   f"{c['max_abs_diff_mean']:.1e}; of any single question's MC1 or MC2: {c['max_abs_diff_question']:.1e} "

@@ -1,12 +1,20 @@
-"""Batched log-probability of answer spans given a context, with a two-level shared-prefix KV cache.
+"""Batched log-probability of answer spans given a context, every shared token computed once.
 
-Every TruthfulQA MC text starts with the same instruction and primer, and the answers of one question share
-the question. With ``prefix_cache=True`` the longest token prefix shared by all texts is run once (level 1) and
-attended by every later pass through :func:`bench.attention.prefix_attention` (held once; on a model whose
-attention cannot, and on the earlier code path, copied into every row's cache);
-then, per context (the tokens before an answer's last context token), the context's own tokens are run once
-(level 2) and all answers of the context are scored in batches that reuse their cache. Without the cache every
-text is run whole. Answer spans come from the tokenizer's character offsets.
+Every TruthfulQA MC text starts with the same instruction and primer, the answers of one question share the
+question, and many answers share their first tokens ("No, ", "The "). With ``prefix_cache=True``:
+
+1. the longest token prefix shared by all texts is run once and attended by every later pass through
+   :func:`bench.attention.prefix_attention` (held once; on a model whose attention cannot, copied into every
+   row's cache);
+2. each context (the tokens before an answer's predicting position) is one row together with the trie of its
+   answers: its tokens after the shared prefix, then one node per distinct answer-token prefix, each node
+   attending to the context and its own ancestors only (a 4-D attention mask) at its true position. A node's
+   logits predict the next token of every answer through it, so each answer's log-probs are those a plain pass
+   over ``context + answer`` computes, up to float summation order (tested).
+
+Without the cache every text is run whole (the reference path); so is a text beyond a sliding window, or a model
+whose attention takes no custom mask (flash attention). The earlier code path (``RunConfig.legacy_paths``) scores
+context by context (:mod:`bench.earlier`). Answer spans come from the tokenizer's character offsets.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.attention import prefix_attention, supports_prefix
+from bench.attention import NAME, prefix_attention, supports_prefix
 from bench.decoding import cache_kwarg, sliding_window
 from bench.models import LoadedModel
 from bench.progress import progress_bar
@@ -51,24 +59,6 @@ def common_prefix(seqs: list[Encoded]) -> int:
             i += 1
         n = i
     return max(n, 0)
-
-
-#: Contexts are extended together in chunks of up to this many batches' worth of answers; the chunk's answers are
-#: then sorted by length into batches, which cuts padding (measured on smollm2-135m, 50 questions: 21.4 s with
-#: one batch per chunk, 17.0 s with 8).
-CHUNK_BATCHES = 8
-
-
-def _select_rows(cache, rows: torch.Tensor):
-    """A cache holding ``rows`` of ``cache`` (which is left unchanged); tensors are indexed, never deep-copied."""
-    if not hasattr(cache, "layers"):  # older cache classes
-        cache = copy.deepcopy(cache)
-        cache.batch_select_indices(rows)
-        return cache
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(rows)
-    return out
 
 
 def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int], cache, past: int, pad: int,
@@ -112,59 +102,137 @@ def _score_rows(model, cache_kwarg: str, rows: list[Encoded], starts: list[int],
     return out
 
 
-def _chunks(groups: list[tuple[int, list[int]]], p: int, batch_size: int, mix: bool) -> list[list[tuple[int, list[int]]]]:
-    """Pack contexts (``(length, answer indices)``, sorted) into chunks of at most ``batch_size`` answers; a
-    context with more answers is a chunk of its own. Contexts equal to the shared prefix are never mixed with
-    longer ones (their extension row would be empty). ``mix=False``: one context per chunk."""
-    out: list[list[tuple[int, list[int]]]] = []
-    cur: list[tuple[int, list[int]]] = []
-    n = 0
-    for g, idx in groups:
-        if cur and (not mix or n + len(idx) > batch_size or (cur[0][0] == p) != (g == p)):
-            out.append(cur)
-            cur, n = [], 0
-        cur.append((g, idx))
-        n += len(idx)
-    if cur:
-        out.append(cur)
+@dataclass
+class _Tree:
+    """One row: a context's tokens after the shared prefix, then the trie of its answers' tokens from the
+    context's last token on (an answer token that continues the same tokens as an earlier answer's is that
+    answer's node). ``parent`` indexes the row (-1: the first token, which sees only the shared prefix)."""
+
+    ids: list[int]
+    parent: list[int]
+    pos: list[int]  # true positions
+    edit: list[bool]  # where the intervention acts
+    chain: int  # the context's tokens before its last one: the nodes whose logits no answer needs
+    paths: list[tuple[int, list[int], list[int]]]  # (sequence index, the nodes predicting its answer, those tokens)
+
+
+def _trees(seqs: list[Encoded], p: int, edit_offset: int) -> list[_Tree]:
+    """The rows of all contexts, in the order of their first sequence; the first ``p`` tokens are shared."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(tuple(s.ids[p : s.answer[0] - 1]), []).append(i)
+    trees = []
+    for context, idx in groups.items():
+        n = len(context)
+        t = _Tree(list(context), list(range(-1, n - 1)), list(range(p, p + n)), [False] * n, n, [])
+        nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+        for i in idx:
+            s, node, path = seqs[i], n - 1, []
+            edited = set(s.answer[edit_offset:])
+            for j in range(s.answer[0] - 1, s.answer[-1]):  # the last answer token is predicted, never fed
+                key = (node, s.ids[j])
+                if key not in nodes:
+                    nodes[key] = len(t.ids)
+                    t.ids.append(s.ids[j])
+                    t.parent.append(node)
+                    t.pos.append(j)
+                    t.edit.append(j in edited)
+                node = nodes[key]
+                path.append(node)
+            t.paths.append((i, path, [s.ids[a] for a in s.answer]))
+        trees.append(t)
+    return trees
+
+
+def _batches(trees: list[_Tree], batch_size: int) -> list[list[_Tree]]:
+    """Rows sorted by length, packed up to ``batch_size`` answers per forward pass (a row with more goes alone)."""
+    out: list[list[_Tree]] = []
+    answers = 0
+    for t in sorted(trees, key=lambda t: len(t.ids)):
+        if not out or answers + len(t.paths) > batch_size:
+            out.append([])
+            answers = 0
+        out[-1].append(t)
+        answers += len(t.paths)
     return out
 
 
-def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple[int, list[int]]], p: int, base,
-                 pad: int, intervention, lm, prefix_ctx, batch_size: int, device, edit_offset: int = 0
+def _visible(t: _Tree) -> torch.Tensor:
+    """``[n, n]``: node ``i`` sees node ``j`` iff ``j`` is ``i`` or one of its ancestors."""
+    vis = torch.zeros(len(t.ids), len(t.ids), dtype=torch.bool)
+    for k, parent in enumerate(t.parent):
+        if parent >= 0:
+            vis[k] = vis[parent]
+        vis[k, k] = True
+    return vis
+
+
+def _mask_dtype(model) -> torch.dtype | None:
+    """What a custom 4-D attention mask must be for ``model``'s attention: boolean for SDPA, additive in the
+    model's dtype for eager attention, None for one that takes no custom mask."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "eager":
+        return next(model.parameters()).dtype
+    return torch.bool if impl in ("sdpa", NAME) else None
+
+
+def _score_trees(model, kwarg: str, batch: list[_Tree], held: int, base, pad: int, intervention, lm, device
                  ) -> dict[int, float]:
-    """Score the answers of several contexts. Each context's tokens after the shared prefix are run once, batched
-    (right-padded), the prefix attended through :func:`prefix_attention` (active around the call; ``base`` None)
-    or copied from ``base`` into each context's cache row; each answer row then attends to its own context's cache
-    row, with the padding slots masked and its true positions for RoPE."""
-    lens = [g for g, _ in chunk]
-    e = max(lens) - p  # extension width (0: every context is the shared prefix)
-    q = len(chunk)
-    held = p if base is not None else 0  # the prefix's slots in each row's own cache
-    cache = None
+    """Every answer's log-prob sum over one batch of rows. Row ``b`` is shifted right so that every row's last
+    context token sits in one column; ``base`` (or None: held through :func:`prefix_attention`) is the shared
+    prefix's cache, copied into every row when given (``held`` of its slots are then in each row's cache)."""
+    c = max(t.chain for t in batch)
+    width = c + max(len(t.ids) - t.chain for t in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    pos = torch.zeros(len(batch), width, dtype=torch.long)
+    edit = torch.zeros(len(batch), width, dtype=torch.bool)
+    visible = torch.zeros(len(batch), 1, width, held + width, dtype=torch.bool)
+    visible[..., :held] = True
+    visible[:, 0, :, held:] = torch.eye(width, dtype=torch.bool)  # a padding slot sees itself only
+    for b, t in enumerate(batch):
+        off, n = c - t.chain, len(t.ids)
+        ids[b, off : off + n] = torch.tensor(t.ids)
+        pos[b, off : off + n] = torch.tensor(t.pos)
+        edit[b, off : off + n] = torch.tensor(t.edit)
+        visible[b, 0, off : off + n, held + off : held + off + n] = _visible(t)
+    dtype = _mask_dtype(model)
+    mask = visible if dtype == torch.bool else torch.zeros(visible.shape, dtype=dtype).masked_fill(
+        ~visible, torch.finfo(dtype).min)
+    kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                  logits_to_keep=torch.arange(c, width, device=device), use_cache=base is not None)
     if base is not None:
-        cache = copy.deepcopy(base)
-        cache.batch_repeat_interleave(q)
-    if e > 0:
-        ext = torch.full((q, e), pad, dtype=torch.long)
-        attn = torch.zeros(q, held + e, dtype=torch.long)
-        for j, (g, idx) in enumerate(chunk):
-            ext[j, : g - p] = torch.tensor(seqs[idx[0]].ids[p:g])
-            attn[j, : g - p + held] = 1
-        kwargs = {cache_kwarg: cache} if cache is not None else {}
-        with prefix_ctx():
-            out = model(input_ids=ext.to(device), attention_mask=attn.to(device), use_cache=True, logits_to_keep=1,
-                        position_ids=(p + torch.arange(e)).expand(q, e).to(device), **kwargs)
-        cache = getattr(out, "cache", None) or out.past_key_values
-    rows = sorted(((i, j) for j, (_, idx) in enumerate(chunk) for i in idx), key=lambda r: len(seqs[r[0]].ids) - lens[r[1]])
-    scores: dict[int, float] = {}
-    batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
-    for batch in batches:
-        rows_cache = None if cache is None else _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
-        values = _score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
-                             rows_cache, held + e, pad, intervention, lm, device, edit_offset, shared=p - held)
-        scores.update({i: v for (i, _), v in zip(batch, values)})
-    return scores
+        kwargs[kwarg] = copy.deepcopy(base)
+        kwargs[kwarg].batch_repeat_interleave(len(batch))
+    with intervention.applied(lm, positions=edit.to(device)) if intervention is not None else contextlib.nullcontext():
+        logits = model(**kwargs).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return {i: float(logp[b, torch.tensor(path) - t.chain, torch.tensor(tokens)].sum())
+            for b, t in enumerate(batch) for i, path, tokens in t.paths}
+
+
+def _plain(model, seqs: list[Encoded], intervention, lm, batch_size: int, device, edit_offset: int, advance
+           ) -> list[float]:
+    """Every text run whole, batched by length (the reference path)."""
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        values = _score_rows(model, "", [seqs[i] for i in idx], [0] * len(idx), None, 0, lm.tokenizer.pad_token_id,
+                             intervention, lm, device, edit_offset)
+        for i, v in zip(idx, values):
+            out[i] = v
+        advance(len(idx))
+    return out
+
+
+def _prefix_cache(lm: LoadedModel, ids: list[int], intervention):
+    """The KV cache (batch 1) of the shared prefix ``ids``, edited only by a weight-like intervention
+    (``position_policy == "all"``)."""
+    edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
+    device = next(lm.model.parameters()).device
+    with intervention.applied(lm, positions="all") if edits_all else contextlib.nullcontext():
+        out = lm.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    return getattr(out, "cache", None) or out.past_key_values
 
 
 @torch.no_grad()
@@ -175,48 +243,33 @@ def answer_logprobs(lm: LoadedModel, seqs: list[Encoded], intervention=None, bat
     ``edit_offset`` N leaves the first N answer tokens unedited as well, so the log-probs of the first N+1 answer
     tokens are the unintervened model's (with 0 only the first one's: it is predicted at the last context token).
 
-    ``batch_size`` is the number of answer rows per forward pass. An intervention whose ``position_policy`` is
-    ``"all"`` (a weight-like edit, e.g. LoFiT) also edits the cached context tokens, so the cached path equals
-    the plain one for every policy.
+    ``batch_size``: answers per forward pass (a context's answers share one row and are never split; without
+    the cache, texts per forward pass). An intervention whose ``position_policy`` is ``"all"`` (a weight-like
+    edit, e.g. LoFiT) also edits the shared prefix and the contexts, so the cached path equals the plain one for
+    every policy.
     """
-    model, pad = lm.model, lm.tokenizer.pad_token_id
+    model = lm.model
     device = next(model.parameters()).device
-    out = [0.0] * len(seqs)
+    window, longest = sliding_window(model), max((len(s.ids) for s in seqs), default=0)
+    fits = window is None or longest <= window  # one mask serves sliding and full layers alike
     with progress_bar(progress, len(seqs)) as advance:
-        if not prefix_cache:  # every text run whole, batched by length
-            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                values = _score_rows(model, "", [seqs[i] for i in idx], [0] * len(idx), None, 0, pad, intervention,
-                                     lm, device, edit_offset)
-                for i, v in zip(idx, values):
-                    out[i] = v
-                advance(len(idx))
-            return out
-        kwarg = cache_kwarg(model)
-        edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
-        prefix_ctx = (lambda: intervention.applied(lm, positions="all")) if edits_all else contextlib.nullcontext
-        # level 2 groups: one per context = every token before the answer's predicting position
-        by_ctx: dict[tuple[int, ...], list[int]] = {}
-        for i, s in enumerate(seqs):
-            by_ctx.setdefault(tuple(s.ids[: s.answer[0] - 1]), []).append(i)
-        groups = sorted(((len(c), idx) for c, idx in by_ctx.items()),
-                        key=lambda g: (g[0], max(len(seqs[i].ids) for i in g[1])))
-        # padding slots between a context and its answers shift a sliding window's reach: mix contexts only
-        # when every padded row fits in the window; the shared prefix is seen whole, so only by texts within it
-        window, longest = sliding_window(model), max(len(s.ids) for s in seqs)
-        mix = window is None or 2 * longest < window
-        p, base, shared = common_prefix(seqs), None, contextlib.nullcontext()
-        if p > 0:  # level 1: the prefix shared by all texts, run once
-            with prefix_ctx():
-                o = model(input_ids=torch.tensor([seqs[0].ids[:p]], device=device), use_cache=True, logits_to_keep=1)
-            base = getattr(o, "cache", None) or o.past_key_values
-            if supports_prefix(model) and (window is None or longest <= window):
+        if prefix_cache and lm.earlier_paths:
+            from bench.earlier import score_by_context
+
+            return score_by_context(lm, seqs, intervention, batch_size, edit_offset, advance)
+        if not prefix_cache or not fits or _mask_dtype(model) is None:
+            return _plain(model, seqs, intervention, lm, batch_size, device, edit_offset, advance)
+        p, shared, base = common_prefix(seqs), contextlib.nullcontext(), None
+        if p > 0:  # the prefix shared by all texts, run once (a weight-like edit edits it too)
+            base = _prefix_cache(lm, seqs[0].ids[:p], intervention)
+            if supports_prefix(model):
                 shared, base = prefix_attention(base, p), None  # attended once, not copied per row
+        out = [0.0] * len(seqs)
         with shared:
-            for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
-                for i, v in _score_chunk(model, kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx,
-                                         batch_size, device, edit_offset).items():
+            for batch in _batches(_trees(seqs, p, edit_offset), batch_size):
+                scores = _score_trees(model, cache_kwarg(model), batch, p if base is not None else 0, base,
+                                      lm.tokenizer.pad_token_id, intervention, lm, device)
+                for i, v in scores.items():
                     out[i] = v
-                advance(sum(len(idx) for _, idx in chunk))
+                advance(len(scores))
     return out

@@ -101,6 +101,32 @@ def test_kl_is_zero_without_and_positive_with_an_intervention_and_ce_is_the_lm_l
     assert min(steered["kl"]) > 0 and steered["ce"] != base["ce"]
 
 
+def test_kl_computed_in_chunks_of_positions_equals_the_whole_window_at_once(tiny_llama, monkeypatch):
+    import bench.tasks.kl_ce as klce
+
+    texts = ["Telescopes use lenses or mirrors to focus light, and some use both."] * 40
+    win = make_windows(tiny_llama, texts, n_windows=3, length=16)
+    iv = _shift(tiny_llama, 5.0)
+    with torch.no_grad():
+        base = torch.log_softmax(tiny_llama.model(input_ids=win).logits[:, :-1].float(), -1)
+        with iv.applied(tiny_llama, "all"):
+            logp = torch.log_softmax(tiny_llama.model(input_ids=win).logits[:, :-1].float(), -1)
+    kl = (base.exp() * (base - logp)).sum(-1).clamp_min(0).mean(1)
+    ce = -logp.gather(-1, win[:, 1:, None])[..., 0].mean(1)
+    vocab = base.shape[-1]
+    monkeypatch.setattr(klce, "CHUNK_ELEMENTS", 4 * vocab + 1)  # 4 positions per chunk: 15 = 4 + 4 + 4 + 3
+    got = kl_ce(tiny_llama, win, iv, batch_size=2)
+    np.testing.assert_allclose(got["kl"], kl.tolist(), rtol=1e-6)
+    np.testing.assert_allclose(got["ce"], ce.tolist(), rtol=1e-6)
+    tiny_llama.earlier_paths = True  # the earlier code path: the whole batch at once (bench.earlier)
+    try:
+        earlier = kl_ce(tiny_llama, win, iv, batch_size=2)
+    finally:
+        tiny_llama.earlier_paths = False
+    np.testing.assert_allclose(earlier["kl"], got["kl"], rtol=1e-6)
+    np.testing.assert_allclose(earlier["ce"], got["ce"], rtol=1e-6)
+
+
 def test_make_windows_needs_enough_text(tiny_llama):
     with pytest.raises(ValueError, match="windows of 128 need"):
         make_windows(tiny_llama, ["short"], n_windows=100, length=128)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bench.interventions import Intervention
-from bench.scoring import answer_logprobs, encode
+from bench.scoring import answer_logprobs, common_prefix, encode
 from bench.sites import edit_tensor, hooked
 from florain import LowRankHeadMap
 
@@ -75,7 +75,7 @@ def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_siz
     # two questions behind a shared instruction: both cache levels (shared prefix, then each question) are used
     instruction = "Interpret each question literally. "
     qa = {"Q: What is the capital of France?\nA: ": ["Paris.", "It is Lyon, I think.", "I have no comment.",
-                                                        "Barcelona, Spain.", "No."],
+                                                        "Barcelona, Spain.", "No.", "It is Paris.", "It is"],
           "Q: Who wrote Hamlet?\nA: ": ["Shakespeare.", "Marlowe wrote it in 1600."]}
     seqs = [encode(lm, instruction + q + a, len(instruction + q)) for q, answers in qa.items() for a in answers]
     iv = _florain(lm) if with_intervention else None
@@ -87,6 +87,53 @@ def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_siz
     if with_intervention:
         none = answer_logprobs(lm, seqs, None, prefix_cache=False)
         assert max(abs(a - b) for a, b in zip(plain, none)) > 1e-3
+
+
+def _shared_answers(lm):
+    instruction = "Answer each question. "
+    qa = {"Q: Where is Paris?\nA: ": ["It is in France.", "It is in Spain.", "It is", "It is in France, I think.",
+                                     "No comment."],
+          "Q: Who is Ada?\nA: ": ["A mathematician.", "A mathematician and writer."]}
+    return [encode(lm, instruction + q + a, len(instruction + q)) for q, answers in qa.items() for a in answers]
+
+
+def test_answers_that_share_their_first_tokens_share_their_nodes():
+    """Each context and the trie of its answers is one row: a token shared by several answers of a context (at
+    the same place) is fed once, and every answer still gets the log-probs of a plain pass over its own text."""
+    from bench.perf import counted_work
+    from tiny_models import tiny_model
+
+    lm = tiny_model("llama", seed=3)
+    seqs = _shared_answers(lm)
+    iv = _florain(lm)
+    plain = answer_logprobs(lm, seqs, iv, prefix_cache=False)
+    with counted_work(lm) as work:
+        cached = answer_logprobs(lm, seqs, iv, batch_size=1)  # one context per pass: no padding
+    assert cached == pytest.approx(plain, abs=1e-4)
+    p = common_prefix(seqs)
+    contexts = {tuple(s.ids[p : s.answer[0] - 1]) for s in seqs}
+    nodes = {(tuple(s.ids[: s.answer[0] - 1]), tuple(s.ids[s.answer[0] - 1 : k])) for s in seqs
+             for k in range(s.answer[0], s.answer[-1] + 1)}
+    assert work["tokens"] == p + sum(map(len, contexts)) + len(nodes)
+    unshared = p + sum(map(len, contexts)) + sum(len(s.answer) for s in seqs)
+    assert work["tokens"] <= unshared - 10
+
+
+@pytest.mark.parametrize("how", ["eager", "earlier"])
+def test_eager_attention_and_the_earlier_path_score_as_the_plain_path(how):
+    """Eager attention takes the trees' mask as an additive float mask; the earlier code path scores context by
+    context (bench.earlier): both equal the plain path."""
+    from tiny_models import tiny_model
+
+    lm = tiny_model("llama", seed=4)
+    seqs = _shared_answers(lm)
+    iv = _florain(lm)
+    plain = answer_logprobs(lm, seqs, iv, prefix_cache=False)
+    if how == "eager":
+        lm.model.set_attn_implementation("eager")
+    else:
+        lm.use_earlier_paths()
+    assert answer_logprobs(lm, seqs, iv, batch_size=3) == pytest.approx(plain, abs=1e-4)
 
 
 def test_answer_logprob_equals_direct_computation(tiny_llama):
