@@ -11,7 +11,7 @@ other on the same machine, so that its peak memory (max RSS) is its own; results
   alternate and the median round is reported.
 * ``decode``: greedy decoding tokens/s at batch 1/16/32/64 with a FLORAIN hook, HF ``generate`` (the earlier path)
   vs :func:`bench.decoding.decode`, against this machine's measured read-bandwidth and matrix-multiply bounds.
-* ``protocol``: the full ``--task truthfulqa`` protocol for ``none``, ``caa`` and ``florain`` with the earlier
+* ``protocol``: the full ``--task truthfulqa`` protocol for ``none``, ``caa``, ``florain`` and ``iti`` with the earlier
   code paths (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers,
   metric differences; a method is fitted once and both paths evaluate that fit. Each part's model work is counted
   (:func:`counted_parts`), which bounds the speed-up that running the same arithmetic faster could reach.
@@ -541,7 +541,7 @@ def to_markdown(parts: dict, env: dict) -> str:
     return "\n".join(lines)
 
 
-PROTOCOL_METHODS = ("none", "caa", "florain")
+PROTOCOL_METHODS = ("none", "caa", "florain", "iti")
 STEPS = {  # command-line part -> the measured sub-parts it (re)runs
     "mc": ("mc_ours", "mc_lmeval"), "mc-ours": ("mc_ours",), "mc-lmeval": ("mc_lmeval",), "gen": ("gen",),
     "fit": ("fit_loop", "fit_batched", "fit_batched_compiled"), "decode": ("decode",),
