@@ -80,17 +80,26 @@ def common_length(seqs: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def edits_everywhere(intervention) -> bool:
+    """Whether ``intervention`` edits every position (a weight-like edit, ``position_policy == "all"``): it then
+    edits a shared prefix too."""
+    return intervention is not None and getattr(intervention, "position_policy", "task") == "all"
+
+
 @torch.no_grad()
-def shared_prefix(lm, seqs: Sequence[Sequence[int]], intervention=None) -> Prefix:
-    """Run the prefix shared by all ``seqs`` once (edited only by an intervention that edits every position)."""
-    p = common_length(seqs)
-    if p == 0:
-        return Prefix(0, None)
+def run_prefix(lm, ids: Sequence[int], intervention=None):
+    """The KV cache (batch 1) of ``ids``, a prefix shared by many texts, edited only by an intervention that
+    edits every position (:func:`edits_everywhere`)."""
     device = next(lm.model.parameters()).device
-    edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
-    with _edit(lm, intervention, "all") if edits_all else nullcontext():
-        out = lm.model(input_ids=torch.tensor([list(seqs[0][:p])], device=device), use_cache=True, logits_to_keep=1)
-    return Prefix(p, _cache_of(out))
+    with _edit(lm, intervention, "all") if edits_everywhere(intervention) else nullcontext():
+        out = lm.model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True, logits_to_keep=1)
+    return _cache_of(out)
+
+
+def shared_prefix(lm, seqs: Sequence[Sequence[int]], intervention=None) -> Prefix:
+    """Run the prefix shared by all ``seqs`` once (:func:`run_prefix`)."""
+    p = common_length(seqs)
+    return Prefix(p, run_prefix(lm, seqs[0][:p], intervention) if p else None)
 
 
 def fits_window(model, prefix: Prefix, seqs: Sequence[Sequence[int]], max_new_tokens: int) -> bool:

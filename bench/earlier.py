@@ -1,5 +1,6 @@
 """The earlier code path's answer scorer and KL/CE statistics, kept for ``RunConfig.legacy_paths`` (the speed
-benchmark runs the earlier and the current path side by side, :mod:`bench.perf`).
+benchmark runs the earlier and the current path side by side, :mod:`bench.perf`); the scorer also serves the
+current path where the current one's custom attention mask cannot be used.
 
 * :func:`score_by_context`: per context (the tokens before an answer's predicting position), the context's tokens
   after the shared prefix are run once, batched, and its answers are then scored in batches of rows that reuse
@@ -12,30 +13,18 @@ benchmark runs the earlier and the current path side by side, :mod:`bench.perf`)
 from __future__ import annotations
 
 import contextlib
-import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.decoding import cache_kwarg, sliding_window
-from bench.scoring import Encoded, _prefix_cache, _score_rows, common_prefix
+from bench.decoding import cache_kwarg, edits_everywhere, run_prefix, sliding_window
+from bench.scoring import Encoded, cache_copy, common_prefix, score_rows
 
 #: Contexts are extended together in chunks of up to this many batches' worth of answers; the chunk's answers are
 #: then sorted by length into batches, which cuts padding (measured on smollm2-135m, 50 questions: 21.4 s with
 #: one batch per chunk, 17.0 s with 8).
 CHUNK_BATCHES = 8
-
-
-def _select_rows(cache, rows: torch.Tensor):
-    """A cache holding ``rows`` of ``cache`` (which is left unchanged); tensors are indexed, never deep-copied."""
-    if not hasattr(cache, "layers"):  # older cache classes
-        cache = copy.deepcopy(cache)
-        cache.batch_select_indices(rows)
-        return cache
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(rows)
-    return out
 
 
 def _chunks(groups: list[tuple[int, list[int]]], p: int, batch_size: int, mix: bool) -> list[list[tuple[int, list[int]]]]:
@@ -60,16 +49,16 @@ def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple
                  pad: int, intervention, lm, prefix_ctx, batch_size: int, device, edit_offset: int = 0
                  ) -> dict[int, float]:
     """Score the answers of several contexts. Each context's tokens after the shared prefix are run once, batched
-    (right-padded), the prefix attended through :func:`prefix_attention` (active around the call; ``base`` None)
-    or copied from ``base`` into each context's cache row; each answer row then attends to its own context's cache
-    row, with the padding slots masked and its true positions for RoPE."""
+    (right-padded), the prefix copied from ``base`` (None: no shared prefix) into each context's cache row; each
+    answer row then attends to its own context's cache row, with the padding slots masked and its true positions
+    for RoPE."""
     lens = [g for g, _ in chunk]
     e = max(lens) - p  # extension width (0: every context is the shared prefix)
     q = len(chunk)
     held = p if base is not None else 0  # the prefix's slots in each row's own cache
     cache = None
     if base is not None:
-        cache = copy.deepcopy(base)
+        cache = cache_copy(base)
         cache.batch_repeat_interleave(q)
     if e > 0:
         ext = torch.full((q, e), pad, dtype=torch.long)
@@ -86,22 +75,26 @@ def _score_chunk(model, cache_kwarg: str, seqs: list[Encoded], chunk: list[tuple
     scores: dict[int, float] = {}
     batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     for batch in batches:
-        rows_cache = None if cache is None else _select_rows(cache, torch.tensor([j for _, j in batch], device=device))
-        values = _score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
-                             rows_cache, held + e, pad, intervention, lm, device, edit_offset, shared=p - held)
+        rows_cache = None
+        if cache is not None:
+            rows_cache = cache_copy(cache)
+            rows_cache.batch_select_indices(torch.tensor([j for _, j in batch], device=device))
+        values = score_rows(model, cache_kwarg, [seqs[i] for i, _ in batch], [lens[j] for _, j in batch],
+                            rows_cache, held + e, pad, intervention, lm, device, edit_offset)
         scores.update({i: v for (i, _), v in zip(batch, values)})
     return scores
 
 
-def score_by_context(lm, seqs: list[Encoded], intervention, batch_size: int, edit_offset: int, advance
-                     ) -> list[float]:
+def score_by_context(lm, seqs: list[Encoded], intervention, batch_size: int, edit_offset: int,
+                     advance: Callable[[int], None]) -> list[float]:
     """Every answer's log-prob sum: the shared prefix run once and copied into every row's cache, then context by
-    context (``batch_size``: answer rows per forward pass)."""
+    context (``batch_size``: answer rows per forward pass). Also the current path's scorer where the trees' 4-D
+    mask cannot be used (:func:`bench.scoring.tree_rows`): flash attention, texts beyond a sliding window."""
     model, pad = lm.model, lm.tokenizer.pad_token_id
     device = next(model.parameters()).device
     kwarg = cache_kwarg(model)
-    edits_all = intervention is not None and getattr(intervention, "position_policy", "task") == "all"
-    prefix_ctx = (lambda: intervention.applied(lm, positions="all")) if edits_all else contextlib.nullcontext
+    prefix_ctx = ((lambda: intervention.applied(lm, positions="all")) if edits_everywhere(intervention)
+                  else contextlib.nullcontext)
     by_ctx: dict[tuple[int, ...], list[int]] = {}  # one group per context: every token before the predicting one
     for i, s in enumerate(seqs):
         by_ctx.setdefault(tuple(s.ids[: s.answer[0] - 1]), []).append(i)
@@ -112,7 +105,7 @@ def score_by_context(lm, seqs: list[Encoded], intervention, batch_size: int, edi
     window, longest = sliding_window(model), max(len(s.ids) for s in seqs)
     mix = window is None or 2 * longest < window
     p = common_prefix(seqs)
-    base = _prefix_cache(lm, seqs[0].ids[:p], intervention) if p > 0 else None
+    base = run_prefix(lm, seqs[0].ids[:p], intervention) if p > 0 else None
     out = [0.0] * len(seqs)
     for chunk in _chunks(groups, p, CHUNK_BATCHES * batch_size, mix):
         for i, v in _score_chunk(model, kwarg, seqs, chunk, p, base, pad, intervention, lm, prefix_ctx, batch_size,

@@ -580,8 +580,10 @@ def _protocol_lines(parts: dict) -> list[str]:
     lines = ["## Full TruthfulQA protocol, earlier vs current code paths", "",
              "`--task truthfulqa` (MC1/2/3, generation + judge, answer fluency, KL/CE; windows per method), 2-fold CV, "
              "both folds; the fit is timed apart and excluded from the ratio. Earlier path: HF `generate` on "
-             "left-padded batches and the output embedding fed strided slices (`RunConfig.legacy_paths`); "
-             "current: the shared prefix computed once, continuous batching, an in-place KV cache. Each path's "
+             "left-padded batches, the output embedding fed strided slices, the scorer context by context and "
+             "KL/CE over whole batches (`RunConfig.legacy_paths`, `bench/earlier.py`); current: the shared prefix "
+             "computed once, continuous batching, an in-place KV cache, each question and its answers' trie one "
+             "scoring row, KL/CE in chunks of positions. Each path's "
              "generation batch is listed per method (measurements before 2026-12-03 ran both at 32).", ""]
     for m in PROTOCOL_METHODS:
         old, new = parts.get(f"protocol_{m}_legacy"), parts.get(f"protocol_{m}")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bench.interventions import Intervention
-from bench.scoring import answer_logprobs, common_prefix, encode
+from bench.scoring import Encoded, _trees, answer_logprobs, common_prefix, encode, tree_rows
 from bench.sites import edit_tensor, hooked
 from florain import LowRankHeadMap
 
@@ -67,11 +67,16 @@ def test_attn_out_site_edits_the_projection_output(tiny_llama):
     assert seen["shape"][-2:] == lm.spec.site_shape("attn-out")
 
 
-@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma"])
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma", "gemma_window_128"])
 @pytest.mark.parametrize("with_intervention", [False, True, "all-positions"])
-@pytest.mark.parametrize("batch_size", [2, 16])  # 2: a context's answers over several batches; 16: contexts mixed
+@pytest.mark.parametrize("batch_size", [2, 16])  # 2: a context's answers over several rows; 16: contexts mixed
 def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_size, request):
-    lm = request.getfixturevalue(family)
+    """Contexts and their answers' tries as rows (Llama; Gemma-3 when every text fits its window, sliding and full
+    layers under one mask) and context by context (tiny_gemma: the texts outgrow its 16-token window) both equal
+    the plain path."""
+    from tiny_models import tiny_model
+
+    lm = tiny_model("gemma", seed=1, window=128) if family == "gemma_window_128" else request.getfixturevalue(family)
     # two questions behind a shared instruction: both cache levels (shared prefix, then each question) are used
     instruction = "Interpret each question literally. "
     qa = {"Q: What is the capital of France?\nA: ": ["Paris.", "It is Lyon, I think.", "I have no comment.",
@@ -81,6 +86,7 @@ def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_siz
     iv = _florain(lm) if with_intervention else None
     if with_intervention == "all-positions":  # a weight-like edit (LoFiT) also changes the cached prefix
         iv.position_policy = "all"
+    assert tree_rows(lm, seqs) == (family != "tiny_gemma")
     cached = answer_logprobs(lm, seqs, iv, batch_size=batch_size, prefix_cache=True)
     plain = answer_logprobs(lm, seqs, iv, batch_size=3, prefix_cache=False)
     assert max(abs(a - b) for a, b in zip(cached, plain)) <= 1e-4
@@ -97,35 +103,50 @@ def _shared_answers(lm):
     return [encode(lm, instruction + q + a, len(instruction + q)) for q, answers in qa.items() for a in answers]
 
 
-def test_answers_that_share_their_first_tokens_share_their_nodes():
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_answers_that_share_their_first_tokens_share_their_nodes(family):
     """Each context and the trie of its answers is one row: a token shared by several answers of a context (at
     the same place) is fed once, and every answer still gets the log-probs of a plain pass over its own text."""
     from bench.perf import counted_work
     from tiny_models import tiny_model
 
-    lm = tiny_model("llama", seed=3)
+    lm = tiny_model(family, seed=3, window=128)
     seqs = _shared_answers(lm)
     iv = _florain(lm)
     plain = answer_logprobs(lm, seqs, iv, prefix_cache=False)
+    assert answer_logprobs(lm, seqs, iv, batch_size=16) == pytest.approx(plain, abs=1e-4)
     with counted_work(lm) as work:
-        cached = answer_logprobs(lm, seqs, iv, batch_size=1)  # one context per pass: no padding
-    assert cached == pytest.approx(plain, abs=1e-4)
+        assert answer_logprobs(lm, seqs, iv, batch_size=1) == pytest.approx(plain, abs=1e-4)  # no padding
     p = common_prefix(seqs)
-    contexts = {tuple(s.ids[p : s.answer[0] - 1]) for s in seqs}
+    contexts = [tuple(s.ids[p : s.answer[0] - 1]) for s in seqs]  # one row per answer at batch size 1
     nodes = {(tuple(s.ids[: s.answer[0] - 1]), tuple(s.ids[s.answer[0] - 1 : k])) for s in seqs
              for k in range(s.answer[0], s.answer[-1] + 1)}
-    assert work["tokens"] == p + sum(map(len, contexts)) + len(nodes)
-    unshared = p + sum(map(len, contexts)) + sum(len(s.answer) for s in seqs)
-    assert work["tokens"] <= unshared - 10
+    assert work["tokens"] == p + sum(map(len, contexts)) + sum(len(s.answer) for s in seqs)
+    unshared = work["tokens"]
+    rows = _trees(seqs, p, 0, 5)  # a context's answers in one row: its tokens, then one node per answer prefix
+    assert sum(len(t.ids) for t in rows) == sum(map(len, set(contexts))) + len(nodes)
+    with counted_work(lm) as work:
+        assert answer_logprobs(lm, seqs, iv, batch_size=5) == pytest.approx(plain, abs=1e-4)
+    assert work["tokens"] <= unshared - 10  # padding included: "It is" fed once for four answers, ...
 
 
+def test_an_answer_whose_scored_tokens_skip_one_scores_as_the_plain_path(tiny_llama):
+    """A token inside the answer left out of its score (a zero-width token, which :func:`encode` skips) is still
+    fed, as in the plain path."""
+    ids = tiny_llama.tokenizer("Answer. Q: Where is Paris?\nA: It is in France.")["input_ids"]
+    seqs = [Encoded(ids, [len(ids) - 4, len(ids) - 2, len(ids) - 1]), Encoded(ids, list(range(len(ids) - 4, len(ids))))]
+    assert answer_logprobs(tiny_llama, seqs) == pytest.approx(answer_logprobs(tiny_llama, seqs, prefix_cache=False),
+                                                               abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
 @pytest.mark.parametrize("how", ["eager", "earlier"])
-def test_eager_attention_and_the_earlier_path_score_as_the_plain_path(how):
+def test_eager_attention_and_the_earlier_path_score_as_the_plain_path(how, family):
     """Eager attention takes the trees' mask as an additive float mask; the earlier code path scores context by
     context (bench.earlier): both equal the plain path."""
     from tiny_models import tiny_model
 
-    lm = tiny_model("llama", seed=4)
+    lm = tiny_model(family, seed=4, window=128)
     seqs = _shared_answers(lm)
     iv = _florain(lm)
     plain = answer_logprobs(lm, seqs, iv, prefix_cache=False)

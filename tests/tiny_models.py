@@ -32,8 +32,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3) -> LoadedModel:
-    """A seeded, randomly initialised Llama or Gemma-3 model with a few heads, for unit tests."""
+def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3, window: int = 16) -> LoadedModel:
+    """A seeded, randomly initialised Llama or Gemma-3 model with a few heads, for unit tests (``window``: the
+    Gemma's sliding window)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
@@ -47,7 +48,7 @@ def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3) -> Loade
     elif family == "gemma":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=16, query_pre_attn_scalar=8))
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=window, query_pre_attn_scalar=8))
     else:
         raise ValueError(f"unknown tiny family {family!r}; valid: llama, gemma")
     model.float()

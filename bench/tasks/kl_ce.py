@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.earlier import kl_ce_batch
 from bench.hub import cached, hub_unreachable, offline_variable
 from bench.metrics import Metric
 from bench.models import LoadedModel
@@ -123,19 +124,14 @@ def _batch_stats(lm: LoadedModel, ids: torch.Tensor, intervention) -> tuple[list
     base = lm.model(input_ids=ids).logits[:, :-1]
     with intervention.applied(lm, "all") if on else nullcontext():
         logits = lm.model(input_ids=ids).logits[:, :-1] if on else base
-    ce, kl = [], []
-    for b in range(len(ids)):  # a window's rows are contiguous: no copy of the batch's logits
-        pos_ce, pos_kl = _position_stats(base[b], logits[b], ids[b, 1:], same=not on)
-        ce.append(pos_ce.mean().item())
-        kl.append(pos_kl.mean().item())
-    return ce, kl
+    # a window's rows are contiguous: no copy of the batch's logits
+    stats = [_position_stats(base[b], logits[b], ids[b, 1:], same=not on) for b in range(len(ids))]
+    return torch.stack([ce.mean() for ce, _ in stats]).tolist(), torch.stack([kl.mean() for _, kl in stats]).tolist()
 
 
 @torch.no_grad()
 def kl_ce(lm: LoadedModel, windows: torch.Tensor, intervention=None, batch_size: int = 8) -> dict[str, list[float]]:
     """Per-window CE (intervened) and mean per-position KL(original ‖ intervened)."""
-    from bench.earlier import kl_ce_batch
-
     stats = kl_ce_batch if lm.earlier_paths else _batch_stats  # the earlier code path (RunConfig.legacy_paths)
     device = next(lm.model.parameters()).device
     ce, kl = [], []
