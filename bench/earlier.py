@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.decoding import cache_kwarg, edits_everywhere, run_prefix, sliding_window
-from bench.scoring import Encoded, cache_copy, common_prefix, score_rows
+from bench.scoring import Encoded, by_context, cache_copy, common_prefix, score_rows
 
 #: Contexts are extended together in chunks of up to this many batches' worth of answers; the chunk's answers are
 #: then sorted by length into batches, which cuts padding (measured on smollm2-135m, 50 questions: 21.4 s with
@@ -95,10 +95,7 @@ def score_by_context(lm, seqs: list[Encoded], intervention, batch_size: int, edi
     kwarg = cache_kwarg(model)
     prefix_ctx = ((lambda: intervention.applied(lm, positions="all")) if edits_everywhere(intervention)
                   else contextlib.nullcontext)
-    by_ctx: dict[tuple[int, ...], list[int]] = {}  # one group per context: every token before the predicting one
-    for i, s in enumerate(seqs):
-        by_ctx.setdefault(tuple(s.ids[: s.answer[0] - 1]), []).append(i)
-    groups = sorted(((len(c), idx) for c, idx in by_ctx.items()),
+    groups = sorted(((len(c), idx) for c, idx in by_context(seqs).items()),
                     key=lambda g: (g[0], max(len(seqs[i].ids) for i in g[1])))
     # padding slots between a context and its answers shift a sliding window's reach: mix contexts only when
     # every padded row fits in the window

@@ -2,17 +2,18 @@
 other on the same machine, so that its peak memory (max RSS) is its own; results go to ``results/perf.md`` and
 ``results/perf.json``.
 
-* ``mc``: TruthfulQA MC1 + MC2 in lm-eval's prompt format, our scorer (the shared prefix once, each question and the trie of its answers as one row) vs lm-eval's own
-  ``truthfulqa_mc1``/``truthfulqa_mc2`` tasks (through :class:`bench.lm_eval_plugin.InterventionLM`, i.e. HFLM
-  with no intervention), with the per-question agreement, and the work each does (tokens fed, logit rows,
-  attention pairs, FLOPs: ours counted by hooks during the timed run, lm-eval's from its requests' lengths), which
-  bounds the speed-up any scorer of the same arithmetic can reach.
+* ``mc``: TruthfulQA MC1 + MC2 in lm-eval's prompt format, our scorer (the shared prefix once, each question and
+  the trie of its answers as one row) vs lm-eval's own ``truthfulqa_mc1``/``truthfulqa_mc2`` tasks (through
+  :class:`bench.lm_eval_plugin.InterventionLM`, i.e. HFLM with no intervention), with the per-question agreement,
+  and the work each does (tokens fed, logit rows, attention pairs, FLOPs: ours counted by hooks during the timed
+  run, lm-eval's from its requests' lengths), which bounds the speed-up any scorer of the same arithmetic can
+  reach.
 * ``gen``: greedy generation tokens/s with and without a FLORAIN hook, batch 1 and 16; plain and hooked rounds
   alternate and the median round is reported.
 * ``decode``: greedy decoding tokens/s at batch 1/16/32/64 with a FLORAIN hook, HF ``generate`` (the earlier path)
   vs :func:`bench.decoding.decode`, against this machine's measured read-bandwidth and matrix-multiply bounds.
-* ``protocol``: the full ``--task truthfulqa`` protocol for ``none``, ``caa``, ``florain`` and ``iti`` with the earlier
-  code paths (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers,
+* ``protocol``: the full ``--task truthfulqa`` protocol for ``none``, ``caa``, ``florain`` and ``iti`` with the
+  earlier code paths (``RunConfig.legacy_paths``) and the current ones: per-part seconds, ratios, identical answers,
   metric differences; a method is fitted once and both paths evaluate that fit. Each part's model work is counted
   (:func:`counted_parts`), which bounds the speed-up that running the same arithmetic faster could reach.
 * ``fit``: the FLORAIN fit of all heads of one layer (both folds) batched over heads, vs a per-head sequential

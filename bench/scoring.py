@@ -139,14 +139,20 @@ def _tree(seqs: list[Encoded], idx: list[int], context: tuple[int, ...], p: int,
     return t
 
 
+def by_context(seqs: list[Encoded], start: int = 0) -> dict[tuple[int, ...], list[int]]:
+    """The sequences' indices grouped by context (every token before an answer's predicting one), keyed by the
+    context's tokens from ``start`` on."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(tuple(s.ids[start : s.answer[0] - 1]), []).append(i)
+    return groups
+
+
 def _trees(seqs: list[Encoded], p: int, edit_offset: int, most: int) -> list[_Tree]:
     """The rows of all contexts (the first ``p`` tokens shared by all), at most ``most`` answers each: a context
     with more answers gets several rows."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(tuple(s.ids[p : s.answer[0] - 1]), []).append(i)
     return [_tree(seqs, idx[k : k + most], context, p, edit_offset)
-            for context, idx in groups.items() for k in range(0, len(idx), most)]
+            for context, idx in by_context(seqs, p).items() for k in range(0, len(idx), most)]
 
 
 def _batches(trees: list[_Tree], batch_size: int) -> list[list[_Tree]]:

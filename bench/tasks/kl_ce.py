@@ -106,8 +106,8 @@ CHUNK_ELEMENTS = 1 << 22
 
 def _position_stats(base: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, same: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position of one window (rows of ``[n, vocab]`` logits): the CE of ``logits`` at ``target`` and KL(softmax(base) ‖
-    softmax(logits)) (0 where ``same``: one model, nothing edited), in chunks of rows."""
+    """Per position of one window (rows of ``[n, vocab]`` logits): the CE of ``logits`` at ``target`` and
+    KL(softmax(base) ‖ softmax(logits)) (0 where ``same``: one model, nothing edited), in chunks of rows."""
     ce, kl = [], []
     step = max(1, CHUNK_ELEMENTS // base.shape[-1])
     for s in range(0, len(base), step):
