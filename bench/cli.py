@@ -52,7 +52,8 @@ def run(
     seed: int = typer.Option(42, help="Seed of the fold split and of the method."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N questions (quick runs)."),
     prompt_mode: str = typer.Option("iti", help="MC prompt: iti (instruction + QA primer) or lm-eval (QA primer only)."),
-    eval_batch_size: int = typer.Option(16, help="Sequences per forward pass when scoring."),
+    eval_batch_size: int = typer.Option(16, help="Sequences per forward pass of KL/CE (windows) and lm-eval tasks."),
+    score_batch_size: int = typer.Option(32, help="Answers per forward pass of the answer scorer (MC, answer fluency; float noise only)."),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's KV cache."),
     gen_preset: str = typer.Option("iti", help="Generation prompt preset: iti, iti-informative, qa, lm-eval (see bench.generation.GEN_PRESETS)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="New tokens per generation [50 TruthfulQA, 20 toxicity]."),
@@ -98,7 +99,7 @@ def run(
         _fail(str(err))
     cfg = RunConfig(method=method, model=model, task=task, layer=layer, site=site, folds=folds, val_ratio=val_ratio,
                     seed=seed, limit=limit, prompt_mode=prompt_mode, options=options, compile=compile,
-                    eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
+                    eval_batch_size=eval_batch_size, score_batch_size=score_batch_size, prefix_cache=prefix_cache, device=device, dtype=dtype,
                     gen_preset=gen_preset, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, judge=judge,
                     judge_options=_judge_options(judge, judge_base_url, judge_model, judge_info_model, judge_protocol,
                                                  judge_preset),

@@ -48,8 +48,10 @@ def _questions(data_dir: str | None, limit: int | None):
     return qs[:limit] if limit else qs
 
 
-def part_mc_ours(model: str, data_dir: str | None, limit: int | None, batch_size: int) -> dict:
-    """Our scorer in lm-eval prompt mode: per-question MC1/MC2 and the wall time (model loading excluded)."""
+def part_mc_ours(model: str, data_dir: str | None, limit: int | None, batch_size: int,
+                 lm_eval_batch_size: int = 16) -> dict:
+    """Our scorer in lm-eval prompt mode (``batch_size`` answers per pass): per-question MC1/MC2 and the wall time
+    (model loading excluded), with lm-eval's work at ``lm_eval_batch_size`` texts per pass counted beside it."""
     from bench.models import load_model
     from bench.tasks.truthfulqa_mc import evaluate_mc
 
@@ -61,7 +63,7 @@ def part_mc_ours(model: str, data_dir: str | None, limit: int | None, batch_size
         seconds = time.perf_counter() - t
     return {"questions": len(qs), "answers": sum(len(r["logprobs"]) for r in recs), "batch_size": batch_size,
             "seconds": seconds, "per_question": {m: [r[m] for r in recs] for m in ("mc1", "mc2")},
-            "work": work, "lm_eval_work": lm_eval_work(lm, qs, batch_size)}
+            "work": work, "lm_eval_work": lm_eval_work(lm, qs, lm_eval_batch_size)}
 
 
 def _weights(lm) -> dict[str, int]:
@@ -395,6 +397,8 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
 
 #: The generation batch of the earlier code path (the default before the continuous-batching decoder).
 LEGACY_GEN_BATCH = 16
+#: The scorer's answers per pass on the earlier code path (``eval_batch_size`` before ``score_batch_size``).
+LEGACY_SCORE_BATCH = 16
 
 
 def carry_fits(src: Path, dst: Path) -> bool:
@@ -418,7 +422,8 @@ def carry_fits(src: Path, dst: Path) -> bool:
 def part_protocol(model: str, data_dir: str | None, limit: int | None, method: str, legacy: bool,
                   fits: str | None = None, kl_windows: int | None = None) -> dict:
     """The full ``--task truthfulqa`` protocol of one method (fit included, timed apart) with the earlier code
-    paths (``legacy``: HF ``generate`` on batches of :data:`LEGACY_GEN_BATCH`, as the earlier code ran it) or the
+    paths (``legacy``: HF ``generate`` on batches of :data:`LEGACY_GEN_BATCH` and the scorer at
+    :data:`LEGACY_SCORE_BATCH` answers per pass, as the earlier code ran them) or the
     current ones (the default settings); returns per-part seconds per fold, the metrics, every answer, each part's
     model work (:func:`counted_parts`) and this machine's matrix-multiply rate measured just before the run.
 
@@ -433,7 +438,7 @@ def part_protocol(model: str, data_dir: str | None, limit: int | None, method: s
         if kl_windows is not None:
             cfg = replace(cfg, kl_windows=kl_windows)
         if legacy:
-            cfg = replace(cfg, gen_batch_size=LEGACY_GEN_BATCH)
+            cfg = replace(cfg, gen_batch_size=LEGACY_GEN_BATCH, score_batch_size=LEGACY_SCORE_BATCH)
         folder = RunFolder(Path(tmp) / "run")
         reused = fits is not None and carry_fits(Path(fits), folder.path)
         gflop_s, work = _matmul_gflop_s(), {}
@@ -447,7 +452,7 @@ def part_protocol(model: str, data_dir: str | None, limit: int | None, method: s
         res, recs = folder.read_results(), folder.read_per_question()
     return {"method": method, "legacy": legacy, "limit": limit, "kl_windows": cfg.kl_windows, "seconds": seconds,
             "work": work, "matmul_gflop_s": gflop_s,
-            "gen_batch_size": cfg.gen_batch_size,
+            "gen_batch_size": cfg.gen_batch_size, "score_batch_size": cfg.score_batch_size,
             "fit_reused": reused, "folds": [f["timings"] for f in res["folds"]], "metrics": res["metrics"],
             "answers": {str(r["index"]): r.get("answer") for r in recs},
             "mc2": {str(r["index"]): r.get("mc2") for r in recs}}
@@ -500,8 +505,9 @@ def to_markdown(parts: dict, env: dict) -> str:
         o, t = parts["mc_ours"], parts["mc_lmeval"]
         c = compare_mc(o, t)
         lines += ["## TruthfulQA MC1 + MC2 (lm-eval prompt), ours vs lm-eval", "",
-                  f"{o['questions']} questions, {o['answers']} distinct answers, batch size {o['batch_size']}; "
-                  "model loading excluded from both times.", "",
+                  f"{o['questions']} questions, {o['answers']} distinct answers; ours {o['batch_size']} answers per "
+                  f"forward pass, lm-eval {t['batch_size']} texts per forward pass (each at its own best measured "
+                  "setting: see results/README.md); model loading excluded from both times.", "",
                   "| | wall time (s) | MC1 | MC2 | peak RSS (MB) |", "|---|---|---|---|---|",
                   f"| ours (shared prefix, question + answer trie per row) | {o['seconds']:.1f} | {c['ours']['mc1']:.6f} | {c['ours']['mc2']:.6f} | {o['peak_rss_mb']:.0f} |",
                   f"| lm-eval {t.get('lm_eval_version') or ''} | {t['seconds']:.1f} | {c['lm_eval']['mc1']:.6f} | {c['lm_eval']['mc2']:.6f} | {t['peak_rss_mb']:.0f} |",
@@ -585,12 +591,15 @@ def _protocol_lines(parts: dict) -> list[str]:
              "KL/CE over whole batches (`RunConfig.legacy_paths`, `bench/earlier.py`); current: the shared prefix "
              "computed once, continuous batching, an in-place KV cache, each question and its answers' trie one "
              "scoring row, KL/CE in chunks of positions. Each path's "
-             "generation batch is listed per method (measurements before 2026-12-03 ran both at 32).", ""]
+             "generation batch and the scorer's answers per pass are listed per method (measurements before 2026-12-03 "
+             "ran both paths' generation at 32; before 2026-12-04 both scored 16 answers per pass).", ""]
     for m in PROTOCOL_METHODS:
         old, new = parts.get(f"protocol_{m}_legacy"), parts.get(f"protocol_{m}")
         if not old or not new:
             continue
         batches = "; generation batch: earlier {}, current {}".format(*(r.get("gen_batch_size", 32) for r in (old, new)))
+        batches += "; answers per scoring pass: earlier {}, current {}".format(
+            *(r.get("score_batch_size", 16) for r in (old, new)))
         windows = f"; KL/CE windows: {new.get('kl_windows') or 100}"
         lines += [f"### {m} (limit: {new['limit'] or 'all 817 questions'}{batches}{windows})", ""]
         lines += _protocol_table(old, new)
@@ -717,7 +726,9 @@ def _arguments(argv: list[str] | None):
     p.add_argument("--parts", default="mc,gen,fit", help=f"comma-separated: {', '.join(STEPS)}")
     p.add_argument("--fit-epochs", type=int, default=50)
     p.add_argument("--gen-rounds", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="lm-eval's texts per forward pass (MC part)")
+    p.add_argument("--score-batch-size", type=int, default=32,
+                   help="our scorer's answers per forward pass (MC part; the run's default)")
     p.add_argument("--protocol-methods", default=",".join(PROTOCOL_METHODS),
                    help="methods the protocol part runs (each with both code paths)")
     p.add_argument("--kl-windows", type=int, default=None,
@@ -738,7 +749,8 @@ def _arguments(argv: list[str] | None):
 
 def _step_arguments(a, fits: Path) -> dict[str, dict]:
     """Each step's keyword arguments; the protocol steps of a method share its fits folder (see part_protocol)."""
-    kwargs = {"mc_ours": {"batch_size": a.batch_size}, "mc_lmeval": {"batch_size": a.batch_size},
+    kwargs = {"mc_ours": {"batch_size": a.score_batch_size, "lm_eval_batch_size": a.batch_size},
+              "mc_lmeval": {"batch_size": a.batch_size},
               "gen": {"new_tokens": 50, "rounds": a.gen_rounds}, "fit_loop": {"epochs": a.fit_epochs},
               "fit_batched": {"epochs": a.fit_epochs, "compile": False},
               "fit_batched_compiled": {"epochs": a.fit_epochs, "compile": True},

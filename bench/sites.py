@@ -109,3 +109,62 @@ def recorded(model: nn.Module, spec: ModelSpec, layers: list[int], site: str) ->
     finally:
         for h in handles:
             h.remove()
+
+
+class _Skipped(nn.Module):
+    """A decoder layer left out of a resumed pass (:func:`resumed`): returns its input as the layer would return
+    its output (a tensor, or a 1-tuple where the model's layers return tuples)."""
+
+    def __init__(self, layer: nn.Module, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.attention_type = getattr(layer, "attention_type", None)  # what some models' loops read off a layer
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor | tuple:
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+@contextmanager
+def layer_input(model: nn.Module, spec: ModelSpec, layer: int) -> Iterator[dict]:
+    """Record the hidden states entering decoder ``layer`` during the block's forward call (``"hidden"``) and
+    whether the layers return tuples (``"as_tuple"``), for :func:`resumed`."""
+    store: dict = {}
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        store["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def post(_m: nn.Module, _args: tuple, out: torch.Tensor | tuple) -> None:
+        store["as_tuple"] = isinstance(out, tuple)
+
+    block = spec.decoder_layer(model, layer)
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def resumed(model: nn.Module, spec: ModelSpec, layer: int, recorded: dict) -> Iterator[None]:
+    """Within the block a forward call skips decoder layers ``0..layer-1`` and feeds ``layer`` the hidden states
+    :func:`layer_input` recorded. Called with the recorded call's inputs, it computes from ``layer`` on exactly
+    what the whole pass would compute when nothing below ``layer`` differs (an edit at ``layer`` or above): the
+    layers below are the same computation on the same inputs."""
+    layers = model.get_submodule(spec.layers_path)
+    below = [layers[i] for i in range(layer)]
+    for i, block in enumerate(below):
+        layers[i] = _Skipped(block, recorded["as_tuple"])
+
+    def feed(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (recorded["hidden"], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": recorded["hidden"]}
+
+    handle = layers[layer].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(below):
+            layers[i] = block

@@ -123,3 +123,32 @@ def test_rows_that_would_outgrow_a_sliding_window_copy_the_prefix_instead():
     room = 16 - prefix.length - 2 * (max(map(len, ids)) - prefix.length)  # new tokens that keep every row inside
     assert room > 1
     assert attends(lm, prefix, ids, room - 1) and not attends(lm, prefix, ids, room)
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_joined_and_cascade_attention_agree_with_one_softmax_over_prefix_and_own_keys(queries, causal):
+    """The two ways rows attend to a prefix held once (one fused SDPA over the prefix put ahead of each row's own
+    keys, for passes of several tokens; the cascade, for one-token steps) equal plain attention over the keys
+    concatenated, with a row that sees none of its own keys (only the prefix) and grouped key/value heads."""
+    from bench.attention import _cascade, _joined
+
+    g = torch.Generator().manual_seed(queries)
+    n, heads, kv, d, own, p = 3, 4, 2, 8, 6, 5
+    query = torch.randn(n, heads, queries, d, generator=g)
+    key, value = (torch.randn(n, kv, own, d, generator=g) for _ in range(2))
+    pk, pv = (torch.randn(1, kv, p, d, generator=g) for _ in range(2))
+    mask = None if causal else torch.rand(n, 1, queries, own, generator=g) > 0.4
+    if mask is not None:
+        mask[0] = False  # row 0 sees only the prefix
+    visible = (torch.ones(queries, own, dtype=torch.bool).tril(own - queries)[None, None].expand(n, 1, -1, -1)
+               if causal else mask)
+    keys = torch.cat([pk.expand(n, -1, -1, -1), key], 2).repeat_interleave(heads // kv, 1)
+    values = torch.cat([pv.expand(n, -1, -1, -1), value], 2).repeat_interleave(heads // kv, 1)
+    full = torch.cat([torch.ones(n, 1, queries, p, dtype=torch.bool), visible], -1)
+    scores = (query @ keys.transpose(2, 3) / d ** 0.5).masked_fill(~full, float("-inf"))
+    expected = (scores.softmax(-1) @ values).transpose(1, 2)
+    for attend in (_joined, _cascade):
+        got = attend(query, key, value, mask, pk, pv, None)
+        assert got.shape == (n, queries, heads, d)
+        assert torch.allclose(got, expected, atol=1e-5), attend.__name__

@@ -201,6 +201,7 @@ RUN_FLAGS = [
       "--top-p applies to --task toxicity only",
       "--folds must be ≥ 2", "unknown --dtype 'f8'"]),
     ("eval-batch-size-0", ["--eval-batch-size", "0"], "--eval-batch-size must be ≥ 1, got 0"),
+    ("score-batch-size-0", ["--score-batch-size", "0"], "--score-batch-size must be ≥ 1, got 0"),
     ("gen-batch-size-0", ["--task", "truthfulqa-gen", "--gen-batch-size", "0"],
             "--gen-batch-size must be ≥ 1, got 0"),
     ("sample-batch-size-0", ["--task", "toxicity", "--tox-prompts", "{tmp}/none.jsonl",

@@ -127,6 +127,35 @@ def test_kl_computed_in_chunks_of_positions_equals_the_whole_window_at_once(tiny
     np.testing.assert_allclose(earlier["ce"], got["ce"], rtol=1e-6)
 
 
+@pytest.mark.parametrize(("family", "site"), [("llama", "heads"), ("gemma", "residual"), ("gemma", "heads")])
+def test_kl_ce_resumes_the_intervened_pass_at_the_first_edited_layer_with_the_same_values(family, site, monkeypatch):
+    """The intervened pass skips the layers below the first edited one (their input recorded in the unintervened
+    pass): layer 0 runs once per batch, the values equal two whole passes bit for bit (Gemma-3's sliding window
+    included: 24-token windows, a 16-token sliding window), and the model's layers are whole afterwards."""
+    from contextlib import nullcontext
+
+    import bench.tasks.kl_ce as klce
+    from tiny_models import tiny_model
+
+    lm = tiny_model(family, seed=2, n_layers=4)
+    heads, dim = lm.spec.site_shape(site)
+    torch.manual_seed(3)
+    iv = Intervention("mean-shift", site, {k: AdditiveShift(2.0 * torch.randn(heads, dim)) for k in (2, 3)},
+                      {"heads": heads, "head_dim": dim})
+    win = make_windows(lm, ["Telescopes use lenses or mirrors to focus light, and some use both."] * 40,
+                       n_windows=4, length=24)
+    layers = lm.model.get_submodule(lm.spec.layers_path)
+    first, calls = layers[0], []
+    first.register_forward_hook(lambda *_: calls.append(1))
+    got = kl_ce(lm, win, iv, batch_size=2)
+    assert len(calls) == 2 and layers[0] is first  # two batches, one pass each through layer 0; restored
+    monkeypatch.setattr(klce, "resumed", lambda *a: nullcontext())  # both passes whole
+    monkeypatch.setattr(klce, "layer_input", lambda *a: nullcontext())
+    whole = kl_ce(lm, win, iv, batch_size=2)
+    assert len(calls) == 6 and min(got["kl"]) > 0
+    assert got == whole
+
+
 def test_make_windows_needs_enough_text(tiny_llama):
     with pytest.raises(ValueError, match="windows of 128 need"):
         make_windows(tiny_llama, ["short"], n_windows=100, length=128)

@@ -117,8 +117,11 @@ def test_protocol_section_shows_a_shared_fit_once_and_keeps_it_out_of_the_ratio(
     assert "| fit (once, by the current path; the other evaluated the same fitted edit) | 200.0 | 200.0 | |" in text
     assert "earlier 16, current 64" in text
     assert "KL/CE windows: 100)" in text  # measurements that predate the option ran the default
-    parts = {k: {**v, "kl_windows": 20, "limit": 60} for k, v in parts.items()}
-    assert "### florain (limit: 60; generation batch: earlier 16, current 64; KL/CE windows: 20)" in perf._protocol_lines(parts)
+    assert "answers per scoring pass: earlier 16, current 16" in text  # measured before the scorer had its own
+    parts = {k: {**v, "kl_windows": 20, "limit": 60, "score_batch_size": 16 if v["legacy"] else 32}
+             for k, v in parts.items()}
+    assert ("### florain (limit: 60; generation batch: earlier 16, current 64; answers per scoring pass: earlier 16, "
+            "current 32; KL/CE windows: 20)") in perf._protocol_lines(parts)
 
 
 def test_kl_windows_reach_the_protocol_steps_and_bad_values_are_refused():

@@ -25,6 +25,7 @@ from bench.metrics import Metric
 from bench.models import LoadedModel
 from bench.redact import redact, redacted
 from bench.runs import summarise
+from bench.sites import layer_input, resumed
 from bench.tasks.base import Part, register_part
 
 HUB_TEXTS = "stas/openwebtext-10k"
@@ -119,10 +120,15 @@ def _position_stats(base: torch.Tensor, logits: torch.Tensor, target: torch.Tens
 
 
 def _batch_stats(lm: LoadedModel, ids: torch.Tensor, intervention) -> tuple[list[float], list[float]]:
-    """Per-window CE (intervened) and mean per-position KL of one batch of windows."""
+    """Per-window CE (intervened) and mean per-position KL of one batch of windows. The intervened pass starts at
+    the first edited layer, from the hidden states the unintervened pass fed it (:func:`bench.sites.resumed`):
+    the layers below compute the same thing in both passes."""
     on = intervention is not None and bool(intervention.modules)
-    base = lm.model(input_ids=ids).logits[:, :-1]
-    with intervention.applied(lm, "all") if on else nullcontext():
+    start = min(intervention.layers) if on else 0
+    with layer_input(lm.model, lm.spec, start) if start else nullcontext() as entering:
+        base = lm.model(input_ids=ids).logits[:, :-1]
+    with intervention.applied(lm, "all") if on else nullcontext(), \
+            resumed(lm.model, lm.spec, start, entering) if start else nullcontext():
         logits = lm.model(input_ids=ids).logits[:, :-1] if on else base
     # a window's rows are contiguous: no copy of the batch's logits
     stats = [_position_stats(base[b], logits[b], ids[b, 1:], same=not on) for b in range(len(ids))]

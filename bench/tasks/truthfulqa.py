@@ -44,7 +44,7 @@ def truthfulqa_inputs(cfg, data_dir, echo) -> Inputs:
 
 def mc(state, k: int, qs: list[Question], iv) -> dict:
     cfg = state.cfg
-    recs = evaluate_mc(state.lm, qs, iv, cfg.prompt_mode, cfg.eval_batch_size, cfg.prefix_cache,
+    recs = evaluate_mc(state.lm, qs, iv, cfg.prompt_mode, cfg.score_batch_size, cfg.prefix_cache,
                        fewshot=iv.prompt_prefix if iv else "", label=f"fold {k} MC", edit_offset=cfg.mc_edit_offset)
     return {"metrics": {m.name: summarise([r[m.name] for r in recs]) for m in MC}, "records": recs}
 
@@ -99,7 +99,7 @@ def fluency(state, k: int, qs: list[Question], iv) -> dict:
         raise RuntimeError(f"fold {k}: {gen_file} lacks the answers to {len(missing)} questions (e.g. {missing[:5]}); "
                            f"remove {state.folder.part(k, 'gen').name} and resume to generate them again")
     pairs = [answer_context(gen_prompt(q.question, state.cfg.gen_preset), gens[q.index]["continuation"]) for q in qs]
-    nll = continuation_nll(state.lm, [c for c, _ in pairs], [a for _, a in pairs], state.cfg.eval_batch_size,
+    nll = continuation_nll(state.lm, [c for c, _ in pairs], [a for _, a in pairs], state.cfg.score_batch_size,
                            progress=f"fold {k} answer fluency ({len(qs)} answers)")
     empty = [float(not gens[q.index]["answer"]) for q in qs]
     kept = [v for v in nll if v is not None]
