@@ -85,29 +85,39 @@ def _flops(work: dict, weights: dict) -> float:
 def counted_work(lm) -> Iterator[dict]:
     """Counts, while the block runs, what the model computes: token positions fed (padding included), logit rows,
     and query × key-slot pairs of attention (masked slots and a shared prefix's included: they are computed too);
-    ``flops`` on exit."""
+    ``flops`` on exit. Tokens and pairs are counted per decoder layer run, in units of whole passes (a pass that
+    skips layers, :func:`bench.sites.resumed`, counts the share it runs)."""
     from bench.attention import prefix_length
 
     work = {"forward_passes": 0, "tokens": 0, "logit_rows": 0, "attention_pairs": 0}
+    current, layer_sums = {"tokens": 0, "attention_pairs": 0}, {"tokens": 0, "attention_pairs": 0}
 
     def body_pre(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         b, t = ids.shape
         work["forward_passes"] += 1
-        work["tokens"] += b * t
-        work["attention_pairs"] += b * t * ((mask.shape[-1] if mask is not None else t) + prefix_length())
+        current.update(tokens=b * t,
+                       attention_pairs=b * t * ((mask.shape[-1] if mask is not None else t) + prefix_length()))
+
+    def layer_pre(module, args):
+        for key in layer_sums:
+            layer_sums[key] += current[key]
 
     def head_post(module, args, out):
         work["logit_rows"] += out.shape[0] * out.shape[1]
 
+    n = lm.spec.n_layers
     handles = [lm.model.get_decoder().register_forward_pre_hook(body_pre, with_kwargs=True),
-               lm.model.get_output_embeddings().register_forward_hook(head_post)]
+               lm.model.get_output_embeddings().register_forward_hook(head_post),
+               *(lm.spec.decoder_layer(lm.model, i).register_forward_pre_hook(layer_pre) for i in range(n))]
     try:
         yield work
     finally:
         for h in handles:
             h.remove()
+        for key, total in layer_sums.items():
+            work[key] = total // n if total % n == 0 else total / n
         work["flops"] = _flops(work, _weights(lm))
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import perf
 
@@ -62,6 +63,23 @@ def test_the_scorer_never_feeds_an_answers_last_token_and_the_work_counter_sees_
         got = answer_logprobs(lm, seqs, batch_size=2, prefix_cache=True)
     assert got == pytest.approx(ref, abs=1e-5)  # the same scores, computing less
     assert cached["tokens"] < plain["tokens"] and cached["flops"] < plain["flops"]
+
+
+def test_the_work_counter_counts_only_the_layers_a_resumed_kl_pass_runs():
+    from baselines.shift import AdditiveShift
+    from bench.interventions import Intervention
+    from bench.tasks.kl_ce import kl_ce
+    from tiny_models import tiny_model
+
+    lm = tiny_model("llama", seed=0, n_layers=4)
+    heads, dim = lm.spec.site_shape("heads")
+    iv = Intervention("mean-shift", "heads", {2: AdditiveShift(torch.ones(heads, dim))}, {})
+    windows = torch.randint(5, 40, (2, 16))
+    with perf.counted_work(lm) as work:
+        kl_ce(lm, windows, iv, batch_size=2)
+    # the unintervened pass runs all 4 layers over 2 × 16 tokens, the intervened one layers 2 and 3 only
+    assert work["forward_passes"] == 2 and work["tokens"] == 32 + 16
+    assert work["attention_pairs"] == 2 * 16 * 16 * 1.5 and work["logit_rows"] == 2 * 2 * 16
 
 
 def test_decode_section_shows_both_bounds_and_reads_older_measurements():
