@@ -47,7 +47,8 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, except that a masked call on CPU with grouped key/value heads lets torch
     group the heads (``enable_gqa``) instead of copying keys and values per query head, and that inside
-    :func:`prefix_attention` the queries also attend to the shared prefix (:func:`_cascade`, on any device).
+    :func:`prefix_attention` the queries also attend to the shared prefix (:func:`_joined` for several tokens per
+    row, :func:`_cascade` for one; on any device).
     Everything else (no mask, one key/value head per query head, other devices, soft-capping, position biases)
     is transformers' own."""
     prefix = _PREFIX.get()
@@ -141,7 +142,7 @@ def _joined(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     own = _own_mask(mask, q, key.shape[2], query.device)
     keys = torch.cat([prefix_keys.expand(n, -1, -1, -1), key], 2)
     values = torch.cat([prefix_values.expand(n, -1, -1, -1), value], 2)
-    visible = torch.cat([own.new_ones(own.shape[0], 1, q, p), own], -1)
+    visible = torch.cat([own.new_ones(*own.shape[:-1], p), own], -1)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous()

@@ -150,11 +150,11 @@ def resumed(model: nn.Module, spec: ModelSpec, layer: int, recorded: dict) -> It
     """Within the block a forward call skips decoder layers ``0..layer-1`` and feeds ``layer`` the hidden states
     :func:`layer_input` recorded. Called with the recorded call's inputs, it computes from ``layer`` on exactly
     what the whole pass would compute when nothing below ``layer`` differs (an edit at ``layer`` or above): the
-    layers below are the same computation on the same inputs."""
+    layers below are the same computation on the same inputs. For logits only: a skipped layer records no hidden
+    states or attentions, and no layer may change its input in place (none of the supported families does)."""
     layers = model.get_submodule(spec.layers_path)
     below = [layers[i] for i in range(layer)]
-    for i, block in enumerate(below):
-        layers[i] = _Skipped(block, recorded["as_tuple"])
+    stubs = [_Skipped(block, recorded["as_tuple"]) for block in below]
 
     def feed(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
@@ -163,6 +163,8 @@ def resumed(model: nn.Module, spec: ModelSpec, layer: int, recorded: dict) -> It
 
     handle = layers[layer].register_forward_pre_hook(feed, with_kwargs=True)
     try:
+        for i, stub in enumerate(stubs):
+            layers[i] = stub
         yield
     finally:
         handle.remove()

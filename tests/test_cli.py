@@ -155,10 +155,12 @@ def test_every_baseline_runs_and_differs_from_none(method, tiny_dir, tqa_dir, tm
 
 
 def test_lm_eval_tasks_through_the_harness_match_our_lm_eval_mode(tiny_dir, tqa_dir, tmp_path):
-    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12", "--eval-batch-size", "4"]
-    r1 = _run("--method", "none", *common, "--task", "lm-eval:truthfulqa_mc1,truthfulqa_mc2", "--output", str(tmp_path / "a"))
+    common = ["--model", str(tiny_dir), "--data-dir", str(tqa_dir), "--limit", "12"]
+    r1 = _run("--method", "none", *common, "--eval-batch-size", "4", "--task", "lm-eval:truthfulqa_mc1,truthfulqa_mc2",
+              "--output", str(tmp_path / "a"))
     assert r1.exit_code == 0, r1.output
-    r2 = _run("--method", "none", *common, "--prompt-mode", "lm-eval", "--output", str(tmp_path / "b"))
+    r2 = _run("--method", "none", *common, "--score-batch-size", "4", "--prompt-mode", "lm-eval",
+              "--output", str(tmp_path / "b"))
     assert r2.exit_code == 0, r2.output
     theirs = json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]
     ours = json.loads((tmp_path / "b" / "results.json").read_text())["metrics"]

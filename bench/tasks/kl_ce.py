@@ -184,5 +184,6 @@ KLCE = register_part(Part(
     (Metric("ce", "CE", "nats/token", higher_is_better=False, column=8, sweep_plot=True),
      Metric("kl", "KL", "nats/token", higher_is_better=False, column=9, sweep_plot=True)),
     fold_record=lambda res: {"kl_ce_windows": res.get("windows"), "kl_ce_source": res.get("source")},
-    fold_private=("kl_ce_windows", "kl_ce_source"), finish=_finish, settings=("kl_windows", "kl_length", "kl_source"),
+    fold_private=("kl_ce_windows", "kl_ce_source"), finish=_finish,
+    settings=("kl_windows", "kl_length", "kl_source", "eval_batch_size"),
     prepare=_prepare))

@@ -79,5 +79,5 @@ def _problems(cfg) -> list[str]:
             "shows" for n in names if n not in known]
 
 
-register_part(Part("lm-eval", _part, problems=_problems))
+register_part(Part("lm-eval", _part, problems=_problems, settings=("eval_batch_size",)))
 FAMILIES["lm-eval"] = lm_eval_task

@@ -119,7 +119,7 @@ def _record_judge(state, folds: list[dict], results: dict) -> None:
     results["judge"] = judge(state).identity()
 
 
-register_part(Part("mc", mc, MC, settings=("prompt_mode", "mc_edit_offset")))
+register_part(Part("mc", mc, MC, settings=("prompt_mode", "mc_edit_offset", "score_batch_size")))
 def _gen_record(res: dict) -> dict:
     """The judge's share of the part's seconds (``judge_s``; absent from parts saved before it was recorded)."""
     return {"timings": {"judge_s": res["judge_s"]}} if "judge_s" in res else {}
@@ -127,7 +127,7 @@ def _gen_record(res: dict) -> dict:
 
 register_part(Part("gen", gen, GEN, fold_record=_gen_record, finish=_record_judge, problems=_judge_problems,
                    settings=("gen_preset", "judge", "gen_batch_size")))
-register_part(Part("fluency", fluency, (ANSWER_NLL, EMPTY_SHARE), reads="gen"))
+register_part(Part("fluency", fluency, (ANSWER_NLL, EMPTY_SHARE), reads="gen", settings=("score_batch_size",)))
 
 
 TASKS = (
