@@ -600,7 +600,8 @@ def _protocol_lines(parts: dict) -> list[str]:
              "left-padded batches, the output embedding fed strided slices, the scorer context by context and "
              "KL/CE over whole batches (`RunConfig.legacy_paths`, `bench/earlier.py`); current: the shared prefix "
              "computed once, continuous batching, an in-place KV cache, each question and its answers' trie one "
-             "scoring row, KL/CE in chunks of positions. Each path's "
+             "scoring row, KL/CE in chunks of positions, its intervened pass starting at the first edited layer "
+             "(from 2026-12-04). Each path's "
              "generation batch and the scorer's answers per pass are listed per method (measurements before 2026-12-03 "
              "ran both paths' generation at 32; before 2026-12-04 both scored 16 answers per pass).", ""]
     for m in PROTOCOL_METHODS:
