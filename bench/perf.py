@@ -730,6 +730,8 @@ def _arguments(argv: list[str] | None):
     lists the valid ones."""
     import argparse
 
+    from bench.runner import RunConfig
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=None)
@@ -738,8 +740,8 @@ def _arguments(argv: list[str] | None):
     p.add_argument("--fit-epochs", type=int, default=50)
     p.add_argument("--gen-rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16, help="lm-eval's texts per forward pass (MC part)")
-    p.add_argument("--score-batch-size", type=int, default=32,
-                   help="our scorer's answers per forward pass (MC part; the run's default)")
+    p.add_argument("--score-batch-size", type=int, default=RunConfig.score_batch_size,
+                   help="our scorer's answers per forward pass (MC part; default: the run's)")
     p.add_argument("--protocol-methods", default=",".join(PROTOCOL_METHODS),
                    help="methods the protocol part runs (each with both code paths)")
     p.add_argument("--kl-windows", type=int, default=None,

@@ -115,10 +115,9 @@ class _Skipped(nn.Module):
     """A decoder layer left out of a resumed pass (:func:`resumed`): returns its input as the layer would return
     its output (a tensor, or a 1-tuple where the model's layers return tuples)."""
 
-    def __init__(self, layer: nn.Module, as_tuple: bool) -> None:
+    def __init__(self, as_tuple: bool) -> None:
         super().__init__()
         self.as_tuple = as_tuple
-        self.attention_type = getattr(layer, "attention_type", None)  # what some models' loops read off a layer
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor | tuple:
         return (hidden_states,) if self.as_tuple else hidden_states
@@ -154,7 +153,7 @@ def resumed(model: nn.Module, spec: ModelSpec, layer: int, recorded: dict) -> It
     states or attentions, and no layer may change its input in place (none of the supported families does)."""
     layers = model.get_submodule(spec.layers_path)
     below = [layers[i] for i in range(layer)]
-    stubs = [_Skipped(block, recorded["as_tuple"]) for block in below]
+    stubs = [_Skipped(recorded["as_tuple"]) for _ in below]
 
     def feed(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:

@@ -12,7 +12,6 @@ openwebtext-10k in the local cache and otherwise fails naming the offline source
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +123,14 @@ def _batch_stats(lm: LoadedModel, ids: torch.Tensor, intervention) -> tuple[list
     the first edited layer, from the hidden states the unintervened pass fed it (:func:`bench.sites.resumed`):
     the layers below compute the same thing in both passes."""
     on = intervention is not None and bool(intervention.modules)
-    start = min(intervention.layers) if on else 0
-    with layer_input(lm.model, lm.spec, start) if start else nullcontext() as entering:
-        base = lm.model(input_ids=ids).logits[:, :-1]
-    with intervention.applied(lm, "all") if on else nullcontext(), \
-            resumed(lm.model, lm.spec, start, entering) if start else nullcontext():
-        logits = lm.model(input_ids=ids).logits[:, :-1] if on else base
+    if not on:
+        base = logits = lm.model(input_ids=ids).logits[:, :-1]
+    else:
+        start = min(intervention.layers)
+        with layer_input(lm.model, lm.spec, start) as entering:
+            base = lm.model(input_ids=ids).logits[:, :-1]
+        with intervention.applied(lm, "all"), resumed(lm.model, lm.spec, start, entering):
+            logits = lm.model(input_ids=ids).logits[:, :-1]
     # a window's rows are contiguous: no copy of the batch's logits
     stats = [_position_stats(base[b], logits[b], ids[b, 1:], same=not on) for b in range(len(ids))]
     return torch.stack([ce.mean() for ce, _ in stats]).tolist(), torch.stack([kl.mean() for _, kl in stats]).tolist()
