@@ -240,6 +240,22 @@ def contiguous_head_input(_module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
+@contextmanager
+def head_at(model: PreTrainedModel, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Within the block, the output embedding reads only the hidden states at ``(rows[i], cols[i])``, as one row
+    ``[1, N, hidden]``: a forward pass (with ``logits_to_keep=0``) returns logits ``[1, N, vocab]`` for those
+    positions alone, in that order (a family's elementwise post-processing, e.g. Gemma's soft-capping, still
+    applies). ``logits_to_keep`` with one column set for every row, per row."""
+    def gather(_module: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0][rows, cols].unsqueeze(0), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def finish_loading(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: str,
                    default_layer: int | None) -> LoadedModel:
     """Inference mode (eval, no gradients), a pad token, the output-embedding hook, grouped attention

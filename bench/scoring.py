@@ -29,7 +29,7 @@ import torch
 
 from bench.attention import NAME, prefix_attention, supports_prefix
 from bench.decoding import cache_kwarg, run_prefix, sliding_window
-from bench.models import LoadedModel
+from bench.models import LoadedModel, head_at
 from bench.progress import progress_bar
 
 
@@ -114,14 +114,13 @@ class _Tree:
     parent: list[int]
     pos: list[int]  # true positions
     edit: list[bool]  # where the intervention acts
-    chain: int  # the chain's length: the nodes whose logits no answer needs
     paths: list[tuple[int, list[int], list[int]]]  # (sequence index, the nodes predicting its answer, those tokens)
 
 
 def _tree(seqs: list[Encoded], idx: list[int], context: tuple[int, ...], p: int, edit_offset: int) -> _Tree:
     """The row of sequences ``idx``, which share ``context`` after the first ``p`` tokens."""
     n = len(context)
-    t = _Tree(list(context), list(range(-1, n - 1)), list(range(p, p + n)), [False] * n, n, [])
+    t = _Tree(list(context), list(range(-1, n - 1)), list(range(p, p + n)), [False] * n, [])
     nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node
     for i in idx:
         s, node, at = seqs[i], n - 1, {}
@@ -198,12 +197,10 @@ def cache_copy(cache):
     return out
 
 
-def _layout(batch: list[_Tree], held: int) -> tuple[dict[str, torch.Tensor], int]:
-    """The batch's inputs (ids, positions, edit positions, visibility ``[rows, 1, width, held + width]``) and the
-    column of every row's first logit node: rows are shifted right so that those columns coincide. A padding
-    slot sees itself only (no query sees nothing)."""
-    c = max(t.chain for t in batch)
-    width = c + max(len(t.ids) - t.chain for t in batch)
+def _layout(batch: list[_Tree], held: int) -> dict[str, torch.Tensor]:
+    """The batch's inputs: ids, positions, edit positions and visibility ``[rows, 1, width, held + width]``, each
+    row from column 0 on, right-padded to the longest. A padding slot sees itself only (no query sees nothing)."""
+    width = max(len(t.ids) for t in batch)
     rows = len(batch)
     ids = torch.zeros(rows, width, dtype=torch.long)
     pos = torch.zeros(rows, width, dtype=torch.long)
@@ -212,36 +209,48 @@ def _layout(batch: list[_Tree], held: int) -> tuple[dict[str, torch.Tensor], int
     visible[..., :held] = True
     visible[:, 0, :, held:] = torch.eye(width, dtype=torch.bool)
     for b, t in enumerate(batch):
-        off, n = c - t.chain, len(t.ids)
-        ids[b, off : off + n] = torch.tensor(t.ids)
-        pos[b, off : off + n] = torch.tensor(t.pos)
-        edit[b, off : off + n] = torch.tensor(t.edit)
-        visible[b, 0, off : off + n, held + off : held + off + n] = _visible(t)
-    return {"ids": ids, "pos": pos, "edit": edit, "visible": visible}, c
+        n = len(t.ids)
+        ids[b, :n] = torch.tensor(t.ids)
+        pos[b, :n] = torch.tensor(t.pos)
+        edit[b, :n] = torch.tensor(t.edit)
+        visible[b, 0, :n, held : held + n] = _visible(t)
+    return {"ids": ids, "pos": pos, "edit": edit, "visible": visible}
+
+
+def _logit_nodes(batch: list[_Tree]) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, int], int]]:
+    """The (row, node) pairs whose logits some answer needs (no node of a row's chain, no padding slot), and where
+    each pair's logits land in the gathered output."""
+    pairs = sorted({(b, node) for b, t in enumerate(batch) for _, path, _ in t.paths for node in path})
+    rows, cols = torch.tensor(pairs).T
+    return rows, cols, {pair: k for k, pair in enumerate(pairs)}
 
 
 def _score_trees(lm: LoadedModel, batch: list[_Tree], base, held: int, intervention) -> dict[int, float]:
-    """Every answer's log-prob sum over one batch of rows, in one forward pass. ``base``: the shared prefix's
-    cache, copied into every row (``held`` of its slots then precede each row's own), or None (held through
+    """Every answer's log-prob sum over one batch of rows, in one forward pass; the output embedding runs on the
+    nodes that predict an answer token only (:func:`bench.models.head_at`). ``base``: the shared prefix's cache,
+    copied into every row (``held`` of its slots then precede each row's own), or None (held through
     :func:`prefix_attention`, or no shared prefix)."""
     model = lm.model
     device = next(model.parameters()).device
-    x, c = _layout(batch, held)
+    x = _layout(batch, held)
     dtype = _mask_dtype(model)
     mask = x["visible"] if dtype == torch.bool else torch.zeros(x["visible"].shape, dtype=dtype).masked_fill(
         ~x["visible"], torch.finfo(dtype).min)
     kwargs = dict(input_ids=x["ids"].to(device), attention_mask=mask.to(device), position_ids=x["pos"].to(device),
-                  logits_to_keep=torch.arange(c, x["ids"].shape[1], device=device), use_cache=base is not None)
+                  logits_to_keep=0, use_cache=base is not None)
     if base is not None:
         kwargs[cache_kwarg(model)] = rows = cache_copy(base)
         rows.batch_repeat_interleave(len(batch))
-    with intervention.applied(lm, x["edit"].to(device)) if intervention is not None else contextlib.nullcontext():
-        logits = model(**kwargs).logits
+    at_rows, at_cols, where = _logit_nodes(batch)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(head_at(model, at_rows.to(device), at_cols.to(device)))
+        if intervention is not None:
+            stack.enter_context(intervention.applied(lm, x["edit"].to(device)))
+        logits = model(**kwargs).logits[0]
     logp = torch.log_softmax(logits.float(), dim=-1)
-    answers = [(b, t, i, path, tokens) for b, t in enumerate(batch) for i, path, tokens in t.paths]
-    sums = torch.stack([logp[b, torch.tensor(path) - t.chain, torch.tensor(tokens)].sum()
-                        for b, t, _, path, tokens in answers])
-    return dict(zip((i for _, _, i, _, _ in answers), sums.tolist()))
+    answers = [(i, [where[b, node] for node in path], tokens) for b, t in enumerate(batch) for i, path, tokens in t.paths]
+    sums = torch.stack([logp[torch.tensor(k), torch.tensor(tokens)].sum() for _, k, tokens in answers])
+    return dict(zip((i for i, _, _ in answers), sums.tolist()))
 
 
 def _plain(lm: LoadedModel, seqs: list[Encoded], intervention, batch_size: int, edit_offset: int,

@@ -122,12 +122,15 @@ def test_answers_that_share_their_first_tokens_share_their_nodes(family):
     nodes = {(tuple(s.ids[: s.answer[0] - 1]), tuple(s.ids[s.answer[0] - 1 : k])) for s in seqs
              for k in range(s.answer[0], s.answer[-1] + 1)}
     assert work["tokens"] == p + sum(map(len, contexts)) + sum(len(s.answer) for s in seqs)
+    # the head reads answer-predicting nodes only (and the shared prefix's pass its last position)
+    assert work["logit_rows"] == 1 + sum(len(s.answer) for s in seqs)
     unshared = work["tokens"]
     rows = _trees(seqs, p, 0, 5)  # a context's answers in one row: its tokens, then one node per answer prefix
     assert sum(len(t.ids) for t in rows) == sum(map(len, set(contexts))) + len(nodes)
     with counted_work(lm) as work:
         assert answer_logprobs(lm, seqs, iv, batch_size=5) == pytest.approx(plain, abs=1e-4)
     assert work["tokens"] <= unshared - 10  # padding included: "It is" fed once for four answers, ...
+    assert work["logit_rows"] == 1 + len(nodes)  # one per node, none for padding or the contexts
 
 
 def test_an_answer_whose_scored_tokens_skip_one_scores_as_the_plain_path(tiny_llama):
