@@ -53,7 +53,7 @@ def run(
     limit: Optional[int] = typer.Option(None, help="Use only the first N questions (quick runs)."),
     prompt_mode: str = typer.Option("iti", help="MC prompt: iti (instruction + QA primer) or lm-eval (QA primer only)."),
     eval_batch_size: int = typer.Option(16, help="Sequences per forward pass of KL/CE (windows) and lm-eval tasks."),
-    score_batch_size: int = typer.Option(32, help="Answers per forward pass of the answer scorer (MC, answer fluency; float noise only)."),
+    score_batch_size: int = typer.Option(32, help="Answers per forward pass of the answer scorer (MC, answer fluency, toxicity fluency; float noise only)."),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the shared prompt prefix's KV cache."),
     gen_preset: str = typer.Option("iti", help="Generation prompt preset: iti, iti-informative, qa, lm-eval (see bench.generation.GEN_PRESETS)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="New tokens per generation [50 TruthfulQA, 20 toxicity]."),

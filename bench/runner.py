@@ -58,7 +58,7 @@ class RunConfig:
     prompt_mode: str = "iti"
     options: dict = field(default_factory=dict)  # the method's options given explicitly (see `bench methods show`)
     eval_batch_size: int = 16  # sequences per forward pass of KL/CE (windows) and lm-eval tasks
-    score_batch_size: int = 32  # answers per forward pass of the answer scorer (MC, answer fluency): faster than
+    score_batch_size: int = 32  # answers per forward pass of the answer scorer (MC, answer and toxicity fluency): faster than
     # 16, 24, 48 and 64 on 150 questions (smollm2, 2026-12-04; results/README.md)
     prefix_cache: bool = True
     device: str | None = None

@@ -621,7 +621,7 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     assert _json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     steered = tmp_path / "fl"
     r = runner.invoke(app, [*common, "--method", "mean-shift", "--layer", "1", "-O", "scale=50",
-                            "--output", str(steered)])
+                            "--score-batch-size", "1", "--output", str(steered)])  # fluency's scorer batch applies
     assert r.exit_code == 0, r.output
     assert (steered / "samples_fold0.jsonl").read_text() != (out / "samples_fold0.jsonl").read_text()
     r = runner.invoke(app, [*common, "--method", "lofit", "--output", str(tmp_path / "x")])

@@ -123,14 +123,18 @@ def _batch_stats(lm: LoadedModel, ids: torch.Tensor, intervention) -> tuple[list
     the first edited layer, from the hidden states the unintervened pass fed it (:func:`bench.sites.resumed`):
     the layers below compute the same thing in both passes."""
     on = intervention is not None and bool(intervention.modules)
+
+    def run() -> torch.Tensor:  # no KV cache: nothing reads one
+        return lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
+
     if not on:
-        base = logits = lm.model(input_ids=ids).logits[:, :-1]
+        base = logits = run()
     else:
         start = min(intervention.layers)
         with layer_input(lm.model, lm.spec, start) as entering:
-            base = lm.model(input_ids=ids).logits[:, :-1]
+            base = run()
         with intervention.applied(lm, "all"), resumed(lm.model, lm.spec, start, entering):
-            logits = lm.model(input_ids=ids).logits[:, :-1]
+            logits = run()
     # a window's rows are contiguous: no copy of the batch's logits
     stats = [_position_stats(base[b], logits[b], ids[b, 1:], same=not on) for b in range(len(ids))]
     return torch.stack([ce.mean() for ce, _ in stats]).tolist(), torch.stack([kl.mean() for _, kl in stats]).tolist()

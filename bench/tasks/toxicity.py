@@ -120,11 +120,11 @@ def steering_fold(n: int, val_ratio: float, seed: int) -> Fold:
 def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], intervention, scorer, fluency_lm: LoadedModel,
                       samples_file: Path, n_samples: int = 25, max_new_tokens: int = 20, top_p: float = 0.9,
                       seed: int = 0, batch_size: int = 50, echo: Callable[[str], None] = print,
-                      prefix_cache: bool = True) -> dict:
+                      prefix_cache: bool = True, score_batch_size: int = 32) -> dict:
     """Sample (resuming from ``samples_file``), score, and summarise; returns ``{"metrics", "records", "counts",
     "stages"}`` (``prefix_cache=False``: the earlier sampling path, see :func:`sample_continuations`; ``stages``:
     seconds spent sampling — in this process only, so a resumed run's earlier samples are not
-    counted —, scoring toxicity and scoring fluency)."""
+    counted —, scoring toxicity and scoring fluency; ``score_batch_size`` continuations per fluency pass)."""
     done = {r["index"]: r for r in read_progress(samples_file)}
     if done:
         echo(f"toxicity: reusing the samples of {len(done)} prompts")
@@ -146,7 +146,8 @@ def evaluate_toxicity(lm: LoadedModel, prompts: list[ToxicityPrompt], interventi
     t2 = time.perf_counter()
     flat_p = [prompts[i].text for i, s in enumerate(samples) for _ in s]
     flat_c = [c for s in samples for c in s]
-    ppl = conditional_perplexity(fluency_lm, flat_p, flat_c, progress=f"fluency ({len(flat_c)} continuations)")
+    ppl = conditional_perplexity(fluency_lm, flat_p, flat_c, score_batch_size,
+                                 progress=f"fluency ({len(flat_c)} continuations)")
     stages = {"sampling_s": t1 - t0, "sampled_prompts": len(todo), "toxicity_scoring_s": t2 - t1,
               "fluency_s": time.perf_counter() - t2}
     metrics = {"expected_max_toxicity": expected_max_toxicity(scored.scores),
@@ -201,7 +202,8 @@ def _part(state, k: int, items: list, iv) -> dict:
     cfg = state.cfg
     return evaluate_toxicity(state.lm, state.inputs.extra["prompts"], iv, _scorer(state), _fluency_lm(state),
                              state.folder.samples(k), cfg.samples, cfg.max_new_tokens, cfg.top_p, cfg.seed,
-                             cfg.sample_batch_size, state.echo, prefix_cache=not cfg.legacy_paths)
+                             cfg.sample_batch_size, state.echo, prefix_cache=not cfg.legacy_paths,
+                             score_batch_size=cfg.score_batch_size)
 
 
 def _finish(state, folds: list[dict], results: dict) -> None:
@@ -231,5 +233,5 @@ register_task(Task("toxicity", "RealToxicityPrompts continuations (DExperts prot
                    "toxicity probability, fluency, diversity", ("toxicity",), toxicity_inputs, items="prompts",
                    max_new_tokens=20, single_fit=True, text_format="continuation", problems=_problems,
                    settings=("tox_prompts", "samples", "top_p", "scorer", "fluency_model", "steer_data",
-                             "sample_batch_size"),
+                             "sample_batch_size", "score_batch_size"),
                    evaluated=lambda inputs, items: len(inputs.extra["prompts"])))
