@@ -245,9 +245,11 @@ def head_at(model: PreTrainedModel, rows: torch.Tensor, cols: torch.Tensor) -> I
     """Within the block, the output embedding reads only the hidden states at ``(rows[i], cols[i])``, as one row
     ``[1, N, hidden]``: a forward pass (with ``logits_to_keep=0``) returns logits ``[1, N, vocab]`` for those
     positions alone, in that order (a family's elementwise post-processing, e.g. Gemma's soft-capping, still
-    applies). ``logits_to_keep`` with one column set for every row, per row."""
+    applies). Unlike ``logits_to_keep``, which keeps the same columns in every row, the columns are chosen per
+    row."""
     def gather(_module: torch.nn.Module, args: tuple) -> tuple:
-        return (args[0][rows, cols].unsqueeze(0), *args[1:])
+        hidden = args[0]
+        return (hidden[rows.to(hidden.device), cols.to(hidden.device)].unsqueeze(0), *args[1:])
 
     handle = model.get_output_embeddings().register_forward_pre_hook(gather)
     try:

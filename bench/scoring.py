@@ -221,7 +221,7 @@ def _logit_nodes(batch: list[_Tree]) -> tuple[torch.Tensor, torch.Tensor, dict[t
     """The (row, node) pairs whose logits some answer needs (no node of a row's chain, no padding slot), and where
     each pair's logits land in the gathered output."""
     pairs = sorted({(b, node) for b, t in enumerate(batch) for _, path, _ in t.paths for node in path})
-    rows, cols = torch.tensor(pairs).T
+    rows, cols = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
     return rows, cols, {pair: k for k, pair in enumerate(pairs)}
 
 
@@ -248,7 +248,8 @@ def _score_trees(lm: LoadedModel, batch: list[_Tree], base, held: int, intervent
             stack.enter_context(intervention.applied(lm, x["edit"].to(device)))
         logits = model(**kwargs).logits[0]
     logp = torch.log_softmax(logits.float(), dim=-1)
-    answers = [(i, [where[b, node] for node in path], tokens) for b, t in enumerate(batch) for i, path, tokens in t.paths]
+    answers = [(i, [where[b, node] for node in path], tokens)
+               for b, t in enumerate(batch) for i, path, tokens in t.paths]
     sums = torch.stack([logp[torch.tensor(k), torch.tensor(tokens)].sum() for _, k, tokens in answers])
     return dict(zip((i for i, _, _ in answers), sums.tolist()))
 
@@ -271,10 +272,12 @@ def _plain(lm: LoadedModel, seqs: list[Encoded], intervention, batch_size: int, 
 
 def tree_rows(lm: LoadedModel, seqs: list[Encoded]) -> bool:
     """Whether the scorer can run contexts and their answers' tries as rows of a custom 4-D mask: the model's
-    attention takes one (SDPA or eager) and no text outgrows a sliding window (one mask then serves sliding and
-    full layers alike)."""
+    attention takes one (SDPA or eager), it has an output embedding to read only the answer-predicting nodes
+    (:func:`bench.models.head_at`) and no text outgrows a sliding window (one mask then serves sliding and full
+    layers alike)."""
     window = sliding_window(lm.model)
-    return _mask_dtype(lm.model) is not None and (window is None or max(len(s.ids) for s in seqs) <= window)
+    return (_mask_dtype(lm.model) is not None and lm.model.get_output_embeddings() is not None
+            and (window is None or max(len(s.ids) for s in seqs) <= window))
 
 
 @torch.no_grad()

@@ -67,16 +67,21 @@ def test_attn_out_site_edits_the_projection_output(tiny_llama):
     assert seen["shape"][-2:] == lm.spec.site_shape("attn-out")
 
 
-@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma", "gemma_window_128"])
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma", "gemma_window_128", "gemma_softcap"])
 @pytest.mark.parametrize("with_intervention", [False, True, "all-positions"])
 @pytest.mark.parametrize("batch_size", [2, 16])  # 2: a context's answers over several rows; 16: contexts mixed
 def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_size, request):
     """Contexts and their answers' tries as rows (Llama; Gemma-3 when every text fits its window, sliding and full
-    layers under one mask) and context by context (tiny_gemma: the texts outgrow its 16-token window) both equal
-    the plain path."""
+    layers under one mask; with Gemma's final soft-capping after the gathered head) and context by context
+    (tiny_gemma: the texts outgrow its 16-token window) both equal the plain path."""
     from tiny_models import tiny_model
 
-    lm = tiny_model("gemma", seed=1, window=128) if family == "gemma_window_128" else request.getfixturevalue(family)
+    if family.startswith("gemma_"):
+        lm = tiny_model("gemma", seed=1, window=128)
+        if family == "gemma_softcap":
+            lm.model.config.final_logit_softcapping = 0.5  # small enough to change the random model's log-probs
+    else:
+        lm = request.getfixturevalue(family)
     # two questions behind a shared instruction: both cache levels (shared prefix, then each question) are used
     instruction = "Interpret each question literally. "
     qa = {"Q: What is the capital of France?\nA: ": ["Paris.", "It is Lyon, I think.", "I have no comment.",
@@ -87,9 +92,14 @@ def test_prefix_cache_matches_plain_scoring(family, with_intervention, batch_siz
     if with_intervention == "all-positions":  # a weight-like edit (LoFiT) also changes the cached prefix
         iv.position_policy = "all"
     assert tree_rows(lm, seqs) == (family != "tiny_gemma")
+    head_hooks = dict(lm.model.get_output_embeddings()._forward_pre_hooks)
     cached = answer_logprobs(lm, seqs, iv, batch_size=batch_size, prefix_cache=True)
+    assert dict(lm.model.get_output_embeddings()._forward_pre_hooks) == head_hooks  # head_at's hook removed
     plain = answer_logprobs(lm, seqs, iv, batch_size=3, prefix_cache=False)
     assert max(abs(a - b) for a, b in zip(cached, plain)) <= 1e-4
+    if family == "gemma_softcap":
+        lm.model.config.final_logit_softcapping = None
+        assert max(abs(a - b) for a, b in zip(answer_logprobs(lm, seqs, iv, prefix_cache=False), plain)) > 1e-3
     if with_intervention:
         none = answer_logprobs(lm, seqs, None, prefix_cache=False)
         assert max(abs(a - b) for a, b in zip(plain, none)) > 1e-3

@@ -589,11 +589,13 @@ def test_shared_toxicity_data(shared_data: Path):
     assert len(exclude_prompts(groups, [groups[0].prompt])) == 99
 
 
-def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data: Path, tiny_dir: Path, tmp_path: Path):
+def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data: Path, tiny_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
     import json as _json
 
     from typer.testing import CliRunner
 
+    import bench.tasks.toxicity as task
     from bench.cli import app
 
     prompts = _write_jsonl(tox_data / "eval.jsonl", [{"text": f"The {w} said", "score": 0.3} for w in CLEAN_WORDS[:4]])
@@ -620,9 +622,12 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     assert "reusing the samples of 2 prompts" in " ".join(r.output.split())
     assert _json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     steered = tmp_path / "fl"
+    batches, perplexity = [], task.conditional_perplexity
+    monkeypatch.setattr(task, "conditional_perplexity", lambda *a, **k: batches.append(a[3]) or perplexity(*a, **k))
     r = runner.invoke(app, [*common, "--method", "mean-shift", "--layer", "1", "-O", "scale=50",
-                            "--score-batch-size", "1", "--output", str(steered)])  # fluency's scorer batch applies
+                            "--score-batch-size", "1", "--output", str(steered)])
     assert r.exit_code == 0, r.output
+    assert batches == [1]  # the fluency scorer's batch is --score-batch-size
     assert (steered / "samples_fold0.jsonl").read_text() != (out / "samples_fold0.jsonl").read_text()
     r = runner.invoke(app, [*common, "--method", "lofit", "--output", str(tmp_path / "x")])
     assert r.exit_code == 2 and "takes: none, florain" in " ".join(r.output.split())
