@@ -188,6 +188,12 @@ def part_mc_lmeval(model: str, data_dir: str | None, limit: int | None, batch_si
             "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None}
 
 
+def bench_layer(lm) -> int:
+    """The layer the timing parts edit: the model's paper layer, else the middle one (a registered model without
+    a paper layer chooses its layer per fold in a run; a timing needs one fixed layer)."""
+    return lm.default_layer if lm.default_layer is not None else lm.spec.n_layers // 2
+
+
 def part_gen(model: str, data_dir: str | None, limit: int | None, new_tokens: int, rounds: int) -> dict:
     """Greedy generation tokens/s with and without a FLORAIN hook (policy: last prompt token + generated tokens).
 
@@ -199,7 +205,7 @@ def part_gen(model: str, data_dir: str | None, limit: int | None, new_tokens: in
 
     lm = load_model(model, device="cpu")
     heads, dim = lm.spec.site_shape("heads")
-    layer = lm.default_layer if lm.default_layer is not None else lm.spec.n_layers // 2
+    layer = bench_layer(lm)
     iv = Intervention("florain", "heads", {layer: LowRankHeadMap(heads, dim, 32, torch.Generator().manual_seed(0))},
                       {"heads": heads, "head_dim": dim})
     prompts = [f"{INSTRUCTION}\n\n{QA_PRIMER}\n\nQ: {q.question}\nA:" for q in _questions(data_dir, 16)]
@@ -233,7 +239,7 @@ def _fit_data(model: str, data_dir: str | None, limit: int | None):
 
     lm = load_model(model, device="cpu")
     qs = _questions(data_dir, limit)
-    layer = lm.default_layer
+    layer = bench_layer(lm)
     folds = []
     for fold in make_folds(len(qs)):
         ctx = FitContext(lm, qs, fold, layer, "heads")
@@ -364,7 +370,7 @@ def part_decode(model: str, data_dir: str | None, limit: int | None, new_tokens:
 
     lm = load_model(model, device="cpu")
     heads, dim = lm.spec.site_shape("heads")
-    layer = lm.default_layer if lm.default_layer is not None else lm.spec.n_layers // 2
+    layer = bench_layer(lm)
     iv = Intervention("florain", "heads", {layer: LowRankHeadMap(heads, dim, 32, torch.Generator().manual_seed(0))},
                       {"heads": heads, "head_dim": dim})
     prompts = [gen_prompt(q.question) for q in _questions(data_dir, max(DECODE_BATCHES))]

@@ -121,6 +121,14 @@ def test_protocol_paths_share_one_fit_and_the_second_reuses_it(tiny_dir, tqa_dir
     assert first["metrics"]["mc2"]["mean"] == pytest.approx(second["metrics"]["mc2"]["mean"], abs=1e-6)
 
 
+def test_fit_parts_run_on_a_model_without_a_paper_layer(tiny_dir, tqa_dir):
+    """A model with no paper layer (chosen per fold in runs) is timed at its middle layer, by both fit parts."""
+    batched = perf.part_fit_batched(str(tiny_dir), str(tqa_dir), 12, epochs=1, compile=False)
+    loop = perf.part_fit_loop(str(tiny_dir), str(tqa_dir), 12, epochs=1)
+    assert batched["layer"] == loop["layer"] == 1  # the tiny Llama's 2 layers // 2
+    assert batched["train_samples"] > 0 and loop["seconds"] > 0
+
+
 def test_protocol_section_shows_a_shared_fit_once_and_keeps_it_out_of_the_ratio():
     folds = [{"mc_s": 10.0, "gen_s": 20.0, "fluency_s": 3.0, "klce_s": 4.0, "eval_s": 37.0, "fit_s": 100.0}] * 2
     fast = [{**f, "gen_s": 5.0, "eval_s": 22.0} for f in folds]
