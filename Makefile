@@ -9,7 +9,7 @@ export BENCH_DATA_DIR
 # torch is pinned so that this machine uses its local CPU wheel (an unpinned torch pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install models demo test lint clean-cache bench-perf reproduce-table1 regress regress-update gpu-check
+.PHONY: install models demo test test-compat lint clean-cache bench-perf reproduce-table1 regress regress-update gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/pip || $(PY) -m venv --clear $(VENV)
@@ -33,6 +33,18 @@ demo: install
 
 test: install models
 	$(BIN)/python -m pytest -q
+
+# The tests against the transformers release of the project's GPU machine (5.17.0, with the huggingface-hub it
+# needs), installed beside the virtualenv's own and put first on PYTHONPATH; the virtualenv is left unchanged.
+COMPAT_PACKAGES ?= transformers==5.17.0 huggingface-hub>=1.5.0,<2.0
+COMPAT_DIR := $(VENV)/compat
+test-compat: install models
+	rm -rf $(COMPAT_DIR)
+	$(BIN)/pip install -q --no-deps --target $(COMPAT_DIR) $(foreach p,$(COMPAT_PACKAGES),"$(p)")
+	$(BIN)/pip install -q --target $(COMPAT_DIR)/deps httpx
+	PYTHONPATH=$(abspath $(COMPAT_DIR)):$(abspath $(COMPAT_DIR))/deps $(BIN)/python -c \
+		"import transformers; print('transformers', transformers.__version__, 'from', transformers.__file__)"
+	PYTHONPATH=$(abspath $(COMPAT_DIR)):$(abspath $(COMPAT_DIR))/deps $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check bench florain baselines tests
