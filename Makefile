@@ -34,17 +34,22 @@ demo: install
 test: install models
 	$(BIN)/python -m pytest -q
 
-# The tests against the transformers release of the project's GPU machine (5.17.0, with the huggingface-hub it
-# needs), installed beside the virtualenv's own and put first on PYTHONPATH; the virtualenv is left unchanged.
-COMPAT_PACKAGES ?= transformers==5.17.0 huggingface-hub>=1.5.0,<2.0
+# The tests against the transformers release of the project's GPU machine (5.17.0), installed beside the
+# virtualenv's own and put first on PYTHONPATH; the virtualenv is left unchanged. Exact pins, no dependency
+# resolution: only these packages differ from the virtualenv (which has anyio, h11, idna and certifi already).
+COMPAT_PACKAGES ?= transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.29.0 httpcore==1.0.9
 COMPAT_DIR := $(VENV)/compat
-test-compat: install models
+COMPAT_STAMP := $(COMPAT_DIR)/.installed-stamp
+COMPAT_PATH := $(abspath $(COMPAT_DIR))$${PYTHONPATH:+:$$PYTHONPATH}
+$(COMPAT_STAMP): Makefile $(STAMP)
 	rm -rf $(COMPAT_DIR)
 	$(BIN)/pip install -q --no-deps --target $(COMPAT_DIR) $(foreach p,$(COMPAT_PACKAGES),"$(p)")
-	$(BIN)/pip install -q --target $(COMPAT_DIR)/deps httpx
-	PYTHONPATH=$(abspath $(COMPAT_DIR)):$(abspath $(COMPAT_DIR))/deps $(BIN)/python -c \
+	touch $(COMPAT_STAMP)
+
+test-compat: install models $(COMPAT_STAMP)
+	PYTHONPATH=$(COMPAT_PATH) $(BIN)/python -c \
 		"import transformers; print('transformers', transformers.__version__, 'from', transformers.__file__)"
-	PYTHONPATH=$(abspath $(COMPAT_DIR)):$(abspath $(COMPAT_DIR))/deps $(BIN)/python -m pytest -q
+	PYTHONPATH=$(COMPAT_PATH) $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check bench florain baselines tests

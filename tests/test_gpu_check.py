@@ -90,9 +90,21 @@ def test_checks_pass_within_the_stated_tolerance(result: dict) -> None:
         assert agreement[edit]["edit_size"] > 1e-3  # the edit really moved the activations
 
 
-def test_no_optional_package_is_imported(result: dict) -> None:
+def test_the_bare_run_went_without_the_hidden_packages(result: dict) -> None:
     assert result["optional_imported"] == []
-    assert not set(result["info_imported"]) & set(HIDDEN)  # the run really went without them
+    assert not set(result["info_imported"]) & set(HIDDEN)
+
+
+def test_the_check_imports_no_optional_package_beyond_what_transformers_does() -> None:
+    """With everything installed, importing the check adds none of the optional packages to what transformers and
+    its Llama model imported already (transformers itself may import some whenever they are installed)."""
+    code = ("import json, sys\nfrom transformers import LlamaConfig, LlamaForCausalLM\nbefore = set(sys.modules)\n"
+            "import bench.gpu_check\nprint(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    added = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert {"bench", "florain", "baselines"} <= added  # the check's own modules were imported here
+    assert not added & OPTIONAL, added & OPTIONAL
 
 
 @pytest.mark.parametrize("failure", ["check", "part"])
