@@ -243,7 +243,7 @@ def _score_trees(lm: LoadedModel, batch: list[_Tree], base, held: int, intervent
         rows.batch_repeat_interleave(len(batch))
     at_rows, at_cols, where = _logit_nodes(batch)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(head_at(model, at_rows.to(device), at_cols.to(device)))
+        stack.enter_context(head_at(model, at_rows, at_cols))  # on the hidden states' device
         if intervention is not None:
             stack.enter_context(intervention.applied(lm, x["edit"].to(device)))
         logits = model(**kwargs).logits[0]

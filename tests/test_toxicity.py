@@ -591,6 +591,7 @@ def test_shared_toxicity_data(shared_data: Path):
 
 def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data: Path, tiny_dir: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch):
+    import inspect
     import json as _json
 
     from typer.testing import CliRunner
@@ -623,7 +624,12 @@ def test_toxicity_task_runs_end_to_end_and_resumes_to_the_same_numbers(tox_data:
     assert _json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     steered = tmp_path / "fl"
     batches, perplexity = [], task.conditional_perplexity
-    monkeypatch.setattr(task, "conditional_perplexity", lambda *a, **k: batches.append(a[3]) or perplexity(*a, **k))
+
+    def recorded(*a, **k):
+        batches.append(inspect.signature(perplexity).bind(*a, **k).arguments["batch_size"])
+        return perplexity(*a, **k)
+
+    monkeypatch.setattr(task, "conditional_perplexity", recorded)
     r = runner.invoke(app, [*common, "--method", "mean-shift", "--layer", "1", "-O", "scale=50",
                             "--score-batch-size", "1", "--output", str(steered)])
     assert r.exit_code == 0, r.output
